@@ -1,0 +1,323 @@
+"""The forward process, the model's reverse process, the training losses and the bound.
+
+Pure functions of a `Schedule` and arrays: randomness comes in as noise arrays or keys, never
+drawn unseen. Images are [B, H, W, C] (any [B, ...] works), timesteps t are int [B] in [0, T).
+
+Mean types (what the network predicts): `eps` (the noise), `xstart` (x_0), `xprev` (the mean of
+x_{t-1}). Variance types: `fixedlarge` (beta_t), `fixedsmall` (the posterior variance
+beta_tilde_t), `learned` (the network outputs 2C channels, the second half being the
+log-variance). Loss types: `mse` (unweighted mean squared error against the mean type's target;
+not with `learned`), `kl` (the bound's term for t, in bits/dim).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import likelihood
+from diffusion_jax import rng
+from diffusion_jax.schedules import Schedule
+
+MEAN_TYPES = ("eps", "xstart", "xprev")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
+LOSS_TYPES = ("mse", "kl")
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _check_choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+
+
+def check_types(*, mean_type: str | None = None, var_type: str | None = None,
+                loss_type: str | None = None) -> None:
+  """Raises ValueError for an unknown type, or for the `mse` loss with a `learned` variance."""
+  if mean_type is not None:
+    _check_choice("mean_type", mean_type, MEAN_TYPES)
+  if var_type is not None:
+    _check_choice("var_type", var_type, VAR_TYPES)
+  if loss_type is not None:
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+  if loss_type == "mse" and var_type == "learned":
+    raise ValueError("loss_type 'mse' cannot train a learned variance; use loss_type 'kl' with "
+                     "var_type 'learned', or a fixed var_type (fixedlarge, fixedsmall) with 'mse'.")
+
+
+def extract(coef: jax.Array, t: jax.Array, x_shape) -> jax.Array:
+  """Gathers coef[t] and reshapes it to [B, 1, ..., 1] to broadcast against an array of x_shape."""
+  t = jnp.asarray(t)
+  if t.ndim != 1 or t.shape[0] != x_shape[0]:
+    raise ValueError(f"t must have shape [B] = ({x_shape[0]},) to match x of shape "
+                     f"{tuple(x_shape)}; got {t.shape}")
+  out = jnp.take(jnp.asarray(coef), t)
+  return out.reshape((x_shape[0],) + (1,) * (len(x_shape) - 1))
+
+
+def _check_same_shape(**arrays):
+  shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError("shape mismatch: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
+
+
+# --- The forward process q ---------------------------------------------------------------------
+
+def q_mean_variance(sched: Schedule, x_start, t):
+  """Mean, variance and log-variance of q(x_t | x_0).
+
+  Returns:
+    (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]).
+  """
+  mean = extract(sched.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+  variance = 1.0 - extract(sched.alphas_cumprod, t, x_start.shape)
+  log_variance = extract(sched.log_one_minus_alphas_cumprod, t, x_start.shape)
+  return mean, variance, log_variance
+
+
+def q_sample(sched: Schedule, x_start, t, noise) -> jax.Array:
+  """Samples q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) with the given noise.
+
+  Args:
+    sched: the schedule.
+    x_start: x_0 [B, ...].
+    t: int [B]; t = 0 means one step of diffusion.
+    noise: standard normal noise, shape of x_start.
+
+  Returns:
+    x_t, shape of x_start.
+  """
+  _check_same_shape(x_start=x_start, noise=noise)
+  return (extract(sched.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+          + extract(sched.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+
+def q_posterior_mean_variance(sched: Schedule, x_start, x_t, t):
+  """Mean, variance and clipped log-variance of the posterior q(x_{t-1} | x_t, x_0).
+
+  Returns:
+    (mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...]); the clipping rule
+    of the log-variance at t = 0 is the schedule's (`Schedule.from_betas(posterior_logvar=...)`).
+  """
+  _check_same_shape(x_start=x_start, x_t=x_t)
+  mean = (extract(sched.posterior_mean_coef1, t, x_t.shape) * x_start
+          + extract(sched.posterior_mean_coef2, t, x_t.shape) * x_t)
+  variance = extract(sched.posterior_variance, t, x_t.shape)
+  log_variance = extract(sched.posterior_log_variance_clipped, t, x_t.shape)
+  return mean, variance, log_variance
+
+
+def predict_xstart_from_eps(sched: Schedule, x_t, t, eps) -> jax.Array:
+  """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+  _check_same_shape(x_t=x_t, eps=eps)
+  return (extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+          - extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+
+
+def predict_xstart_from_xprev(sched: Schedule, x_t, t, xprev) -> jax.Array:
+  """x_0 = (xprev - coef2_t x_t) / coef1_t, inverting the posterior mean."""
+  _check_same_shape(x_t=x_t, xprev=xprev)
+  return (extract(sched.recip_posterior_mean_coef1, t, x_t.shape) * xprev
+          - extract(sched.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t)
+
+
+def predict_eps_from_xstart(sched: Schedule, x_t, t, x_start) -> jax.Array:
+  """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
+  _check_same_shape(x_t=x_t, x_start=x_start)
+  return ((extract(sched.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x_start)
+          / extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
+
+# --- The reverse process p ---------------------------------------------------------------------
+
+class MeanVar(NamedTuple):
+  """The model's p(x_{t-1} | x_t): every field has the shape of x_t."""
+  mean: jax.Array
+  variance: jax.Array
+  log_variance: jax.Array
+  pred_xstart: jax.Array
+
+
+def split_model_output(model_output, x_shape, *, var_type: str):
+  """Splits a network's output into (mean part, raw log-variance or None), checking its shape."""
+  x_shape = tuple(x_shape)
+  if var_type == "learned":
+    expected = x_shape[:-1] + (2 * x_shape[-1],)
+    if tuple(model_output.shape) != expected:
+      raise ValueError(f"with var_type 'learned' the model must output {expected} (twice the "
+                       f"channels of x), got {tuple(model_output.shape)}")
+    mean_part, log_variance = jnp.split(model_output, 2, axis=-1)
+    return mean_part, log_variance
+  if tuple(model_output.shape) != x_shape:
+    raise ValueError(f"with var_type {var_type!r} the model must output the shape of x, "
+                     f"{x_shape}, got {tuple(model_output.shape)}")
+  return model_output, None
+
+
+def pred_xstart_from_output(sched: Schedule, mean_output, x_t, t, *, mean_type: str):
+  """x_0 as the mean part of a network's output implies it, for each mean type."""
+  if mean_type == "eps":
+    return predict_xstart_from_eps(sched, x_t, t, mean_output)
+  if mean_type == "xstart":
+    return mean_output
+  if mean_type == "xprev":
+    return predict_xstart_from_xprev(sched, x_t, t, mean_output)
+  raise ValueError(f"Unknown mean_type {mean_type!r}; choose one of {', '.join(MEAN_TYPES)}.")
+
+
+def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, var_type: str,
+                    clip_denoised: bool) -> MeanVar:
+  """The model's Gaussian p(x_{t-1} | x_t) from the network's output.
+
+  Args:
+    sched: the schedule.
+    model_output: the network's output at (x_t, t): shape of x_t, or twice its channels when
+      var_type is 'learned'.
+    x_t: [B, ...].
+    t: int [B].
+    mean_type: 'eps', 'xstart' or 'xprev'.
+    var_type: 'fixedlarge', 'fixedsmall' or 'learned'.
+    clip_denoised: clip the x_0 prediction to [-1, 1] (the posterior mean is computed from the
+      clipped value, except for 'xprev', whose mean is the output itself).
+
+  Returns:
+    MeanVar(mean, variance, log_variance, pred_xstart), each of x_t's shape.
+  """
+  check_types(mean_type=mean_type, var_type=var_type)
+  mean_output, learned_log_variance = split_model_output(model_output, x_t.shape,
+                                                         var_type=var_type)
+  if var_type == "learned":
+    log_variance = learned_log_variance
+    variance = jnp.exp(log_variance)
+  else:
+    if var_type == "fixedlarge":
+      variance_coef, log_variance_coef = sched.betas, sched.fixedlarge_log_variance
+    else:
+      variance_coef, log_variance_coef = sched.posterior_variance, sched.posterior_log_variance_clipped
+    variance = jnp.broadcast_to(extract(variance_coef, t, x_t.shape), x_t.shape)
+    log_variance = jnp.broadcast_to(extract(log_variance_coef, t, x_t.shape), x_t.shape)
+
+  pred_xstart = pred_xstart_from_output(sched, mean_output, x_t, t, mean_type=mean_type)
+  if clip_denoised:
+    pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+  if mean_type == "xprev":
+    mean = mean_output
+  else:
+    mean, _, _ = q_posterior_mean_variance(sched, pred_xstart, x_t, t)
+  return MeanVar(mean, variance, log_variance, pred_xstart)
+
+
+# --- The variational bound ---------------------------------------------------------------------
+
+def vb_terms_bpd(sched: Schedule, model_output, x_start, x_t, t, *, mean_type: str,
+                 var_type: str, clip_denoised: bool):
+  """The bound's term for each example's t, in bits/dim.
+
+  KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, and the discretized decoder's negative
+  log-likelihood -log p(x_0 | x_1) at t = 0.
+
+  Returns:
+    (terms [B] in bits/dim, pred_xstart [B, ...]).
+  """
+  true_mean, _, true_log_variance = q_posterior_mean_variance(sched, x_start, x_t, t)
+  out = p_mean_variance(sched, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
+                        clip_denoised=clip_denoised)
+  kl = likelihood.normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)
+  kl = likelihood.mean_flat(kl) / math.log(2.0)
+  decoder_nll = -likelihood.discretized_gaussian_log_likelihood(
+      x_start, means=out.mean, log_scales=0.5 * out.log_variance)
+  decoder_nll = likelihood.mean_flat(decoder_nll) / math.log(2.0)
+  return jnp.where(t == 0, decoder_nll, kl), out.pred_xstart
+
+
+def prior_bpd(sched: Schedule, x_start) -> jax.Array:
+  """KL(q(x_T | x_0) || N(0, I)) in bits/dim, per example [B]; independent of the model."""
+  t_last = jnp.full((x_start.shape[0],), sched.num_timesteps - 1, dtype=jnp.int32)
+  mean, _, log_variance = q_mean_variance(sched, x_start, t_last)
+  kl = likelihood.normal_kl(mean, jnp.broadcast_to(log_variance, x_start.shape), 0.0, 0.0)
+  return likelihood.mean_flat(kl) / math.log(2.0)
+
+
+class BpdResult(NamedTuple):
+  """The full bound of `calc_bpd_loop`, in bits/dim."""
+  total_bpd: jax.Array   # [B]: sum of terms_bpd over t, plus prior_bpd
+  terms_bpd: jax.Array   # [B, T]: terms_bpd[:, t] is the bound's term for t
+  prior_bpd: jax.Array   # [B]: KL(q(x_T | x_0) || N(0, I))
+  mse: jax.Array         # [B, T]: mean squared error of the x_0 prediction at each t
+
+
+def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_type: str,
+                  var_type: str, clip_denoised: bool = True) -> BpdResult:
+  """Every term of the variational bound, one compiled `lax.scan` over t = T-1 .. 0.
+
+  Args:
+    sched: the schedule.
+    model_fn: model_fn(x_t [B, ...], t [B]) -> network output.
+    x_start: data [B, ...] in [-1, 1] (8-bit values, rescaled).
+    keys: one PRNG key per example [B]; the noise of x_t for timestep t is
+      `normal(fold_in(key, t))`, so the result does not depend on how the batch is sharded.
+    mean_type, var_type: as in `p_mean_variance`.
+    clip_denoised: clip the x_0 prediction to [-1, 1].
+
+  Returns:
+    BpdResult(total_bpd [B], terms_bpd [B, T], prior_bpd [B], mse [B, T]).
+  """
+  check_types(mean_type=mean_type, var_type=var_type)
+  batch = rng.num_keys(keys)
+  if batch != x_start.shape[0]:
+    raise ValueError(f"need one key per example: {batch} keys for a batch of {x_start.shape[0]}")
+
+  def body(_, t):
+    t_b = jnp.full((batch,), t, dtype=jnp.int32)
+    noise = rng.normal_each(rng.fold_in_each(keys, t), x_start.shape[1:], x_start.dtype)
+    x_t = q_sample(sched, x_start, t_b, noise)
+    terms, pred_xstart = vb_terms_bpd(sched, model_fn(x_t, t_b), x_start, x_t, t_b,
+                                      mean_type=mean_type, var_type=var_type,
+                                      clip_denoised=clip_denoised)
+    return None, (terms, likelihood.mean_flat(jnp.square(pred_xstart - x_start)))
+
+  timesteps = jnp.arange(sched.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  _, (terms_tb, mse_tb) = jax.lax.scan(body, None, timesteps)
+  # The scan ran t = T-1 .. 0; put t on the second axis in increasing order.
+  terms_bpd = terms_tb[::-1].T
+  mse = mse_tb[::-1].T
+  prior = prior_bpd(sched, x_start)
+  return BpdResult(jnp.sum(terms_bpd, axis=1) + prior, terms_bpd, prior, mse)
+
+
+# --- Training ----------------------------------------------------------------------------------
+
+def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, mean_type: str,
+                    var_type: str, loss_type: str) -> jax.Array:
+  """Per-example training losses.
+
+  Args:
+    sched: the schedule.
+    model_fn: model_fn(x_t [B, ...], t [B]) -> network output.
+    x_start: data [B, ...] in [-1, 1].
+    t: int [B] timesteps.
+    noise: standard normal noise of x_start's shape, which diffuses x_start to x_t.
+    mean_type, var_type: as in `p_mean_variance`.
+    loss_type: 'mse' (mean over dimensions of the squared error against the noise, x_0 or the
+      posterior mean, as mean_type says) or 'kl' (the bound's term for t, in bits/dim).
+
+  Returns:
+    losses [B].
+  """
+  check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+  x_t = q_sample(sched, x_start, t, noise)
+  model_output = model_fn(x_t, t)
+  if loss_type == "kl":
+    losses, _ = vb_terms_bpd(sched, model_output, x_start, x_t, t, mean_type=mean_type,
+                             var_type=var_type, clip_denoised=False)
+    return losses
+  mean_output, _ = split_model_output(model_output, x_start.shape, var_type=var_type)
+  if mean_type == "eps":
+    target = noise
+  elif mean_type == "xstart":
+    target = x_start
+  else:
+    target, _, _ = q_posterior_mean_variance(sched, x_start, x_t, t)
+  return likelihood.mean_flat(jnp.square(target - mean_output))
