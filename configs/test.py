@@ -1,0 +1,40 @@
+"""A tiny config for tests: CIFAR-10 (mocked) at 8x8, a 2-level ch-32 U-Net, T = 100."""
+import importlib.util
+import pathlib
+
+
+def _default():
+  path = pathlib.Path(__file__).with_name("default.py")
+  spec = importlib.util.spec_from_file_location("diffusion_jax_config_default", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  default = _default()
+  args = default.parse_diffusion_arg(arg, var_type="fixedlarge")
+  config = default.get_config()
+  config.diffusion.mean_type = args.mean_type
+  config.diffusion.var_type = args.var_type
+  config.diffusion.loss_type = args.loss_type
+  config.diffusion.num_timesteps = 100
+  config.data.image_size = 8
+  config.data.num_workers = 2
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.model.attn_resolutions = (4,)
+  config.model.dropout = 0.1
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 2
+  config.train.batch_size = 8
+  config.train.num_steps = 6
+  config.train.log_every = 2
+  config.train.checkpoint_every = 3
+  config.train.keep_checkpoints = 2
+  config.train.sample_every = 0
+  config.train.compile_cache_dir = ""
+  config.sample.num_samples = 8
+  config.sample.ddim_steps = 5
+  return config

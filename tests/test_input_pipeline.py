@@ -1,0 +1,142 @@
+"""Input pipeline: determinism by (seed, step), host slicing, sources, errors."""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from diffusion_jax import input_pipeline
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_indices_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+  n, batch = 10, 4
+  first_epoch = np.concatenate([input_pipeline.example_indices(0, s, batch, n) for s in range(3)])
+  # Steps 0, 1 and the first half of step 2 are epoch 0: a permutation of 0..9.
+  assert sorted(first_epoch[:10]) == list(range(10))
+  again = input_pipeline.example_indices(0, 2, batch, n)
+  np.testing.assert_array_equal(again, first_epoch[8:])
+  assert not np.array_equal(input_pipeline.example_indices(1, 0, batch, n), first_epoch[:4])
+
+
+def test_host_rows_are_slices_of_the_global_batch():
+  full = input_pipeline.example_indices(3, 7, 8, 100)
+  parts = [input_pipeline.example_indices(3, 7, 8, 100, slice(i, i + 4)) for i in (0, 4)]
+  np.testing.assert_array_equal(np.concatenate(parts), full)
+  source = input_pipeline.ArraySource(np.arange(100 * 4, dtype=np.uint8).reshape(100, 2, 2, 1))
+  kwargs = dict(seed=3, step=7, global_batch=8, random_flip=True)
+  whole = input_pipeline.load_batch(source, rows=slice(0, 8), **kwargs)
+  halves = [input_pipeline.load_batch(source, rows=slice(i, i + 4), **kwargs) for i in (0, 4)]
+  np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_flips_mirror_exactly_the_drawn_rows():
+  images = np.arange(6 * 2 * 3, dtype=np.uint8).reshape(6, 2, 3, 1)
+  source = input_pipeline.ArraySource(images)
+  out = input_pipeline.load_batch(source, seed=0, step=5, global_batch=6, rows=slice(0, 6),
+                                  random_flip=True)
+  idx = input_pipeline.example_indices(0, 5, 6, 6)
+  flips = input_pipeline.flip_mask(0, 5, 6)
+  for row in range(6):
+    want = images[idx[row]][:, ::-1] if flips[row] else images[idx[row]]
+    np.testing.assert_array_equal(out[row], want)
+
+
+def test_batch_iterator_resumes_at_any_step():
+  source = input_pipeline.ArraySource(np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1))
+  kwargs = dict(seed=1, global_batch=8, rows=slice(0, 8), random_flip=False, num_workers=1)
+  it = input_pipeline.BatchIterator(source, start_step=0, **kwargs)
+  straight = [next(it) for _ in range(9)]
+  it.close()
+  it = input_pipeline.BatchIterator(source, start_step=6, **kwargs)
+  resumed = [next(it) for _ in range(3)]
+  it.close()
+  for (s1, b1), (s2, b2) in zip(straight[6:], resumed):
+    assert s1 == s2
+    np.testing.assert_array_equal(b1, b2)
+
+
+def test_cifar10_through_tfds_data_source_mock():
+  config = load_config("test")
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = input_pipeline.make_source(config.data)
+    assert len(source) == 20
+    batch = input_pipeline.load_batch(source, seed=0, step=0, global_batch=4,
+                                      rows=slice(0, 4), random_flip=True)
+  assert batch.shape == (4, 8, 8, 3) and batch.dtype == np.uint8
+
+
+def test_digits_source():
+  config = load_config("digits")
+  source = input_pipeline.make_source(config.data)
+  assert len(source) == 1797
+  image = source[0]
+  assert image.shape == (16, 16, 1) and image.dtype == np.uint8 and image.max() > 200
+
+
+def test_folder_source_center_crops_and_resizes(tmp_path):
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+  (tmp_path / "sub").mkdir()
+  Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / "sub/b.jpg")
+  (tmp_path / "notes.txt").write_text("not an image")
+  config = load_config("folder", f"image_dir={tmp_path},image_size=8")
+  source = input_pipeline.make_source(config.data)
+  assert len(source) == 2
+  assert source[0].shape == (8, 8, 3) and source[1].shape == (8, 8, 3)
+
+
+def test_folder_errors(tmp_path):
+  config = load_config("folder", "image_size=8")
+  with pytest.raises(ValueError, match="image_dir"):
+    input_pipeline.make_source(config.data)
+  config.data.image_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="no .*images"):
+    input_pipeline.make_source(config.data)
+
+
+def test_unknown_dataset_lists_allowed():
+  config = load_config("test")
+  config.data.dataset = "mnist"
+  with pytest.raises(ValueError, match="allowed: cifar10, celeb_a_hq/256"):
+    input_pipeline.make_source(config.data)
+
+
+def test_missing_manual_dataset_says_how(tmp_path):
+  config = load_config("celebahq256")
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="manual download"):
+    input_pipeline.make_source(config.data)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom", "lsun_church",
+                                  "lsun_cat", "folder", "digits", "test"])
+def test_configs_load_and_reject_unknown_values(name):
+  config = load_config(name, "var_type=fixedsmall")
+  assert config.diffusion.var_type == "fixedsmall"
+  assert load_config(name, "var_type=learned").diffusion.loss_type == "kl"
+  with pytest.raises(ValueError, match="fixedlarge"):
+    load_config(name, "var_type=big")
+  with pytest.raises(ValueError, match="allowed keys"):
+    load_config(name, "colour=blue")
+
+
+def test_paper_settings():
+  cifar = load_config("cifar10")
+  assert (cifar.model.ch_mult, cifar.train.batch_size, cifar.optim.lr, cifar.model.dropout) == (
+      (1, 2, 2, 2), 128, 2e-4, 0.1)
+  bedroom = load_config("lsun_bedroom")
+  assert not bedroom.data.random_flip and bedroom.model.ch_mult == (1, 1, 2, 2, 4, 4)
+  assert bedroom.train.batch_size == 64 and bedroom.optim.lr == 2e-5
+  assert load_config("lsun_church").data.random_flip
+  assert load_config("celebahq256").diffusion.var_type == "fixedsmall"
