@@ -1,0 +1,327 @@
+"""Samplers against NumPy step-by-step references, across devices, and on Gaussian data."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffusion_jax import diffusion, sampling, schedules
+from tests import reference
+
+STEPS = 40
+BETAS = np.linspace(1e-3, 0.3, STEPS)
+SHAPE = (8, 3, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def sched():
+  return schedules.Schedule.from_betas(BETAS)
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return reference.coefficients(BETAS)
+
+
+def toy_model(var_type="fixedlarge"):
+  """A smooth stand-in for a network, for JAX and NumPy inputs alike."""
+  def model_fn(x, t):
+    xp = jnp if isinstance(x, jax.Array) else np
+    tt = xp.reshape(t / STEPS, (-1,) + (1,) * (x.ndim - 1))
+    mean_part = 0.5 * x + 0.2 * tt * xp.cos(2 * x)
+    if var_type != "learned":
+      return mean_part
+    return xp.concatenate([mean_part, -3.0 - tt + 0.1 * x], axis=-1)
+  return model_fn
+
+
+def keys_for(n, seed=0):
+  return jax.random.split(jax.random.key(seed), n)
+
+
+def noise_np(keys, data, shape):
+  """The noise the samplers draw for each example: normal(fold_in(key, data))."""
+  return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, data), shape))
+                   for k in keys]).astype(np.float64)
+
+
+def ancestral_np(ref, model_fn, x, timesteps, keys, mean_type, var_type, clip=True,
+                 on_step=None):
+  for t_int in timesteps:
+    t = np.full(x.shape[0], t_int)
+    mean, logvar, x0_pred = reference.p_mean_variance(ref, model_fn(x, t), x, t, mean_type,
+                                                      var_type, clip)
+    if on_step is not None:
+      on_step(t_int, x0_pred)
+    z = noise_np(keys, t_int, x.shape[1:])
+    x = mean + (t_int > 0) * np.exp(0.5 * logvar) * z
+  return x
+
+
+@pytest.mark.parametrize("mean_type, var_type", [("eps", "fixedlarge"), ("xstart", "fixedsmall"),
+                                                 ("xprev", "learned"), ("eps", "learned")])
+def test_p_sample_loop_matches_numpy(sched, ref, mean_type, var_type):
+  model_fn = toy_model(var_type)
+  keys = keys_for(SHAPE[0])
+  got = jax.jit(lambda s, k: sampling.p_sample_loop(
+      s, model_fn, k, SHAPE, mean_type=mean_type, var_type=var_type))(sched, keys)
+  x_init = noise_np(keys, STEPS, SHAPE[1:])
+  want = ancestral_np(ref, model_fn, x_init, range(STEPS - 1, -1, -1), keys, mean_type, var_type)
+  # 40 steps of float32 arithmetic on O(1) values; clipping bounds the x0 predictions.
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+
+
+def test_p_sample_adds_no_noise_at_t0(sched):
+  x = jnp.ones((2, 2, 2, 1)) * 0.3
+  noise = jnp.ones_like(x) * 5.0
+  model_fn = toy_model()
+  t = jnp.array([0, 1])
+  sample, _ = sampling.p_sample(sched, model_fn, x, t, noise, mean_type="eps",
+                                var_type="fixedlarge")
+  out = diffusion.p_mean_variance(sched, model_fn(x, t), x, t, mean_type="eps",
+                                  var_type="fixedlarge", clip_denoised=True)
+  np.testing.assert_allclose(np.asarray(sample[0]), np.asarray(out.mean[0]), rtol=1e-6)
+  assert float(jnp.abs(sample[1] - out.mean[1]).min()) > 0.1
+
+
+def test_samples_do_not_depend_on_the_batch(sched):
+  """Each example's sample depends only on its own key."""
+  model_fn = toy_model()
+  keys = keys_for(SHAPE[0])
+  run = jax.jit(lambda k: sampling.p_sample_loop(sched, model_fn, k, (k.shape[0],) + SHAPE[1:],
+                                                 mean_type="eps", var_type="fixedlarge"))
+  full = run(keys)
+  alone = jnp.concatenate([run(keys[i:i + 1]) for i in (2, 5)])
+  np.testing.assert_allclose(np.asarray(full[jnp.array([2, 5])]), np.asarray(alone), atol=1e-6)
+
+
+def test_one_and_eight_devices_agree(sched):
+  devices = jax.devices()
+  assert len(devices) == 8
+  model_fn = toy_model("learned")
+  n = 16
+  keys = keys_for(n, seed=3)
+  shape = (n,) + SHAPE[1:]
+  x_data = jax.random.uniform(jax.random.key(9), shape, minval=-1, maxval=1)
+
+  def everything(k, x):
+    local = (k.shape[0],) + shape[1:]
+    kwargs = dict(mean_type="eps", var_type="learned")
+    return (sampling.p_sample_loop(sched, model_fn, k, local, **kwargs),
+            sampling.ddim_sample_loop(sched, model_fn, k, local, num_steps=10, eta=0.5,
+                                      **kwargs),
+            diffusion.calc_bpd_loop(sched, model_fn, x, k, **kwargs).total_bpd)
+
+  results = []
+  for mesh_devices in (devices[:1], devices):
+    mesh = Mesh(np.array(mesh_devices), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    fn = jax.jit(jax.shard_map(everything, mesh=mesh, in_specs=(P("data"), P("data")),
+                               out_specs=P("data")))
+    out = fn(jax.device_put(keys, sharding), jax.device_put(x_data, sharding))
+    if len(mesh_devices) == 8:
+      assert len(out[0].sharding.device_set) == 8
+    results.append([np.asarray(o) for o in out])
+  for one, eight in zip(*results):
+    np.testing.assert_allclose(one, eight, rtol=1e-5, atol=1e-6)
+
+
+def test_progressive_records_x0_predictions(sched, ref):
+  freq = 7
+  model_fn = toy_model()
+  keys = keys_for(SHAPE[0], seed=4)
+  x0, preds = jax.jit(lambda k: sampling.p_sample_loop_progressive(
+      sched, model_fn, k, SHAPE, mean_type="eps", var_type="fixedlarge",
+      include_xstartpred_freq=freq))(keys)
+  num_recorded = STEPS // freq
+  assert preds.shape == (SHAPE[0], num_recorded) + SHAPE[1:]
+  recorded = {}
+  want = ancestral_np(ref, model_fn, noise_np(keys, STEPS, SHAPE[1:]),
+                      range(STEPS - 1, -1, -1), keys, "eps", "fixedlarge",
+                      on_step=lambda t, p: recorded.__setitem__(t, p))
+  np.testing.assert_allclose(np.asarray(x0), want, atol=2e-4)
+  for i in range(num_recorded):
+    np.testing.assert_allclose(np.asarray(preds[:, i]), recorded[i * freq], atol=2e-4)
+  # The prediction at t = 0 is the sample itself (no noise is added there).
+  np.testing.assert_allclose(np.asarray(preds[:, 0]), np.asarray(x0), atol=1e-6)
+
+
+def test_trajectory_shares_noise_for_the_first_steps(sched):
+  model_fn = toy_model()
+  keys = keys_for(SHAPE[0], seed=5)
+  k_shared = 6
+  times, images = jax.jit(lambda k: sampling.p_sample_loop_trajectory(
+      sched, model_fn, k, SHAPE, mean_type="eps", var_type="fixedlarge",
+      repeat_noise_steps=k_shared, shared_key=jax.random.key(42)))(keys)
+  assert images.shape == (STEPS + 1,) + SHAPE
+  np.testing.assert_array_equal(np.asarray(times), np.arange(STEPS - 1, -2, -1))
+  spread = np.asarray(jnp.std(images, axis=1).max(axis=(1, 2, 3)))
+  assert np.all(spread[:k_shared + 1] == 0)  # x_T and the first k steps: one trajectory
+  assert np.all(spread[k_shared + 1:] > 1e-3)  # then it branches
+
+  _, independent = sampling.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE,
+                                                     mean_type="eps", var_type="fixedlarge")
+  final = sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
+                                 var_type="fixedlarge")
+  np.testing.assert_allclose(np.asarray(independent[-1]), np.asarray(final), atol=1e-6)
+  with pytest.raises(ValueError, match="needs shared_key"):
+    sampling.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE, mean_type="eps",
+                                      var_type="fixedlarge", repeat_noise_steps=2)
+
+
+def test_interpolate_matches_numpy(sched, ref):
+  model_fn = toy_model()
+  n = 4
+  shape = (n,) + SHAPE[1:]
+  keys = keys_for(n, seed=6)
+  rng = np.random.default_rng(0)
+  x1, x2 = rng.uniform(-1, 1, size=(2,) + shape)
+  lam = np.array([0.0, 0.25, 0.5, 1.0])
+  t_mix = 12
+  got = sampling.interpolate(sched, model_fn, jnp.asarray(x1, jnp.float32),
+                             jnp.asarray(x2, jnp.float32), jnp.asarray(lam), t_mix, keys,
+                             mean_type="eps", var_type="fixedlarge")
+  t = np.full(n, t_mix)
+  xt1 = reference.q_sample(ref, x1, t, noise_np(keys, STEPS + 1, shape[1:]))
+  xt2 = reference.q_sample(ref, x2, t, noise_np(keys, STEPS + 2, shape[1:]))
+  lam_b = lam.reshape(-1, 1, 1, 1)
+  want = ancestral_np(ref, model_fn, (1 - lam_b) * xt1 + lam_b * xt2, range(t_mix, -1, -1),
+                      keys, "eps", "fixedlarge")
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+  with pytest.raises(ValueError, match=r"t must be in \[0, 40\)"):
+    sampling.interpolate(sched, model_fn, jnp.asarray(x1), jnp.asarray(x2), 0.5, STEPS, keys,
+                         mean_type="eps", var_type="fixedlarge")
+
+
+def ddim_np(ref, model_fn, keys, shape, visited, eta, mean_type, var_type):
+  x = noise_np(keys, STEPS, shape[1:])
+  for i, t_int in enumerate(visited):
+    s_int = visited[i + 1] if i + 1 < len(visited) else -1
+    t = np.full(shape[0], t_int)
+    out = model_fn(x, t)
+    if var_type == "learned":
+      out = out[..., :shape[-1]]
+    _, _, x0 = reference.p_mean_variance(ref, out, x, t, mean_type, "fixedsmall", True)
+    a_t = ref["abar"][t_int]
+    a_s = ref["abar"][s_int] if s_int >= 0 else 1.0
+    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    x = (math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0.0)) * eps
+         + sigma * noise_np(keys, t_int, shape[1:]))
+  return x
+
+
+@pytest.mark.parametrize("eta, mean_type, var_type", [(0.0, "eps", "fixedlarge"),
+                                                      (1.0, "xstart", "learned")])
+def test_ddim_matches_numpy(sched, ref, eta, mean_type, var_type):
+  model_fn = toy_model(var_type)
+  keys = keys_for(SHAPE[0], seed=7)
+  num_steps = 9
+  visited = sampling.ddim_timesteps(STEPS, num_steps)
+  assert visited[0] == 0 and visited[-1] == STEPS - 1 and len(set(visited)) == num_steps
+  got = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta,
+                                  mean_type=mean_type, var_type=var_type)
+  want = ddim_np(ref, model_fn, keys, SHAPE, list(visited[::-1]), eta, mean_type, var_type)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+
+
+def test_ddim_with_eta_one_and_every_step_is_ancestral_sampling(sched):
+  """Song et al.: eta = 1 over all T steps is DDPM with the posterior variance (fixedsmall)."""
+  model_fn = toy_model()
+  keys = keys_for(SHAPE[0], seed=8)
+  ddim = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=STEPS, eta=1.0,
+                                   mean_type="eps", var_type="fixedsmall")
+  ddpm = sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
+                                var_type="fixedsmall")
+  np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), atol=2e-4)
+
+
+def linear_gaussian_moments(steps):
+  """Mean and variance of a chain x <- a x + c + sigma z from x ~ N(0, 1), in float64."""
+  mean, var = 0.0, 1.0
+  for a, c, sigma in steps:
+    mean, var = a * mean + c, a * a * var + sigma * sigma
+  return mean, var
+
+
+@pytest.mark.parametrize("sampler", ["ancestral_fixedlarge", "ancestral_fixedsmall",
+                                     "ddim_eta0"])
+def test_samplers_reproduce_gaussian_data(sampler):
+  """With E[eps | x_t] of x_0 ~ N(m, s^2), the samplers reproduce the data's mean and variance.
+
+  The sampled moments are checked against the float64 moments of the same linear-Gaussian chain
+  (within 5 standard errors), and those against (m, s^2) (the sampler's own approximation error,
+  which is small for T = 1000).
+  """
+  m, s, T = 0.2, 0.4, 1000
+  betas = np.linspace(1e-4, 0.02, T)
+  sched = schedules.Schedule.from_betas(betas)
+  ref = reference.coefficients(betas)
+  abar = jnp.asarray(ref["abar"], jnp.float32)
+
+  def exact_eps(x, t):
+    ab = abar[t].reshape(-1, 1, 1, 1)
+    return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * m) / (ab * s**2 + 1 - ab)
+
+  n = 8192
+  shape = (n, 2, 2, 1)
+  keys = keys_for(n, seed=10)
+  ab = ref["abar"]
+  chain = []
+  if sampler.startswith("ancestral"):
+    var_type = sampler.split("_")[1]
+    x = jax.jit(lambda k: sampling.p_sample_loop(sched, exact_eps, k, shape, mean_type="eps",
+                                                 var_type=var_type, clip_denoised=False))(keys)
+    logvar = ref["fixedlarge_logvar"] if var_type == "fixedlarge" else ref["post_logvar"]
+    for t in range(T - 1, -1, -1):
+      # x0_pred = (x - sqrt(1-ab) eps_hat) / sqrt(ab), eps_hat = g (x - sqrt(ab) m): linear in x.
+      g = math.sqrt(1 - ab[t]) / (ab[t] * s**2 + 1 - ab[t])
+      a0 = (1 - math.sqrt(1 - ab[t]) * g) / math.sqrt(ab[t])
+      c0 = math.sqrt(1 - ab[t]) * g * m
+      chain.append((ref["coef1"][t] * a0 + ref["coef2"][t], ref["coef1"][t] * c0,
+                    math.exp(0.5 * logvar[t]) if t > 0 else 0.0))
+  else:
+    num_steps = 250  # deterministic DDIM: variance ratio 0.87 at 50 steps, 0.97 at 250, 0.99 at T
+    x = jax.jit(lambda k: sampling.ddim_sample_loop(
+        sched, exact_eps, k, shape, num_steps=num_steps, eta=0.0, mean_type="eps",
+        var_type="fixedlarge", clip_denoised=False))(keys)
+    visited = list(sampling.ddim_timesteps(T, num_steps)[::-1])
+    for i, t in enumerate(visited):
+      a_s = ab[visited[i + 1]] if i + 1 < len(visited) else 1.0
+      g = math.sqrt(1 - ab[t]) / (ab[t] * s**2 + 1 - ab[t])
+      a0 = (1 - math.sqrt(1 - ab[t]) * g) / math.sqrt(ab[t])
+      c0 = math.sqrt(1 - ab[t]) * g * m
+      # eps recomputed from x0_pred: (x - sqrt(ab) x0_pred) / sqrt(1 - ab)
+      ae = (1 - math.sqrt(ab[t]) * a0) / math.sqrt(1 - ab[t])
+      ce = -math.sqrt(ab[t]) * c0 / math.sqrt(1 - ab[t])
+      chain.append((math.sqrt(a_s) * a0 + math.sqrt(1 - a_s) * ae,
+                    math.sqrt(a_s) * c0 + math.sqrt(1 - a_s) * ce, 0.0))
+  chain_mean, chain_var = linear_gaussian_moments(chain)
+  samples = np.asarray(x, np.float64).ravel()  # 4 i.i.d. dimensions per example
+  count = samples.size
+  assert abs(samples.mean() - chain_mean) < 5 * math.sqrt(chain_var / count)
+  assert abs(samples.var() - chain_var) < 5 * math.sqrt(2 / count) * chain_var
+  # The chain itself reproduces the data distribution closely.
+  assert abs(chain_mean - m) < 0.01
+  assert abs(chain_var / s**2 - 1) < 0.05
+
+
+def test_sampler_errors(sched):
+  model_fn = toy_model()
+  keys = keys_for(4)
+  with pytest.raises(ValueError, match="need one key per example: 4 keys for shape"):
+    sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps", var_type="fixedlarge")
+  with pytest.raises(ValueError, match="include_xstartpred_freq must be in"):
+    sampling.p_sample_loop_progressive(sched, model_fn, keys, (4, 2, 2, 1), mean_type="eps",
+                                       var_type="fixedlarge", include_xstartpred_freq=0)
+  with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):
+    sampling.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=41,
+                              mean_type="eps", var_type="fixedlarge")
+  with pytest.raises(ValueError, match="Unknown mean_type"):
+    sampling.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=4,
+                              mean_type="v", var_type="fixedlarge")
+  with pytest.raises(ValueError, match=r"keys must be a key array \[B\]"):
+    sampling.p_sample_loop(sched, model_fn, jnp.zeros((4,), jnp.uint32), (4, 2, 2, 1),
+                           mean_type="eps", var_type="fixedlarge")
