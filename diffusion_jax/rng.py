@@ -30,3 +30,17 @@ def num_keys(keys: jax.Array) -> int:
     raise ValueError(f"keys must be a key array [B] (jax.random.key) or raw keys [B, 2], got "
                      f"shape {keys.shape}")
   return keys.shape[0]
+
+
+def varying_like_keys(tree, keys: jax.Array):
+  """Returns `tree` unchanged in value, but marked as varying wherever `keys` varies.
+
+  Under `jax.shard_map` a value built without the (sharded) keys, such as a zero buffer or noise
+  shared by the whole batch, is device-invariant, while the loop state computed from the keys
+  varies over the mesh axis; a `lax.scan` carry must have one type throughout. Adding a zero
+  derived from the keys gives the initial value the keys' type. Outside shard_map it is a no-op.
+  """
+  data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+  zero = (data.reshape(data.shape[0], -1)[:, 0] * 0).astype(jnp.float32)
+  return jax.tree_util.tree_map(
+      lambda x: x + zero.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), tree)

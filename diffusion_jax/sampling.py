@@ -79,7 +79,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
 
   timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
   steps = jnp.arange(timesteps.shape[0], dtype=jnp.int32)
-  return jax.lax.scan(body, (x_init, extra), (steps, timesteps))
+  return jax.lax.scan(body, rng.varying_like_keys((x_init, extra), keys), (steps, timesteps))
 
 
 def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type: str,

@@ -109,10 +109,18 @@ def test_one_and_eight_devices_agree(sched):
   def everything(k, x):
     local = (k.shape[0],) + shape[1:]
     kwargs = dict(mean_type="eps", var_type="learned")
+    _, progressive = sampling.p_sample_loop_progressive(sched, model_fn, k, local,
+                                                        include_xstartpred_freq=9, **kwargs)
+    _, trajectory = sampling.p_sample_loop_trajectory(sched, model_fn, k, local,
+                                                      repeat_noise_steps=3,
+                                                      shared_key=jax.random.key(1), **kwargs)
     return (sampling.p_sample_loop(sched, model_fn, k, local, **kwargs),
             sampling.ddim_sample_loop(sched, model_fn, k, local, num_steps=10, eta=0.5,
                                       **kwargs),
-            diffusion.calc_bpd_loop(sched, model_fn, x, k, **kwargs).total_bpd)
+            diffusion.calc_bpd_loop(sched, model_fn, x, k, **kwargs).total_bpd,
+            progressive,
+            jnp.moveaxis(trajectory, 0, 1),  # batch first, to split over devices
+            sampling.interpolate(sched, model_fn, x, -0.5 * x, 0.3, 7, k, **kwargs))
 
   results = []
   for mesh_devices in (devices[:1], devices):

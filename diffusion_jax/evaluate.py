@@ -1,0 +1,430 @@
+"""Evaluation: samples at scale, bits/dim on a split, progressive and interpolation grids.
+
+Every mode reads the EMA parameters of a checkpoint in WORKDIR/checkpoints (the latest, or
+`step`), as the original evaluated, and runs over every device of every host:
+
+  sample       N samples in global batches sharded over all devices; each process writes its
+               share to WORKDIR/samples/<step>/samples_<process>.npz (`images` uint8 [n, H, W, C],
+               `index` int64 [n], each image's global example index) and process 0 a PNG grid.
+  eval         FID against train- and test-set statistics, Inception Score (10 splits) and
+               bits/dim of a split, into WORKDIR/eval/<step>.json and TensorBoard; for one step,
+               or for every new checkpoint while training runs (`eval.watch`).
+  progressive  a grid of the x_0 predictions along the sampling chain.
+  interpolate  a grid of interpolations between pairs of dataset images.
+
+Sample i of a run is drawn from `fold_in(fold_in(key(seed), stream), i)`, so the same seed gives
+the same samples whatever the number of devices or hosts (to float rounding).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import checkpoints
+from diffusion_jax import diffusion
+from diffusion_jax import input_pipeline
+from diffusion_jax import parallel
+from diffusion_jax import sampling
+from diffusion_jax import train
+
+# Streams folded into the seed, one per use, so no two uses share random numbers.
+_SAMPLE_STREAM, _BPD_STREAM, _PROGRESSIVE_STREAM, _INTERP_STREAM = 11, 12, 13, 14
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.eval` with defaults for every field an older config may lack."""
+  defaults = dict(
+      batch_size=256,        # global, over all devices (rounded up to a multiple of them)
+      num_samples=50_000,    # for `--mode sample` and FID/IS
+      ddim_steps=0,          # 0 = ancestral sampling over all T steps
+      ddim_eta=0.0,
+      seed=0,
+      bpd_split="test",
+      bpd_max_examples=0,    # 0 = the whole split
+      fid_splits=("train", "test"),
+      fid_stats_dir="",      # where reference statistics are cached ('' = WORKDIR/eval/stats)
+      fid_stats_train="",    # TTUR-format .npz (mu, sigma) to use instead of computing them
+      fid_stats_test="",
+      fid_max_real=0,        # 0 = every example of a split
+      inception_weights="",  # .npz made by diffusion_jax.metrics.convert_inception
+      inception_size=299,    # input size of the Inception network (pytorch-fid: 299)
+      is_splits=10,
+      watch=False,
+      watch_poll_s=60.0,
+      watch_timeout_s=3600.0,
+      progressive_freq=50,
+      progressive_num=8,
+      interp_t=500,
+      interp_pairs=4,
+      interp_steps=9,
+  )
+  out = ml_collections.ConfigDict(defaults)
+  if "eval" in config:
+    for key, value in config.eval.items():
+      out[key] = value
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a model for sampling (also the notebook API).
+
+@dataclasses.dataclass
+class Loaded:
+  """A config with the EMA parameters of one of its checkpoints."""
+  config: ml_collections.ConfigDict
+  params: Any
+  step: int
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+         step: int | None = None, ema: bool = True) -> Loaded:
+  """Loads a workdir's (or a converted checkpoint's) parameters.
+
+  Args:
+    workdir: the training workdir, or the --out of `convert_tf_checkpoint`.
+    config: the config to build the model with; default: the one saved with the checkpoint.
+    step: which checkpoint (default: the latest).
+    ema: the EMA parameters (default, what the paper samples with) or the raw ones.
+
+  Returns:
+    Loaded(config, params as host arrays, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint, or no checkpoint at `step` (naming the ones there).
+  """
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  saver = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False) if ckpt_dir.exists() \
+      else None
+  steps = saver.all_steps() if saver is not None else []
+  if saver is not None:
+    saver.close()
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (--mode train), or "
+                            "convert the authors' checkpoint with "
+                            "`python -m diffusion_jax.convert_tf_checkpoint`")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; steps there: {steps}")
+  if config is None:
+    saved = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False)
+    try:
+      config = ml_collections.ConfigDict(saved.restore_config(step))
+    finally:
+      saved.close()
+  params, got = checkpoints.restore_params(os.fspath(ckpt_dir), step, ema=ema)
+  return Loaded(config, params, int(got))
+
+
+class Sampler:
+  """Draws samples from a loaded model over every local device (for notebooks and scripts).
+
+  Example:
+    sampler = evaluate.Sampler.from_workdir("runs/digits")
+    images = sampler.sample(16, seed=0)          # uint8 [16, H, W, C]
+    images = sampler.sample(16, ddim_steps=50)   # DDIM over 50 timesteps
+  """
+
+  def __init__(self, loaded: Loaded, mesh=None):
+    self.config = loaded.config
+    self.step = loaded.step
+    self.mesh = parallel.make_mesh() if mesh is None else mesh
+    self.model = train.make_model(self.config)
+    self.sched = train.make_schedule(self.config)
+    self.params = parallel.replicate(loaded.params, self.mesh)
+    self._fns: dict[tuple, Callable] = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str, config=None, *, step: int | None = None) -> "Sampler":
+    return cls(load(workdir, config, step=step))
+
+  def _sample_fn(self, ddim_steps: int, eta: float):
+    key = (ddim_steps, eta)
+    if key not in self._fns:
+      self._fns[key] = make_sample_fn(self.config, self.model, self.sched, self.mesh,
+                                      ddim_steps=ddim_steps, eta=eta)
+    return self._fns[key]
+
+  def sample_batch(self, indices: np.ndarray, *, seed: int = 0, ddim_steps: int = 0,
+                   eta: float = 0.0) -> np.ndarray:
+    """Samples the examples with the given global indices (len divisible by the devices).
+
+    Returns:
+      this process's rows of the batch as float32 [rows, H, W, C] in [-1, 1].
+    """
+    fn = self._sample_fn(ddim_steps, eta)
+    keys = sharded_keys(seed, _SAMPLE_STREAM, indices, self.mesh)
+    return local_rows(fn(self.params, keys))
+
+  def sample(self, num: int, *, seed: int = 0, ddim_steps: int = 0, eta: float = 0.0,
+             batch_size: int | None = None) -> np.ndarray:
+    """`num` samples as uint8 [num, H, W, C] (single-process use: a notebook, a script)."""
+    devices = self.mesh.devices.size
+    batch = round_up(batch_size or min(num, 256), devices)
+    out = []
+    for start in range(0, num, batch):
+      out.append(self.sample_batch(np.arange(start, start + batch), seed=seed,
+                                   ddim_steps=ddim_steps, eta=eta))
+    return train.to_uint8(np.concatenate(out)[:num])
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def example_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
+  """Raw key data uint32 [n, 2]: fold_in(fold_in(key(seed), stream), index) per index."""
+  base = jax.random.fold_in(jax.random.key(seed), stream)
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+  return np.asarray(jax.random.key_data(keys))
+
+
+def sharded_keys(seed: int, stream: int, indices: np.ndarray, mesh) -> jax.Array:
+  """The keys of a global batch of example indices, split over the mesh like a batch."""
+  rows = parallel.host_rows(mesh, len(indices))
+  local = example_keys(seed, stream, np.asarray(indices)[rows])
+  return jax.random.wrap_key_data(parallel.global_batch(local, mesh, len(indices)))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of an array split along its first axis, in row order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, parts = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicated copies of the same rows appear once
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts)
+
+
+def make_sample_fn(config, model, sched, mesh, *, ddim_steps: int, eta: float = 0.0):
+  """Jitted f(params, keys [n]) -> samples [n, H, W, C] in [-1, 1], split over the mesh."""
+  d = config.diffusion
+  size, channels = config.data.image_size, config.data.channels
+  clip = config.sample.clip_denoised if "sample" in config else True
+
+  def sample(params, keys):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    shape = (keys.shape[0], size, size, channels)
+    if ddim_steps > 0:
+      return sampling.ddim_sample_loop(sched, model_fn, keys, shape, num_steps=ddim_steps,
+                                       eta=eta, mean_type=d.mean_type, var_type=d.var_type,
+                                       clip_denoised=clip)
+    return sampling.p_sample_loop(sched, model_fn, keys, shape, mean_type=d.mean_type,
+                                  var_type=d.var_type, clip_denoised=clip)
+
+  mapped = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
+                         out_specs=P(parallel.DATA_AXIS))
+  return jax.jit(mapped)
+
+
+def _batch_size(settings, mesh) -> int:
+  return round_up(max(1, settings.batch_size), mesh.devices.size)
+
+
+def _atomic_savez(path: epath.Path, **arrays) -> None:
+  """Writes an .npz under a temporary name, then renames: no partial file looks complete."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + ".tmp")
+  with tmp.open("wb") as f:
+    np.savez(f, **arrays)
+  tmp.rename(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode sample
+
+def generate(sampler: Sampler, num_samples: int, batch_size: int, *, seed: int,
+             ddim_steps: int, eta: float, on_batch: Callable | None = None):
+  """Samples examples 0 .. num_samples-1 in global batches; returns this process's share.
+
+  Returns:
+    (images uint8 [n, H, W, C], index int64 [n]) for the rows this process holds.
+  """
+  rows = parallel.host_rows(sampler.mesh, batch_size)
+  images, index = [], []
+  for start in range(0, num_samples, batch_size):
+    indices = np.arange(start, start + batch_size)
+    batch = train.to_uint8(sampler.sample_batch(indices, seed=seed, ddim_steps=ddim_steps,
+                                                eta=eta))
+    mine = indices[rows]
+    keep = mine < num_samples
+    images.append(batch[keep])
+    index.append(mine[keep])
+    if on_batch is not None:
+      on_batch(start + batch_size)
+  return np.concatenate(images), np.concatenate(index).astype(np.int64)
+
+
+def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """`--mode sample`: writes WORKDIR/samples/<step>/samples_<process>.npz and grid.png."""
+  settings = eval_settings(config)
+  sampler = Sampler(load(workdir, config, step=step))
+  batch = _batch_size(settings, sampler.mesh)
+  out_dir = epath.Path(workdir) / "samples" / str(sampler.step)
+  t0 = time.time()
+
+  def progress(done):
+    if jax.process_index() == 0:
+      done = min(done, settings.num_samples)
+      rate = done / max(time.time() - t0, 1e-9)
+      print(f"sampled {done}/{settings.num_samples} ({rate:.2f} images/s)", flush=True)
+
+  images, index = generate(sampler, settings.num_samples, batch, seed=settings.seed,
+                           ddim_steps=settings.ddim_steps, eta=settings.ddim_eta,
+                           on_batch=progress)
+  _atomic_savez(out_dir / f"samples_{jax.process_index()}.npz", images=images, index=index)
+  if jax.process_index() == 0:
+    grid = train.image_grid(images[:64])
+    train.save_png(grid, out_dir / "grid.png", upscale=max(1, 128 // config.data.image_size))
+    print(f"wrote {len(images)} samples of step {sampler.step} to {out_dir}", flush=True)
+  return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Bits/dim over a split
+
+def make_bpd_fn(config, model, sched, mesh):
+  """Jitted f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, terms sum) [n]."""
+  d = config.diffusion
+
+  def bpd(params, images, keys):
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    model_fn = lambda x_, t: model.apply({"params": params}, x_, t, train=False)
+    out = diffusion.calc_bpd_loop(sched, model_fn, x, keys, mean_type=d.mean_type,
+                                  var_type=d.var_type, clip_denoised=True)
+    return out.total_bpd, out.prior_bpd, jnp.sum(out.terms_bpd, axis=1)
+
+  spec = P(parallel.DATA_AXIS)
+  return jax.jit(jax.shard_map(bpd, mesh=mesh, in_specs=(P(), spec, spec),
+                               out_specs=(spec, spec, spec)))
+
+
+def split_source(config, split: str):
+  data = copy.deepcopy(config.data)
+  data.split = split
+  return input_pipeline.make_source(data)
+
+
+def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int,
+                 max_examples: int = 0) -> dict[str, float]:
+  """The variational bound averaged exactly over a split (the last batch is padded, then the
+  padding is masked out): total, prior term and the sum of the per-t terms, in bits/dim."""
+  source = split_source(config, split)
+  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  fn = make_bpd_fn(config, train.make_model(config), train.make_schedule(config), mesh)
+  rows = parallel.host_rows(mesh, batch_size)
+  sums = np.zeros(3, np.float64)
+  for start in range(0, num, batch_size):
+    indices = np.arange(start, start + batch_size)
+    valid = indices < num
+    mine = np.where(valid, indices, 0)[rows]  # padding rows re-read example 0, then are dropped
+    local = np.stack([source[int(i)] for i in mine])
+    images = parallel.global_batch(local, mesh, batch_size)
+    keys = sharded_keys(seed, _BPD_STREAM, indices, mesh)
+    total, prior, terms = parallel.fetch(fn(params, images, keys))
+    sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
+  return dict(bpd=sums[0] / num, prior_bpd=sums[1] / num, terms_bpd=sums[2] / num,
+              num_examples=int(num))
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode progressive / interpolate
+
+def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
+  t = T - freq down to 0), then the sample."""
+  settings = eval_settings(config)
+  loaded = load(workdir, config, step=step)
+  mesh = parallel.make_mesh()
+  model, sched = train.make_model(config), train.make_schedule(config)
+  d = config.diffusion
+  size, channels = config.data.image_size, config.data.channels
+  num = round_up(settings.progressive_num, mesh.devices.size)
+
+  def fn(params, keys):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    return sampling.p_sample_loop_progressive(
+        sched, model_fn, keys, (keys.shape[0], size, size, channels), mean_type=d.mean_type,
+        var_type=d.var_type, include_xstartpred_freq=settings.progressive_freq)
+
+  spec = P(parallel.DATA_AXIS)
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec), out_specs=(spec, spec)))
+  keys = sharded_keys(settings.seed, _PROGRESSIVE_STREAM, np.arange(num), mesh)
+  samples, preds = parallel.fetch(mapped(parallel.replicate(loaded.params, mesh), keys))
+  # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
+  rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
+  return _write_rows_grid(rows, workdir, loaded.step, "progressive.png", config)
+
+
+def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam."""
+  settings = eval_settings(config)
+  loaded = load(workdir, config, step=step)
+  mesh = parallel.make_mesh()
+  model, sched = train.make_model(config), train.make_schedule(config)
+  d = config.diffusion
+  source = split_source(config, settings.bpd_split)
+  lams = np.linspace(0.0, 1.0, settings.interp_steps)
+  pairs = settings.interp_pairs
+  t_mix = min(int(settings.interp_t), sched.num_timesteps - 1)
+  firsts = np.stack([source[2 * i] for i in range(pairs)])
+  seconds = np.stack([source[2 * i + 1] for i in range(pairs)])
+  # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
+  x1 = np.repeat(firsts, len(lams), axis=0)
+  x2 = np.repeat(seconds, len(lams), axis=0)
+  lam = np.tile(lams, pairs).astype(np.float32)
+  pair_index = np.repeat(np.arange(pairs), len(lams))
+  n = len(lam)
+  batch = round_up(n, mesh.devices.size)
+  pad = batch - n
+  x1, x2 = (np.concatenate([a, a[:pad]]) if pad else a for a in (x1, x2))
+  lam = np.concatenate([lam, lam[:pad]]) if pad else lam
+  pair_index = np.concatenate([pair_index, pair_index[:pad]]) if pad else pair_index
+
+  def fn(params, a, b, lam_, keys):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
+    to_float = lambda u: u.astype(jnp.float32) / 127.5 - 1.0
+    return sampling.interpolate(sched, model_fn, to_float(a), to_float(b), lam_, t_mix, keys,
+                                mean_type=d.mean_type, var_type=d.var_type)
+
+  spec = P(parallel.DATA_AXIS)
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec, spec, spec, spec),
+                                 out_specs=spec))
+  rows = parallel.host_rows(mesh, batch)
+  put = lambda a: parallel.global_batch(a[rows], mesh, batch)
+  keys = sharded_keys(settings.seed, _INTERP_STREAM, pair_index, mesh)
+  out = parallel.fetch(mapped(parallel.replicate(loaded.params, mesh), put(x1), put(x2),
+                              put(lam), keys))[:n]
+  grid_rows = out.reshape(pairs, len(lams), *out.shape[1:])
+  # Frame each row with the two originals.
+  originals = lambda a: (a.astype(np.float32) / 127.5 - 1.0)[:, None]
+  grid_rows = np.concatenate([originals(firsts), grid_rows, originals(seconds)], axis=1)
+  return _write_rows_grid(grid_rows, workdir, loaded.step, "interpolate.png", config)
+
+
+def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
+  images = train.to_uint8(rows_NxKxHxWxC)
+  n, k, h, w, c = images.shape
+  pad = 2
+  grid = np.zeros((n * (h + pad) + pad, k * (w + pad) + pad, c), np.uint8)
+  for i in range(n):
+    for j in range(k):
+      top, left = pad + i * (h + pad), pad + j * (w + pad)
+      grid[top:top + h, left:left + w] = images[i, j]
+  path = epath.Path(workdir) / "samples" / str(step) / name
+  if jax.process_index() == 0:
+    train.save_png(grid, path, upscale=max(1, 64 // config.data.image_size))
+    print(f"wrote {path}", flush=True)
+  return path

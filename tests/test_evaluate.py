@@ -1,0 +1,125 @@
+"""Evaluation modes on a tiny model with randomized weights, under mocked CIFAR-10."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from diffusion_jax import checkpoints, diffusion, evaluate, parallel, train
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+STEP = 5
+
+
+def load_config(name="test"):
+  spec = importlib.util.spec_from_file_location(f"eval_cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.diffusion.num_timesteps = 20
+  config.eval = dict(batch_size=8, num_samples=10, ddim_steps=4, seed=3, bpd_max_examples=10,
+                     progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
+                     interp_steps=3)
+  return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir whose checkpoint holds randomized weights (the real init's outputs are ~0)."""
+  config = load_config()
+  model = train.make_model(config)
+  params = jax.jit(lambda k: model.init(k, np.zeros((1, 8, 8, 3), np.float32),
+                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(0)
+  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+           for x in leaves]
+  ema = jax.tree_util.tree_unflatten(treedef, noisy)
+  path = tmp_path_factory.mktemp("eval")
+  saver = checkpoints.Checkpointer(os.fspath(path / "checkpoints"), async_save=False)
+  saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": ema},
+             config.to_dict())
+  saver.close()
+  return config, path, ema
+
+
+def mock_cifar():
+  return tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def test_sample_mode_writes_this_process_share_and_is_device_count_independent(workdir):
+  config, path, _ = workdir
+  out_dir = evaluate.run_sample(config, os.fspath(path))
+  assert out_dir == path / "samples" / str(STEP)
+  with np.load(out_dir / "samples_0.npz") as f:
+    images, index = f["images"], f["index"]
+  assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
+  np.testing.assert_array_equal(index, np.arange(10))
+  assert images.std() > 0
+  assert Image.open(out_dir / "grid.png").size[0] > 8
+  assert not list(out_dir.glob("*.tmp"))
+
+  # The same examples drawn on one device equal those drawn on eight (to float rounding).
+  one = evaluate.Sampler(evaluate.load(os.fspath(path), config),
+                         mesh=parallel.make_mesh(jax.devices()[:1]))
+  first8 = one.sample_batch(np.arange(8), seed=3, ddim_steps=4)
+  eight = evaluate.Sampler(evaluate.load(os.fspath(path), config))
+  np.testing.assert_allclose(eight.sample_batch(np.arange(8), seed=3, ddim_steps=4), first8,
+                             atol=1e-5)
+  np.testing.assert_array_equal(train.to_uint8(first8), images[:8])
+
+
+def test_notebook_api_reads_the_saved_config(workdir):
+  config, path, ema = workdir
+  loaded = evaluate.load(os.fspath(path))  # config from the checkpoint
+  assert loaded.step == STEP and loaded.config.model.ch == config.model.ch
+  np.testing.assert_array_equal(loaded.params["conv_in"]["kernel"], ema["conv_in"]["kernel"])
+  sampler = evaluate.Sampler.from_workdir(os.fspath(path), config)
+  images = sampler.sample(3, seed=1, ddim_steps=2)
+  assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
+
+
+def test_bits_per_dim_is_an_exact_average_over_the_split(workdir):
+  config, path, ema = workdir
+  mesh = parallel.make_mesh()
+  params = parallel.replicate(ema, mesh)
+  with mock_cifar():
+    got = evaluate.bits_per_dim(config, params, mesh, "test", seed=3, batch_size=8,
+                                max_examples=10)
+    source = evaluate.split_source(config, "test")
+    images = np.stack([source[i] for i in range(10)]).astype(np.float32) / 127.5 - 1.0
+  assert got["num_examples"] == 10
+  # Independently: all 10 examples in one batch on one device, with the same per-example keys.
+  model, sched = train.make_model(config), train.make_schedule(config)
+  keys = jax.random.wrap_key_data(evaluate.example_keys(3, evaluate._BPD_STREAM, np.arange(10)))
+  direct = diffusion.calc_bpd_loop(
+      sched, lambda x, t: model.apply({"params": ema}, x, t, train=False), images, keys,
+      mean_type="eps", var_type="fixedlarge")
+  assert got["bpd"] == pytest.approx(float(direct.total_bpd.mean()), rel=1e-5)
+  assert got["prior_bpd"] == pytest.approx(float(direct.prior_bpd.mean()), rel=1e-4)
+  assert got["terms_bpd"] + got["prior_bpd"] == pytest.approx(got["bpd"], rel=1e-6)
+
+
+def test_progressive_and_interpolate_grids(workdir):
+  config, path, _ = workdir
+  progressive = evaluate.run_progressive(config, os.fspath(path))
+  width, height = Image.open(progressive).size
+  # 3 rows; 20 // 5 = 4 predictions + the sample per row; 8x8 images upscaled 8x, 2 px gaps.
+  assert (width, height) == ((5 * 10 + 2) * 8, (3 * 10 + 2) * 8)
+  with mock_cifar():
+    interp = evaluate.run_interpolate(config, os.fspath(path))
+  width, height = Image.open(interp).size
+  assert (width, height) == ((5 * 10 + 2) * 8, (2 * 10 + 2) * 8)  # 2 originals + 3 lams
+
+
+def test_missing_checkpoints_are_reported(workdir, tmp_path):
+  config, path, _ = workdir
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
+    evaluate.load(os.fspath(tmp_path), config)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .* steps there: \[5\]"):
+    evaluate.load(os.fspath(path), config, step=7)
