@@ -333,7 +333,7 @@ class Classifier(nn.Module):
                                 (pool_BxD.shape[-1], self.features))
         bias_K = self.param("bias", nn.initializers.zeros, (self.features,))
         logits_BxK = jnp.dot(pool_BxD, kernel_DxK, precision=self.precision)
-        return logits_BxK + bias_K if self.add_bias else logits_BxK
+        return logits_BxK + bias_K[None, :] if self.add_bias else logits_BxK
 
 
 def logits_from_pool(variables: Mapping[str, Any], pool_BxD: jax.Array, *,
