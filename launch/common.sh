@@ -100,6 +100,13 @@ parse_args() {
       --no-queued) TPU_QUEUED=0; shift; continue ;;
       --) shift; EXTRA_ARGS=("$@"); break ;;
     esac
+    case "${flag}" in
+      --name|--zone|--project|--type|--accelerator-type|--runtime|--version|--queued-id) ;;
+      --repo-url|--repo-ref|--repo-dir|--remote-dir|--python|--python-installer) ;;
+      --config|--workdir|--mode|--command|--worker|--dest|--lines) ;;
+      --max-restarts|--poll-seconds) ;;
+      *) die "unknown argument '${flag}' (see --help)" ;;
+    esac
     (($# >= 2)) || die "${flag} needs a value (see --help)"
     value="$2"
     case "${flag}" in
@@ -124,7 +131,6 @@ parse_args() {
       --lines) LOG_LINES="${value}" ;;
       --max-restarts) SUPERVISE_MAX_RESTARTS="${value}" ;;
       --poll-seconds) SUPERVISE_POLL_SECONDS="${value}"; POLL_SECONDS="${value}" ;;
-      *) die "unknown argument '${flag}' (see --help)" ;;
     esac
     shift 2
   done
@@ -231,7 +237,8 @@ tpu_ssh() {
 
 # --- Remote command text (one line each, so that --dry-run output stays one command a line) -------
 remote_paths() {
-  printf '%s' "D=\"\$HOME\"/$(shquote "${REMOTE_DIR}"); V=\"\$HOME\"/$(shquote "${REMOTE_VENV}"); L=\"${REMOTE_STATE}\"; export D V L"
+  printf '%s' "D=\"\$HOME\"/$(shquote "${REMOTE_DIR}"); V=\"\$HOME\"/$(shquote "${REMOTE_VENV}"); L=\"${REMOTE_STATE}\"; export D V L; " \
+    "alive() { [ -f \"\$L/run.pid\" ] && kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null && ! ps -o stat= -p \"\$(cat \"\$L/run.pid\")\" | grep -q Z; }"
 }
 
 # The python command line the run executes on every worker.
@@ -266,7 +273,7 @@ remote_setup_command() {
   fi
   local minor="${PYTHON_VERSION#3.}"
   printf '%s' "set -euo pipefail; $(remote_paths); mkdir -p \"\$L\"; " \
-    "if [ -f \"\$L/run.pid\" ] && kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null; then echo \"a run is in progress on \$(hostname); stop it first (launch/stop.sh)\" >&2; exit 3; fi; " \
+    "if alive; then echo \"a run is in progress on \$(hostname); stop it first (launch/stop.sh)\" >&2; exit 3; fi; " \
     "rm -f \"\$L/setup.ok\"; ${code_step}; " \
     "PY=; for c in python3.13 python3.12 python3.11 python3; do if command -v \"\$c\" >/dev/null && \"\$c\" -c 'import sys; sys.exit(sys.version_info < (3, ${minor}))'; then PY=\"\$(command -v \"\$c\")\"; break; fi; done; " \
     "if [ -z \"\$PY\" ]; then echo \"installing Python ${PYTHON_VERSION} (${PYTHON_INSTALLER})\"; ${install_python}; fi; " \
@@ -282,7 +289,7 @@ remote_run_command() {
   inner="(cd \"\$D\" && export PATH=\"\$V/bin:\$PATH\" && ${train}); echo \$? > \"\$L/run.exit\""
   printf '%s' "set -euo pipefail; $(remote_paths); " \
     "if [ ! -f \"\$L/setup.ok\" ]; then echo \"\$(hostname) is not set up: run launch/setup.sh first\" >&2; exit 3; fi; " \
-    "if [ -f \"\$L/run.pid\" ] && kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null; then echo \"a run is already in progress on \$(hostname); stop it first (launch/stop.sh)\" >&2; exit 4; fi; " \
+    "if alive; then echo \"a run is already in progress on \$(hostname); stop it first (launch/stop.sh)\" >&2; exit 4; fi; " \
     "rm -f \"\$L/run.exit\"; printf '%s\\n' $(shquote "${train}") > \"\$L/run.cmd\"; " \
     "nohup setsid bash -c $(shquote "${inner}") > \"\$L/run.log\" 2>&1 < /dev/null & " \
     "echo \$! > \"\$L/run.pid\"; echo \"started on \$(hostname), pid \$(cat \"\$L/run.pid\"), log \$L/run.log\""
@@ -290,8 +297,8 @@ remote_run_command() {
 
 remote_stop_command() {
   printf '%s' "$(remote_paths); " \
-    "if [ -f \"\$L/run.pid\" ] && kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null; then kill -TERM -- \"-\$(cat \"\$L/run.pid\")\" || kill -TERM \"\$(cat \"\$L/run.pid\")\"; " \
-    "for _ in \$(seq 30); do kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null || break; sleep 1; done; " \
+    "if alive; then kill -TERM -- \"-\$(cat \"\$L/run.pid\")\" || kill -TERM \"\$(cat \"\$L/run.pid\")\"; " \
+    "for _ in \$(seq 30); do alive || break; sleep 1; done; " \
     "kill -KILL -- \"-\$(cat \"\$L/run.pid\")\" 2>/dev/null || true; echo \"stopped the run on \$(hostname)\"; " \
     "else echo \"no run in progress on \$(hostname)\"; fi"
 }
@@ -300,7 +307,7 @@ remote_stop_command() {
 remote_status_command() {
   printf '%s' "$(remote_paths); " \
     "if [ -f \"\$L/run.exit\" ]; then echo \"LAUNCH_STATUS=exit:\$(cat \"\$L/run.exit\")\"; " \
-    "elif [ -f \"\$L/run.pid\" ] && kill -0 \"\$(cat \"\$L/run.pid\")\" 2>/dev/null; then echo LAUNCH_STATUS=running; " \
+    "elif alive; then echo LAUNCH_STATUS=running; " \
     "elif [ -f \"\$L/run.pid\" ]; then echo LAUNCH_STATUS=lost; " \
     "elif [ -f \"\$L/setup.ok\" ]; then echo LAUNCH_STATUS=idle; else echo LAUNCH_STATUS=new; fi"
 }

@@ -24,7 +24,8 @@ else
 fi
 if ! is_true "${DRY_RUN}" && ! is_true "${ASSUME_YES}"; then
   answer=""
-  read -r -p "Delete ${what} in ${TPU_ZONE}? Its disks are lost. [y/N] " answer || true
+  printf 'Delete %s in %s? Its disks are lost. [y/N] ' "${what}" "${TPU_ZONE}" >&2
+  read -r answer || true
   if [[ ! "${answer}" =~ ^[Yy]([Ee][Ss])?$ ]]; then
     echo "not deleted (pass --yes to skip this question)" >&2
     exit 1
