@@ -1,0 +1,641 @@
+"""DDPM training on every device of every host: state, step, loop.
+
+The step is one pure per-device function, `train_step`, mapped over the 1-D `data` mesh with
+`jax.shard_map`, compiled once with the state donated. Every random number of an example (its
+timestep, its noise, its dropout masks) comes from the run's key folded with the step and then
+with the example's row in the global batch, so 1 device and 8 compute the same losses.
+
+Differences from the original (`diffusion_tf/tpu_utils/tpu_utils.py`, `diffusion_tf/utils.py`):
+  * Gradient clipping: the original clips each TPU core's gradient to grad_clip / num_cores
+    before the cross-core sum; here the global norm of the mean gradient (over all devices and
+    micro-batches) is clipped to `optim.grad_clip`. The reported `grad_norm` is that norm, before
+    clipping.
+  * EMA: decay 0 on the very first update (the original uses 1e-10, so the EMA starts as the
+    parameters after step 1), `optim.ema_decay` afterwards, no bias correction; as there.
+  * Learning rate: linear warmup from 0 over `optim.warmup_steps`, then constant; as there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import PartitionSpec as P
+
+from diffusion_jax import checkpoints
+from diffusion_jax import diffusion
+from diffusion_jax import input_pipeline
+from diffusion_jax import parallel
+from diffusion_jax import sampling
+from diffusion_jax import schedules
+from diffusion_jax.models import unet
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Streams folded into each example's key.
+_T_STREAM, _NOISE_STREAM, _DROPOUT_STREAM = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `step` counts completed updates (int32 scalar)."""
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+  def to_dict(self) -> dict[str, Any]:
+    return dict(step=self.step, params=self.params, ema_params=self.ema_params,
+                opt_state=self.opt_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks from the config.
+
+def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
+  """The U-Net the config describes (2C outputs for a learned variance)."""
+  m = config.model
+  channels = config.data.channels
+  out_ch = 2 * channels if config.diffusion.var_type == "learned" else channels
+  return unet.UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                   attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+                   out_ch=out_ch, dtype=DTYPES[m.dtype], remat=m.remat,
+                   block_size=m.block_size)
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+  d = config.diffusion
+  betas = schedules.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start,
+                                      beta_end=d.beta_end,
+                                      num_diffusion_timesteps=d.num_timesteps)
+  return schedules.Schedule.from_betas(betas)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `optim.lr` over `optim.warmup_steps`, then constant."""
+  o = config.optim
+  if o.warmup_steps <= 0:
+    return optax.constant_schedule(o.lr)
+  return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with warmup, after clipping the mean gradient's global norm."""
+  o = config.optim
+  adam = optax.adam(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.grad_clip and o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam)
+  return adam
+
+
+def diffusion_kwargs(config: ml_collections.ConfigDict) -> dict[str, str]:
+  d = config.diffusion
+  return dict(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int,
+                    workdir: str | None = None) -> None:
+  """Raises ValueError (or PermissionError) with what to change, before anything compiles."""
+  input_pipeline.check_dataset(config.data.dataset)
+  diffusion.check_types(**diffusion_kwargs(config))
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}")
+  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
+                    attn_resolutions=tuple(config.model.attn_resolutions),
+                    block_size=config.model.block_size, num_channels=config.model.ch)
+  parallel.check_batch_size(config.train.batch_size, num_devices,
+                            config.optim.grad_accum_steps)
+  if config.sample.ddim_steps > config.diffusion.num_timesteps:
+    raise ValueError(f"sample.ddim_steps={config.sample.ddim_steps} exceeds "
+                     f"diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  if workdir is not None:
+    check_workdir(workdir)
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises PermissionError unless a file can be created in `workdir` (made if missing)."""
+  path = epath.Path(workdir)
+  probe = path / f".write_test_{os.getpid()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    raise PermissionError(f"cannot write to --workdir {workdir!r} ({type(e).__name__}: {e}); "
+                          f"pass a directory you can write to") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# The state and the step.
+
+def init_state(config, model, optimizer, key) -> TrainState:
+  """A fresh train state (parameters drawn from `key`); EMA starts equal to the parameters."""
+  size, channels = config.data.image_size, config.data.channels
+  x = jnp.zeros((1, size, size, channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  params = model.init({"params": key}, x, t, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree_util.tree_map(jnp.asarray, params),
+                    opt_state=optimizer.init(params))
+
+
+def example_keys(rng, step, positions):
+  """One key per example: the run's key folded with the step, then with the global row."""
+  step_key = jax.random.fold_in(rng, step)
+  return jax.vmap(lambda p: jax.random.fold_in(step_key, p))(positions)
+
+
+def loss_fn(params, images_BxHxWxC, keys_B, *, model, sched, diffusion_kw):
+  """Mean training loss of a batch whose randomness comes from per-example keys."""
+  x_start = images_BxHxWxC.astype(jnp.float32) / 127.5 - 1.0
+  num_timesteps = sched.num_timesteps
+  t_B = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, _T_STREAM), (), 0,
+                                              num_timesteps))(keys_B)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _NOISE_STREAM),
+                                               x_start.shape[1:]))(keys_B)
+  if model.dropout > 0:
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, _DROPOUT_STREAM))(keys_B)
+
+    def model_fn(x_t, t):
+      # One example at a time, each with its own dropout key (GroupNorm is per example).
+      def one(x1, t1, k1):
+        return model.apply({"params": params}, x1[None], t1[None], train=True,
+                           rngs={"dropout": k1})[0]
+      return jax.vmap(one)(x_t, t, dropout_keys)
+  else:
+    def model_fn(x_t, t):
+      return model.apply({"params": params}, x_t, t, train=True)
+  losses = diffusion.training_losses(sched, model_fn, x_start, t_B, noise, **diffusion_kw)
+  return jnp.mean(losses)
+
+
+def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimizer,
+               diffusion_kw, ema_decay: float, grad_accum_steps: int = 1):
+  """One update, run on each device for its rows of the global batch (inside shard_map).
+
+  Args:
+    state: the replicated train state.
+    images_BxHxWxC: this device's uint8 rows of the global batch.
+    rng: the run's key as raw uint32 key data [2], replicated.
+    model, sched, optimizer, diffusion_kw: fixed parts (bound with functools.partial).
+    ema_decay: EMA decay after the first step.
+    grad_accum_steps: split the rows into this many micro-batches, summing gradients.
+
+  Returns:
+    (new state, metrics dict of replicated scalars).
+  """
+  local_batch = images_BxHxWxC.shape[0]
+  first_row = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
+  positions = first_row + jnp.arange(local_batch)
+  keys = example_keys(jax.random.wrap_key_data(rng), state.step, positions)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, sched=sched,
+                                                 diffusion_kw=diffusion_kw))
+  if grad_accum_steps == 1:
+    loss, grads = grad_fn(state.params, images_BxHxWxC, keys)
+  else:
+    micro = local_batch // grad_accum_steps
+    images = images_BxHxWxC.reshape((grad_accum_steps, micro) + images_BxHxWxC.shape[1:])
+    keys = keys.reshape((grad_accum_steps, micro))
+
+    def accumulate(carry, xs):
+      loss_i, grads_i = grad_fn(state.params, *xs)
+      return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+
+    zeros = (jnp.zeros((), jnp.float32),
+             jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (images, keys))
+    loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
+
+  loss, grads = jax.lax.pmean((loss, grads), parallel.DATA_AXIS)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+  ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                      state.ema_params, params)
+  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
+                         opt_state=opt_state)
+  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params))
+  return new_state, metrics
+
+
+def make_train_step(config, model, sched, optimizer, mesh):
+  """`train_step` mapped over the mesh and jitted, with the state donated.
+
+  Returns:
+    f(state, images [global_batch, H, W, C] uint8 split over `data`, rng uint32 [2])
+    -> (state, metrics).
+  """
+  step = functools.partial(train_step, model=model, sched=sched, optimizer=optimizer,
+                           diffusion_kw=diffusion_kwargs(config),
+                           ema_decay=config.optim.ema_decay,
+                           grad_accum_steps=config.optim.grad_accum_steps)
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
+                         out_specs=(P(), P()))
+  return jax.jit(mapped, donate_argnums=(0,))
+
+
+def make_sample_fn(config, model, sched, mesh):
+  """Jitted f(params, keys [n]) -> images [n, H, W, C] in [-1, 1], keys split over `data`.
+
+  Uses DDIM over `sample.ddim_steps` timesteps when that is > 0, else ancestral sampling.
+  """
+  d = config.diffusion
+  size, channels = config.data.image_size, config.data.channels
+
+  def sample(params, keys):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+    shape = (keys.shape[0], size, size, channels)
+    if config.sample.ddim_steps > 0:
+      return sampling.ddim_sample_loop(sched, model_fn, keys, shape,
+                                       num_steps=config.sample.ddim_steps,
+                                       mean_type=d.mean_type, var_type=d.var_type,
+                                       clip_denoised=config.sample.clip_denoised)
+    return sampling.p_sample_loop(sched, model_fn, keys, shape, mean_type=d.mean_type,
+                                  var_type=d.var_type,
+                                  clip_denoised=config.sample.clip_denoised)
+
+  mapped = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
+                         out_specs=P(parallel.DATA_AXIS))
+  return jax.jit(mapped)
+
+
+def abstract_state(config, model, optimizer, mesh) -> TrainState:
+  """The train state's shapes and (replicated) shardings, without computing anything."""
+  shapes = jax.eval_shape(functools.partial(init_state, config, model, optimizer),
+                          jax.random.key(0))
+  sharding = parallel.replicated_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def create_state(config, model, optimizer, mesh) -> TrainState:
+  """Initial state from `config.seed`, computed once and replicated on the mesh."""
+  init = jax.jit(functools.partial(init_state, config, model, optimizer),
+                 out_shardings=parallel.replicated_sharding(mesh))
+  return init(jax.random.fold_in(jax.random.key(config.seed), 1))
+
+
+def train_rng(config) -> np.ndarray:
+  """The run's step key as raw uint32 data (folded with the step inside the step)."""
+  return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 2)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: console, TensorBoard, metrics.jsonl, PNG grids.
+
+def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2) -> np.ndarray:
+  """uint8 images -> one uint8 grid image (as square as possible, `pad` black pixels apart)."""
+  n, h, w, c = images_NxHxWxC.shape
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  for i, image in enumerate(images_NxHxWxC):
+    r, col = divmod(i, cols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def to_uint8(images) -> np.ndarray:
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+      np.uint8)
+
+
+def save_png(image_HxWxC: np.ndarray, path: epath.Path, upscale: int = 1) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pil = Image.fromarray(image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC)
+  if upscale > 1:
+    pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.Resampling.NEAREST)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    pil.save(f, format="PNG")
+
+
+class _EventWriter:
+  """TensorBoard scalars and images written with the `tensorboard` package alone.
+
+  Used when clu's writer is unavailable (clu.metric_writers imports TensorFlow).
+  """
+
+  def __init__(self, logdir: str):
+    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
+    epath.Path(logdir).mkdir(parents=True, exist_ok=True)
+    self._writer = event_file_writer.EventFileWriter(logdir)
+
+  def _add(self, step, values):
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                           summary=summary_pb2.Summary(value=values)))
+
+  def write_scalars(self, step, scalars):
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                     for k, v in scalars.items()])
+
+  def write_images(self, step, images):
+    import io  # pylint: disable=g-import-not-at-top
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+    values = []
+    for tag, image in images.items():
+      image = np.asarray(image)
+      if image.ndim == 4:
+        image = image[0]
+      buf = io.BytesIO()
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
+          height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
+          encoded_image_string=buf.getvalue())))
+    self._add(step, values)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+class MetricsLog:
+  """TensorBoard (clu when it can be imported) plus WORKDIR/metrics.jsonl; process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._writer = None
+    if not enabled:
+      return
+    logdir = str(epath.Path(workdir) / "tensorboard")
+    try:
+      from clu import metric_writers  # pylint: disable=g-import-not-at-top
+      self._writer = metric_writers.SummaryWriter(logdir)
+    except ImportError:
+      self._writer = _EventWriter(logdir)
+    self._jsonl = epath.Path(workdir) / "metrics.jsonl"
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._writer.write_scalars(step, values)
+    with self._jsonl.open("a") as f:
+      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+
+  def image(self, step: int, tag: str, image_HxWxC: np.ndarray) -> None:
+    if self.enabled:
+      self._writer.write_images(step, {tag: image_HxWxC[None]})
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._writer.close()
+
+
+def _format_time(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+class _StopRequest:
+  """Turns SIGTERM into a request to checkpoint and stop (agreed on by every process)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler.
+      pass
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        return True
+    except Exception:  # pylint: disable=broad-except  # no preemption service
+      pass
+    # Every process must agree: stop when any of them was asked to.
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
+
+@dataclasses.dataclass
+class _Pending:
+  """Per-step metrics not yet brought to the host (fetching each step would stall)."""
+  steps: list = dataclasses.field(default_factory=list)
+  metrics: list = dataclasses.field(default_factory=list)
+
+  def add(self, step, metrics):
+    self.steps.append(step)
+    self.metrics.append(metrics)
+
+  def drain(self):
+    values = parallel.fetch(self.metrics)
+    out = list(zip(self.steps, values))
+    self.steps, self.metrics = [], []
+    return out
+
+
+def _set_compile_cache(config) -> None:
+  cache_dir = config.train.compile_cache_dir
+  if cache_dir and not jax.config.jax_compilation_cache_dir:
+    cache_dir = os.path.expanduser(cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices=None) -> TrainState:
+  """Trains until `train.num_steps`, resuming from WORKDIR/checkpoints when possible.
+
+  Args:
+    config: the training config (configs/*.py).
+    workdir: where checkpoints, metrics, TensorBoard logs and sample grids go (local or gs://).
+    devices: the devices to use (default: all devices of all hosts).
+
+  Returns:
+    the final train state.
+
+  Raises:
+    ValueError / PermissionError: a config or workdir problem, before anything compiles.
+    FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+  """
+  mesh = parallel.make_mesh(devices)
+  num_devices = mesh.devices.size
+  validate_config(config, num_devices, workdir)
+  _set_compile_cache(config)
+  is_main = jax.process_index() == 0
+  workdir_path = epath.Path(workdir)
+  global_batch = config.train.batch_size
+  num_steps = config.train.num_steps
+
+  model = make_model(config)
+  sched = make_schedule(config)
+  optimizer = make_optimizer(config)
+  source = input_pipeline.make_source(config.data)
+  ckpt = checkpoints.Checkpointer(str(workdir_path / "checkpoints"),
+                                  keep=config.train.keep_checkpoints)
+
+  abstract = abstract_state(config, model, optimizer, mesh)
+  restored, start_step = ckpt.restore_latest(abstract.to_dict())
+  if restored is not None:
+    state = TrainState(**restored)
+    print(f"Resumed from {ckpt.directory}/{start_step}", flush=True)
+  else:
+    state = create_state(config, model, optimizer, mesh)
+  if is_main:
+    print(f"{num_devices} devices on {jax.process_count()} host(s); global batch "
+          f"{global_batch}; {unet.count_params(state.params):,} parameters; "
+          f"{len(source):,} training images; steps {start_step} -> {num_steps}", flush=True)
+
+  p_train_step = make_train_step(config, model, sched, optimizer, mesh)
+  sample_fn = make_sample_fn(config, model, sched, mesh) if config.train.sample_every else None
+  rng = parallel.replicate(train_rng(config), mesh)
+  log = MetricsLog(workdir, enabled=is_main)
+  config_dict = json.loads(config.to_json_best_effort())
+  lr_fn = learning_rate_schedule(config)
+
+  rows = parallel.host_rows(mesh, global_batch)
+  batches = input_pipeline.BatchIterator(
+      source, seed=config.seed, start_step=start_step, global_batch=global_batch, rows=rows,
+      random_flip=config.data.random_flip, num_workers=config.data.num_workers,
+      prefetch=config.data.prefetch)
+  pending = _Pending()
+  last_saved = start_step if restored is not None else None
+  t_start = time.time()
+  t_window, steps_window = time.time(), 0
+  profiling = False
+  step = start_step
+
+  def check_finite_and_log(current_step):
+    nonlocal t_window, steps_window
+    drained = pending.drain()
+    for s, m in drained:
+      if not all(np.isfinite(v) for v in m.values()):
+        where = (f"the last good checkpoint is {ckpt.directory}/{last_saved}"
+                 if last_saved is not None else "no checkpoint was written")
+        raise FloatingPointError(
+            f"non-finite loss or parameters at step {s} (loss={m['loss']}, grad_norm="
+            f"{m['grad_norm']}, param_norm={m['param_norm']}); "
+            f"stopped, {where}. Lower optim.lr, lengthen optim.warmup_steps or set "
+            f"optim.grad_clip, then restart (it resumes from that checkpoint)")
+    if not drained:
+      return
+    now = time.time()
+    steps_per_s = steps_window / max(now - t_window, 1e-9)
+    t_window, steps_window = now, 0
+    s, m = drained[-1]
+    values = dict(m, learning_rate=float(lr_fn(s)), steps_per_sec=steps_per_s,
+                  images_per_sec=steps_per_s * global_batch)
+    log.scalars(s + 1, values)
+    if is_main:
+      eta = (num_steps - current_step) / max(steps_per_s, 1e-9)
+      if config.train.time_limit_s > 0:
+        eta = min(eta, config.train.time_limit_s - (now - t_start))
+      print(f"step {s + 1}/{num_steps}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
+            f"{steps_per_s:.2f} steps/s  {steps_per_s * global_batch:.1f} images/s  "
+            f"ETA {_format_time(eta)}  (elapsed {_format_time(now - t_start)})", flush=True)
+
+  try:
+    with _StopRequest() as stop:
+      while step < num_steps:
+        if step == config.train.profile_start and is_main:
+          jax.profiler.start_trace(str(workdir_path / "profile"))
+          profiling = True
+        batch_step, local = next(batches)
+        assert batch_step == step, (batch_step, step)
+        images = parallel.global_batch(local, mesh, global_batch)
+        state, metrics = p_train_step(state, images, rng)
+        pending.add(step, metrics)
+        step += 1
+        steps_window += 1
+        if profiling and step >= config.train.profile_start + config.train.profile_steps:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          profiling = False
+
+        stop_now = stop.should_stop(step)
+        over_time = (config.train.time_limit_s > 0
+                     and time.time() - t_start > config.train.time_limit_s)
+        last = step == num_steps or stop_now or over_time
+        if step % config.train.log_every == 0 or last:
+          check_finite_and_log(step)
+        if step % config.train.checkpoint_every == 0 or last:
+          check_finite_and_log(step)
+          ckpt.save(step, state.to_dict(), config_dict)
+          last_saved = step
+        if sample_fn is not None and (step % config.train.sample_every == 0 or last):
+          write_samples(config, sample_fn, state.ema_params, mesh, step, workdir_path, log)
+        if stop_now or over_time:
+          if is_main:
+            print(f"Stopping at step {step} ({'SIGTERM' if stop_now else 'time limit'}); "
+                  f"checkpoint saved", flush=True)
+          break
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    batches.close()
+    ckpt.close()
+    log.close()
+  return state
+
+
+def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) -> np.ndarray:
+  """Samples `sample.num_samples` images with the EMA weights; writes samples/grid_<step>.png."""
+  num_devices = mesh.devices.size
+  n = config.sample.num_samples
+  padded = -(-n // num_devices) * num_devices
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  keys = jax.random.key_data(jax.random.split(key, padded))
+  keys = parallel.global_batch(np.asarray(keys)[parallel.host_rows(mesh, padded)], mesh, padded)
+  t0 = time.time()
+  images = parallel.fetch(sample_fn(ema_params, jax.random.wrap_key_data(keys)))[:n]
+  grid = image_grid(to_uint8(images))
+  if jax.process_index() == 0:
+    upscale = max(1, 128 // config.data.image_size)
+    save_png(grid, workdir_path / "samples" / f"grid_{step}.png", upscale=upscale)
+    log.image(step, "samples/ema", grid)
+    log.flush()
+    print(f"Wrote {workdir_path / 'samples' / f'grid_{step}.png'} ({n} EMA samples in "
+          f"{time.time() - t0:.1f} s)", flush=True)
+  return images
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+  """The U-Net's parameter table (no compile); ends with `total params: N`."""
+  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
+                    attn_resolutions=tuple(config.model.attn_resolutions),
+                    block_size=config.model.block_size, num_channels=config.model.ch)
+  return unet.summary(make_model(config), config.data.image_size, config.data.channels)

@@ -1,0 +1,156 @@
+"""The command line and multi-process runs, in subprocesses (each sets its own JAX flags)."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
+
+_WORKER = textwrap.dedent("""
+    import os, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", int(os.environ["NUM_CPU_DEVICES"]))
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    import importlib.util
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from diffusion_jax import parallel, train
+
+    process_id = int(os.environ["PROCESS_ID"])
+    num_processes = int(os.environ["NUM_PROCESSES"])
+    if num_processes > 1:
+      assert parallel.initialize_distributed(os.environ["COORDINATOR"], num_processes, process_id)
+      assert parallel.initialize_distributed(os.environ["COORDINATOR"], num_processes, process_id)
+    else:
+      assert not parallel.initialize_distributed()
+    spec = importlib.util.spec_from_file_location("cfg", os.environ["CONFIG"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.num_steps = int(os.environ["NUM_STEPS"])
+    config.train.checkpoint_every = int(os.environ.get("CHECKPOINT_EVERY", "3"))
+    config.train.log_every = 1
+    with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+      state = train.train_and_evaluate(config, os.environ["WORKDIR"])
+    params = parallel.fetch(state.params)
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(os.path.join(os.environ["OUT"], f"params_{process_id}.npz"), **flat)
+""")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CACHE=CACHE, CONFIG=str(ROOT / "configs/test.py"),
+             PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _start_workers(tmp_path, num_processes, devices_each, num_steps, **extra):
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = []
+  for i in range(num_processes):
+    env = _env(NUM_CPU_DEVICES=devices_each, PROCESS_ID=i, NUM_PROCESSES=num_processes,
+               COORDINATOR=coordinator, NUM_STEPS=num_steps, WORKDIR=tmp_path / "work",
+               OUT=tmp_path, **extra)
+    procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _wait(procs, timeout=300):
+  outs = []
+  for proc in procs:
+    out, _ = proc.communicate(timeout=timeout)
+    outs.append(out)
+    assert proc.returncode == 0, out[-4000:]
+  return outs
+
+
+def test_pod_simulation_two_processes_of_four_devices(tmp_path):
+  outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=3))
+  assert "8 devices on 2 host(s)" in outs[0]
+  first = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  assert first[0].keys() == first[1].keys()
+  for key in first[0]:
+    np.testing.assert_array_equal(first[0][key], first[1][key])
+  # Restart both processes: they restore step 3 and go on to 5, again in agreement.
+  outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=5))
+  assert "Resumed from" in outs[0] and "steps 3 -> 5" in outs[0]
+  second = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  for key in second[0]:
+    np.testing.assert_array_equal(second[0][key], second[1][key])
+  assert any(not np.array_equal(first[0][k], second[0][k]) for k in first[0])
+  steps = sorted(int(p.name) for p in (tmp_path / "work/checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [3, 5]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
+  lines = []
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    if line.startswith("step 2/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, _ = proc.communicate(timeout=120)
+  out = "".join(lines) + out
+  assert proc.returncode == 0, out[-4000:]
+  assert "Stopping at step" in out and "SIGTERM" in out
+  steps = [int(p.name) for p in (tmp_path / "work/checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_command_line_digits_run_writes_grid_and_profile(tmp_path):
+  workdir = tmp_path / "digits"
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
+         f"--workdir={workdir}", "--config.train.num_steps=4", "--config.train.log_every=2",
+         "--config.train.sample_every=4", "--config.sample.num_samples=4",
+         "--config.sample.ddim_steps=2", "--config.train.profile_start=1",
+         "--config.train.profile_steps=1", f"--config.train.compile_cache_dir={CACHE}"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "steps/s" in proc.stdout and "images/s" in proc.stdout and "ETA" in proc.stdout
+  assert (workdir / "samples" / "grid_4.png").exists()
+  assert (workdir / "profile").exists()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[-1])["step"] == 4
+
+
+def test_command_line_summary_and_config_arguments():
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config",
+         "configs/cifar10.py:var_type=fixedsmall", "--config.optim.lr=1e-4", "--mode=summary"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "total params: 35,746,307"
+
+
+def test_command_line_reports_config_errors():
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
+         "--workdir=/tmp/unused", "--config.data.dataset=imagenet"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "unknown dataset 'imagenet'" in proc.stderr

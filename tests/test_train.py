@@ -1,0 +1,210 @@
+"""Training: end to end under mocked CIFAR-10, exact resume, 1 vs 8 devices, errors."""
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from diffusion_jax import checkpoints
+from diffusion_jax import input_pipeline
+from diffusion_jax import parallel
+from diffusion_jax import train
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+NUM_EXAMPLES = 32
+
+
+def load_config(name="test", arg=None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def mock_cifar():
+  return tfds.testing.mock_data(num_examples=NUM_EXAMPLES,
+                                policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def run(config, workdir, devices=None):
+  with mock_cifar():
+    return train.train_and_evaluate(config, str(workdir), devices=devices)
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """8 steps without interruption (checkpoints at 4 and 8)."""
+  config = load_config()
+  config.train.num_steps = 8
+  config.train.checkpoint_every = 4
+  workdir = tmp_path_factory.mktemp("straight")
+  state = run(config, workdir)
+  return config, workdir, jax.device_get(state.to_dict())
+
+
+def test_end_to_end_writes_checkpoints_and_metrics(straight):
+  config, workdir, state = straight
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [4, 8]
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 4
+  assert {"loss", "grad_norm", "param_norm", "learning_rate", "steps_per_sec",
+          "images_per_sec"} <= set(__import__("json").loads(lines[-1]))
+  assert int(state["step"]) == 8
+  assert list((workdir / "tensorboard").iterdir())
+  saved = checkpoints.Checkpointer(str(workdir / "checkpoints")).restore_config()
+  assert saved["model"]["ch"] == config.model.ch
+
+
+def test_exact_resume_after_interruption(straight, tmp_path):
+  config, _, want = straight
+  # Interrupted run: stops after 6 steps with checkpoints at 4 and 6 ("killed" at step 6
+  # before its next checkpoint), then restarted to step 8.
+  config = load_config()
+  config.train.num_steps = 6
+  config.train.checkpoint_every = 4
+  run(config, tmp_path)
+  # Drop the final checkpoint to mimic a kill right after step 6: the restart resumes at 4.
+  checkpoints_dir = tmp_path / "checkpoints"
+  assert sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit()) == [4, 6]
+  import shutil
+  shutil.rmtree(checkpoints_dir / "6")
+  config.train.num_steps = 8
+  got = jax.device_get(run(config, tmp_path).to_dict())
+  assert_trees_equal(got["params"], want["params"])
+  assert_trees_equal(got["ema_params"], want["ema_params"])
+  assert_trees_equal(got["opt_state"], want["opt_state"])
+
+
+def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
+  config, workdir, _ = straight
+  import shutil
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  for path in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  model, optimizer = train.make_model(config), train.make_optimizer(config)
+  abstract = train.abstract_state(config, model, optimizer, parallel.make_mesh())
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+  state, step = ckpt.restore_latest(abstract.to_dict())
+  assert step == 4 and int(state["step"]) == 4
+  assert "step 8" in capsys.readouterr().out
+  assert (tmp_path / "checkpoints" / "8").exists()  # reported, not deleted
+
+
+def test_changed_parameter_shapes_are_refused(straight):
+  _, workdir, _ = straight
+  config = load_config()
+  config.model.ch = 64
+  model, optimizer = train.make_model(config), train.make_optimizer(config)
+  abstract = train.abstract_state(config, model, optimizer, parallel.make_mesh())
+  ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+  with pytest.raises(ValueError, match="parameter shapes"):
+    ckpt.restore_latest(abstract.to_dict())
+
+
+def _fixed_batch(config, batch_size):
+  with mock_cifar():
+    source = input_pipeline.make_source(config.data)
+    return input_pipeline.load_batch(source, seed=0, step=0, global_batch=batch_size,
+                                     rows=slice(0, batch_size), random_flip=True)
+
+
+def _run_steps(config, devices, images, num_steps):
+  mesh = parallel.make_mesh(devices)
+  model, sched = train.make_model(config), train.make_schedule(config)
+  optimizer = train.make_optimizer(config)
+  state = train.create_state(config, model, optimizer, mesh)
+  step_fn = train.make_train_step(config, model, sched, optimizer, mesh)
+  rng = parallel.replicate(train.train_rng(config), mesh)
+  losses = []
+  for _ in range(num_steps):
+    batch = parallel.global_batch(images, mesh, images.shape[0])
+    state, metrics = step_fn(state, batch, rng)
+    losses.append(float(metrics["loss"]))
+  return jax.device_get(state.params), losses
+
+
+def test_one_device_matches_eight_and_accumulation():
+  config = load_config()
+  images = _fixed_batch(config, 8)
+  params8, losses8 = _run_steps(config, jax.devices(), images, 2)
+  params1, losses1 = _run_steps(config, jax.devices()[:1], images, 2)
+  np.testing.assert_allclose(losses1, losses8, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(params1), jax.tree_util.tree_leaves(params8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  config.optim.grad_accum_steps = 4
+  params_acc, losses_acc = _run_steps(config, jax.devices()[:2], images, 2)
+  np.testing.assert_allclose(losses_acc, losses8, rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(params_acc), jax.tree_util.tree_leaves(params8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = load_config()
+  config.model.dropout = 0.0
+  config.optim.lr = 3e-3
+  images = _fixed_batch(config, 8)
+  _, losses = _run_steps(config, jax.devices(), images, 40)
+  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(straight, tmp_path, capsys):
+  import shutil
+  _, workdir, _ = straight
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.rmtree(tmp_path / "checkpoints" / "8")
+  config = load_config()
+  config.train.num_steps = 8
+  config.train.checkpoint_every = 1
+  config.optim.lr = float("nan")
+  with pytest.raises(FloatingPointError, match=r"non-finite .* at step 4.*checkpoints/4"):
+    run(config, tmp_path)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [4]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("data.dataset", "mnist", "allowed: cifar10"),
+    ("diffusion.mean_type", "v", "mean_type"),
+    ("diffusion.var_type", "big", "var_type"),
+    ("diffusion.loss_type", "l1", "loss_type"),
+    ("train.batch_size", 12, "not divisible by the number of devices"),
+    ("data.image_size", 9, "image_size 9"),
+    ("model.attn_resolutions", (3,), "never reaches"),
+    ("model.dtype", "float16", "model.dtype"),
+])
+def test_config_errors_before_compiling(field, value, match):
+  config = load_config()
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(config, 8)
+
+
+def test_learned_variance_needs_kl():
+  config = load_config()
+  config.diffusion.var_type = "learned"
+  with pytest.raises(ValueError):
+    train.validate_config(config, 8)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(PermissionError, match="cannot write to --workdir"):
+    train.validate_config(load_config(), 8, str(blocker / "run"))
+
+
+def test_image_grid():
+  images = np.full((5, 4, 4, 1), 255, np.uint8)
+  grid = train.image_grid(images, pad=1)
+  assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
+  assert grid.sum() == 5 * 16 * 255
