@@ -247,14 +247,26 @@ training_command() {
     printf '%s' "${RUN_COMMAND}"
     return
   fi
-  local cmd=(python -m diffusion_jax.main --config "${RUN_CONFIG}" --workdir "${RUN_WORKDIR}")
+  local cmd=(python -m diffusion_jax.main --config "${RUN_CONFIG}" --workdir)
+  local workdir
+  if [[ "${RUN_WORKDIR}" == *://* || "${RUN_WORKDIR}" == /* ]]; then
+    workdir="$(shquote "${RUN_WORKDIR}")"
+  else
+    # A local relative workdir lives in the worker's home, so that setup.sh, which replaces the
+    # code directory, never deletes results.
+    workdir="\"\$HOME\"/$(shquote "${RUN_WORKDIR}")"
+  fi
+  local tail=()
   if [[ "${RUN_MODE}" != train ]]; then
-    cmd+=(--mode "${RUN_MODE}")
+    tail+=(--mode "${RUN_MODE}")
   fi
   if ((${#EXTRA_ARGS[@]})); then
-    cmd+=("${EXTRA_ARGS[@]}")
+    tail+=("${EXTRA_ARGS[@]}")
   fi
-  shjoin "${cmd[@]}"
+  printf '%s %s' "$(shjoin "${cmd[@]}")" "${workdir}"
+  if ((${#tail[@]})); then
+    printf ' %s' "$(shjoin "${tail[@]}")"
+  fi
 }
 
 remote_setup_command() {
@@ -428,8 +440,19 @@ require_command() {
   fi
 }
 
+# Hosts in a slice: one per 8 TensorCores (v4, v5p) or 8 chips (v5e, v6e) -- more than 8 means
+# several hosts, which cannot share a local directory.
+warn_local_workdir_on_pod() {
+  local cores="${TPU_TYPE##*-}"
+  if [[ -n "${RUN_WORKDIR}" && "${RUN_WORKDIR}" != gs://* ]] && ((cores > 8)); then
+    log "warning: ${TPU_TYPE} has several hosts; a local workdir (${RUN_WORKDIR}) is not shared" \
+      "between them, so checkpoints will be incomplete. Use a gs:// workdir."
+  fi
+}
+
 do_run() {
   require_command
+  warn_local_workdir_on_pod
   tpu_ssh all "$(remote_run_command)"
 }
 

@@ -9,13 +9,12 @@ usage() {
 Usage: launch/copy_results.sh --workdir DIR [--dest LOCAL_DIR] [--worker N] [options] [--dry-run]
 
 A gs:// workdir is already safe in Cloud Storage: nothing to copy (browse it with
-'gcloud storage ls WORKDIR'). A local workdir (relative to ~/REMOTE_DIR on the VM, or absolute)
+'gcloud storage ls WORKDIR'). A local workdir (relative to the worker's home, or absolute)
 is copied with scp from worker N [0] into LOCAL_DIR [results/NAME]. The worker's run log is
 copied too, as LOCAL_DIR/run-workerN.log.
 
   --workdir DIR         RUN_WORKDIR     the workdir given to launch/run.sh [${RUN_WORKDIR}]
   --dest LOCAL_DIR      COPY_DEST       where to put the copies [results/NAME]
-  --remote-dir DIR      REMOTE_DIR      code directory on the VM [${REMOTE_DIR}]
 
 EOF
   common_help
@@ -36,10 +35,7 @@ scp_from() {
 if [[ "${RUN_WORKDIR}" == gs://* ]]; then
   echo "${RUN_WORKDIR} is in Cloud Storage: nothing to copy (see: gcloud storage ls ${RUN_WORKDIR})"
 else
-  remote_workdir="${RUN_WORKDIR}"
-  if [[ "${remote_workdir}" != /* ]]; then
-    remote_workdir="${REMOTE_DIR}/${remote_workdir}"
-  fi
-  scp_from "${remote_workdir}" "${dest}/"
+  # scp reads a relative remote path from the home directory, where run.sh puts it too.
+  scp_from "${RUN_WORKDIR}" "${dest}/"
 fi
 scp_from "diffusion_jax_run/run.log" "${dest}/run-worker${worker}.log"

@@ -14,7 +14,9 @@ under nohup, so it survives the ssh session. Each worker writes ~/diffusion_jax_
 (output), run.pid and, when the command ends, run.exit (its exit status). A run resumes from the
 workdir's latest checkpoint. Refuses to start where a run is already in progress.
 
-  --workdir DIR         RUN_WORKDIR     checkpoints and samples; use gs:// on pods [${RUN_WORKDIR}]
+  --workdir DIR         RUN_WORKDIR     checkpoints and samples: gs://... (needed on pods and
+                                        with supervise), or a path on the VM; a relative
+                                        one is taken from the home directory [${RUN_WORKDIR}]
   --config FILE[:ARG]   RUN_CONFIG      [${RUN_CONFIG}]
   --mode MODE           RUN_MODE        train, eval, sample, summary [${RUN_MODE}]
   --command 'CMD'       RUN_COMMAND     run this command line instead

@@ -283,12 +283,22 @@ def test_run_starts_the_same_command_on_all_workers_in_background(gcloud):
     (["--mode", "eval"], f"{TRAIN} --mode eval"),
     (["--config", "configs/cifar10.py:var_type=fixedsmall"],
      "--config configs/cifar10.py:var_type=fixedsmall --workdir gs://bucket/runs/cifar10"),
+    (["--workdir", "runs/digits"],
+     '--config configs/cifar10.py --workdir "$HOME"/runs/digits'),
     (["--command", "python -m diffusion_jax.main --mode summary"],
      "python -m diffusion_jax.main --mode summary"),
 ])
 def test_run_command_variants(args, expected):
   (command,) = dry_run("run.sh", "--workdir", "gs://bucket/runs/cifar10", *args)
   assert expected in remote_command(command)
+
+
+def test_run_warns_about_a_local_workdir_on_a_pod():
+  result = run("run.sh", "--dry-run", "--type", "v4-32", "--workdir", "runs/cifar10")
+  assert result.returncode == 0, result.stderr
+  assert "v4-32 has several hosts" in result.stderr
+  result = run("run.sh", "--dry-run", "--type", "v4-8", "--workdir", "runs/cifar10")
+  assert "several hosts" not in result.stderr
 
 
 def test_run_without_workdir_is_refused(gcloud):
@@ -388,7 +398,7 @@ def test_copy_results_local_workdir_and_gcs(gcloud, tmp_path):
   scp = ["compute", "tpus", "tpu-vm", "scp", "--recurse"]
   tail = ["--zone=us-central2-b", "--worker=0", "--strict-host-key-checking=no"]
   assert gcloud.calls() == [
-      scp + ["diffusion-jax:diffusion_jax/runs/digits", "results/diffusion-jax/"] + tail,
+      scp + ["diffusion-jax:runs/digits", "results/diffusion-jax/"] + tail,
       scp + ["diffusion-jax:diffusion_jax_run/run.log",
              "results/diffusion-jax/run-worker0.log"] + tail]
   assert (tmp_path / "results" / "diffusion-jax").is_dir()
