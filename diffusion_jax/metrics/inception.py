@@ -372,9 +372,11 @@ def inception_apply(variables: Mapping[str, Any], images_BxHxWx3: jax.Array, *,
     return model.apply(variables, x)
 
 
+FeatureFn = Callable[[np.ndarray | Iterable[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+
+
 def make_feature_fn(params: Mapping[str, Any], batch_size: int, *,
-                    model: InceptionV3 | None = None
-                    ) -> Callable[[np.ndarray | Iterable[np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+                    model: InceptionV3 | None = None) -> FeatureFn:
     """Batched feature extractor that compiles the network once per input image size.
 
     Every batch is padded to `batch_size` (padding rows are dropped afterwards), so a ragged

@@ -79,8 +79,8 @@ def golden_images():
         grid = np.linspace(0.0, 1.0, size)
         phase = rng.uniform(0, 2 * np.pi, (n, 1, 1, 3))
         freq = rng.uniform(1, 6, (n, 1, 1, 3))
-        smooth = 0.5 + 0.4 * np.sin(freq * (grid[None, :, None, None] + 2 * grid[None, None, :, None])
-                                    * np.pi + phase)
+        ramp = grid[None, :, None, None] + 2 * grid[None, None, :, None]
+        smooth = 0.5 + 0.4 * np.sin(freq * ramp * np.pi + phase)
         noisy = 255.0 * smooth + rng.normal(0.0, 25.0, (n, size, size, 3))
         return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
