@@ -105,17 +105,7 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     FileNotFoundError: no checkpoint, or no checkpoint at `step` (naming the ones there).
   """
   ckpt_dir = epath.Path(workdir) / "checkpoints"
-  saver = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False) if ckpt_dir.exists() \
-      else None
-  steps = saver.all_steps() if saver is not None else []
-  if saver is not None:
-    saver.close()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (--mode train), or "
-                            "convert the authors' checkpoint with "
-                            "`python -m diffusion_jax.convert_tf_checkpoint`")
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; steps there: {steps}")
+  step = load_step(workdir, step)
   if config is None:
     saved = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False)
     try:
@@ -176,6 +166,31 @@ class Sampler:
       out.append(self.sample_batch(np.arange(start, start + batch), seed=seed,
                                    ddim_steps=ddim_steps, eta=eta))
     return train.to_uint8(np.concatenate(out)[:num])
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in WORKDIR/checkpoints, ascending."""
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not ckpt_dir.exists():
+    return []
+  saver = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False)
+  try:
+    return saver.all_steps()
+  finally:
+    saver.close()
+
+
+def load_step(workdir: str, step: int | None = None) -> int:
+  """The checkpoint step `load` would read (the latest when step is None)."""
+  steps = checkpoint_steps(workdir)
+  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (--mode train), or "
+                            "convert the authors' checkpoint with "
+                            "`python -m diffusion_jax.convert_tf_checkpoint`")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir}; steps there: {steps}")
+  return steps[-1] if step is None else step
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -428,3 +443,169 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
     train.save_png(grid, path, upscale=max(1, 64 // config.data.image_size))
     print(f"wrote {path}", flush=True)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode eval: FID, Inception Score and bits/dim for a checkpoint
+
+def make_inception_fn(mesh, size: int):
+  """Jitted f(variables, images uint8-valued [n, H, W, 3]) -> (pool [n, 2048], logits [n, K]),
+  split over the mesh; inputs are resized to size x size as pytorch-fid does."""
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  model = inception.InceptionV3()
+
+  def features(variables, images):
+    x = inception.preprocess_images(images, size=size, precision=model.precision)
+    return model.apply(variables, x)
+
+  spec = P(parallel.DATA_AXIS)
+  return jax.jit(jax.shard_map(features, mesh=mesh, in_specs=(P(), spec),
+                               out_specs=(spec, spec)))
+
+
+def _to_rgb(images):
+  """Grayscale images are repeated to 3 channels for the Inception network."""
+  return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_size: int):
+  """Inception (pool, logits) of samples 0 .. num_samples-1, the same on every process."""
+  fn = sampler._sample_fn(settings.ddim_steps, settings.ddim_eta)  # pylint: disable=protected-access
+  to_images = jax.jit(lambda x: _to_rgb(jnp.clip(jnp.round((x + 1.0) * 127.5), 0.0, 255.0)))
+  pools, logits = [], []
+  t0 = time.time()
+  for start in range(0, settings.num_samples, batch_size):
+    indices = np.arange(start, start + batch_size)
+    keys = sharded_keys(settings.seed, _SAMPLE_STREAM, indices, sampler.mesh)
+    pool, logit = parallel.fetch(inception_fn(variables, to_images(fn(sampler.params, keys))))
+    pools.append(pool)
+    logits.append(logit)
+    if jax.process_index() == 0:
+      done = min(start + batch_size, settings.num_samples)
+      print(f"eval: {done}/{settings.num_samples} samples "
+            f"({done / max(time.time() - t0, 1e-9):.2f} images/s)", flush=True)
+  n = settings.num_samples
+  return np.concatenate(pools)[:n], np.concatenate(logits)[:n]
+
+
+def real_features(config, split: str, inception_fn, variables, mesh, batch_size: int,
+                  max_examples: int = 0) -> np.ndarray:
+  """Inception pool features of a dataset split (every example, or the first max_examples)."""
+  source = split_source(config, split)
+  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  rows = parallel.host_rows(mesh, batch_size)
+  pools = []
+  for start in range(0, num, batch_size):
+    indices = np.arange(start, start + batch_size)
+    mine = np.where(indices < num, indices, 0)[rows]
+    local = np.stack([source[int(i)] for i in mine]).astype(np.float32)
+    images = _to_rgb(parallel.global_batch(local, mesh, batch_size))
+    pool, _ = parallel.fetch(inception_fn(variables, images))
+    pools.append(pool)
+  return np.concatenate(pools)[:num]
+
+
+def reference_statistics(config, settings, split: str, workdir: str, inception_fn, variables,
+                         mesh, batch_size: int):
+  """(mu, sigma) of a split: from a given TTUR .npz, a cached file, or computed and cached."""
+  from diffusion_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  given = settings.get(f"fid_stats_{split}", "")
+  if given:
+    return fid.load_statistics(given)
+  stats_dir = epath.Path(settings.fid_stats_dir or epath.Path(workdir) / "eval" / "stats")
+  name = (f"{config.data.dataset.replace('/', '_')}_{split}_{config.data.image_size}px_"
+          f"inception{settings.inception_size}"
+          f"{'_first%d' % settings.fid_max_real if settings.fid_max_real > 0 else ''}.npz")
+  path = stats_dir / name
+  if path.exists():
+    return fid.load_statistics(os.fspath(path))
+  feats = real_features(config, split, inception_fn, variables, mesh, batch_size,
+                        settings.fid_max_real)
+  mu, sigma = fid.compute_statistics(feats)
+  if jax.process_index() == 0:
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stats_dir / (name + ".tmp")
+    with tmp.open("wb") as f:
+      np.savez(f, mu=mu, sigma=sigma)
+    tmp.rename(path)
+  return mu, sigma
+
+
+def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -> dict:
+  """FID (train and test statistics), Inception Score and bits/dim of one checkpoint.
+
+  Writes WORKDIR/eval/<step>.json (atomically) and TensorBoard scalars under WORKDIR/eval.
+
+  Returns:
+    the metrics dict.
+  """
+  from diffusion_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  settings = eval_settings(config)
+  if not settings.inception_weights:
+    raise FileNotFoundError(
+        "--mode eval needs the FID Inception weights: set --config.eval.inception_weights="
+        "PATH.npz. " + inception._missing_weights_message("PATH.npz"))  # pylint: disable=protected-access
+  variables_host = inception.load_inception_params(settings.inception_weights)
+  sampler = Sampler(load(workdir, config, step=step), mesh=mesh)
+  mesh = sampler.mesh
+  batch = _batch_size(settings, mesh)
+  variables = parallel.replicate(variables_host, mesh)
+  inception_fn = make_inception_fn(mesh, settings.inception_size)
+  t0 = time.time()
+  pools, logits = sample_features(sampler, inception_fn, variables, settings, batch)
+  is_mean, is_std = fid.inception_score(logits, num_splits=settings.is_splits)
+  metrics = {"inception_score": is_mean, "inception_score_std": is_std,
+             "num_samples": int(settings.num_samples)}
+  mu, sigma = fid.compute_statistics(pools)
+  for split in settings.fid_splits:
+    ref_mu, ref_sigma = reference_statistics(config, settings, split, workdir, inception_fn,
+                                             variables, mesh, batch)
+    metrics[f"fid_{split}"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  if settings.bpd_split:
+    bpd = bits_per_dim(config, sampler.params, mesh, settings.bpd_split, seed=settings.seed,
+                       batch_size=batch, max_examples=settings.bpd_max_examples)
+    metrics.update({f"{k}_{settings.bpd_split}": v for k, v in bpd.items()})
+  metrics["eval_seconds"] = time.time() - t0
+  metrics = {k: (float(v) if not isinstance(v, int) else v) for k, v in metrics.items()}
+  if jax.process_index() == 0:
+    eval_dir = epath.Path(workdir) / "eval"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    tmp = eval_dir / f"{sampler.step}.json.tmp"
+    tmp.write_text(json.dumps({"step": sampler.step, **metrics}, indent=2, sort_keys=True))
+    tmp.rename(eval_dir / f"{sampler.step}.json")
+    log = train.MetricsLog(os.fspath(eval_dir), enabled=True)
+    log.scalars(sampler.step, {f"eval/{k}": v for k, v in metrics.items()})
+    log.close()
+    print(f"eval step {sampler.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+          flush=True)
+  return metrics
+
+
+def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict]:
+  """`--mode eval`: one checkpoint, or (eval.watch) every new one until training ends.
+
+  Watching polls WORKDIR/checkpoints every `eval.watch_poll_s` seconds, evaluates each step that
+  has no WORKDIR/eval/<step>.json yet, and stops after the step `train.num_steps` or when no new
+  checkpoint arrived for `eval.watch_timeout_s` seconds.
+
+  Returns:
+    {step: metrics} of what was evaluated.
+  """
+  settings = eval_settings(config)
+  if not settings.watch:
+    loaded_step = load_step(workdir, step)
+    return {loaded_step: evaluate_step(config, workdir, loaded_step)}
+  done: dict[int, dict] = {}
+  last_new = time.time()
+  while True:
+    steps = checkpoint_steps(workdir)
+    todo = [s for s in steps if s not in done
+            and not (epath.Path(workdir) / "eval" / f"{s}.json").exists()]
+    for s in todo:
+      done[s] = evaluate_step(config, workdir, s)
+      last_new = time.time()
+    finished = steps and max(steps) >= config.train.num_steps
+    if finished or time.time() - last_new > settings.watch_timeout_s:
+      return done
+    time.sleep(settings.watch_poll_s)

@@ -123,3 +123,67 @@ def test_missing_checkpoints_are_reported(workdir, tmp_path):
     evaluate.load(os.fspath(tmp_path), config)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .* steps there: \[5\]"):
     evaluate.load(os.fspath(path), config, step=7)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+  """Randomized FID-Inception weights (shapes from eval_shape; nothing downloaded)."""
+  from diffusion_jax.metrics import inception
+  shapes = jax.eval_shape(lambda: inception.InceptionV3().init(
+      jax.random.key(0), np.zeros((1, 75, 75, 3), np.float32)))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    if name == "var":
+      return np.ones(leaf.shape, np.float32)
+    if name == "scale":
+      return np.ones(leaf.shape, np.float32)
+    return (0.01 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  path = tmp_path_factory.mktemp("inception") / "inception.npz"
+  inception.save_inception_params(path, variables)
+  return str(path)
+
+
+def test_eval_mode_writes_fid_is_and_bpd_for_each_checkpoint(workdir, inception_weights,
+                                                             tmp_path):
+  config, path, ema = workdir
+  config = config.copy_and_resolve_references()
+  config.eval.update(dict(inception_weights=inception_weights, inception_size=75,
+                          num_samples=12, is_splits=2, fid_max_real=12, bpd_max_examples=6,
+                          watch=True, watch_poll_s=0.1, watch_timeout_s=0.5))
+  config.train.num_steps = 10_000
+  with mock_cifar():
+    results = evaluate.run_eval(config, os.fspath(path))
+  assert list(results) == [STEP]
+  written = json.loads((path / "eval" / f"{STEP}.json").read_text())
+  for key in ("fid_train", "fid_test", "inception_score", "inception_score_std", "bpd_test",
+              "prior_bpd_test", "terms_bpd_test"):
+    assert np.isfinite(written[key]), key
+  assert written["inception_score"] >= 1.0
+  assert written["fid_train"] > 0 and written["num_samples"] == 12
+  assert list((path / "eval" / "stats").glob("cifar10_train_8px_inception75_first12.npz"))
+  assert list((path / "eval" / "tensorboard").iterdir())
+  # Watching again finds nothing new and returns after the timeout.
+  with mock_cifar():
+    assert evaluate.run_eval(config, os.fspath(path)) == {}
+
+
+def test_eval_errors(workdir, tmp_path):
+  config, path, _ = workdir
+  config = config.copy_and_resolve_references()
+  with pytest.raises(FileNotFoundError, match="needs the FID Inception weights"):
+    evaluate.evaluate_step(config, os.fspath(path))
+  config.eval.inception_weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+    evaluate.evaluate_step(config, os.fspath(path))
+  from diffusion_jax.metrics import fid
+  bad = tmp_path / "stats.npz"
+  np.savez(bad, mu=np.zeros(64), sigma=np.eye(64))
+  with pytest.raises(ValueError, match="64"):
+    fid.load_statistics(bad)
