@@ -32,6 +32,10 @@ STATE = "state"
 CONFIG = "config"
 
 
+def _item_handlers():
+  return {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+
+
 class ShapeMismatchError(ValueError):
   """The checkpoint's parameter shapes differ from those the config builds."""
 
@@ -57,7 +61,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(STATE, CONFIG))
+                                          item_handlers=_item_handlers())
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -139,7 +143,7 @@ def restore_params(directory: str, step: int | None = None, *, ema: bool = True)
   """
   manager = ocp.CheckpointManager(epath.Path(directory),
                                   options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=(STATE, CONFIG))
+                                  item_handlers=_item_handlers())
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -213,13 +213,15 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
       loss_i, grads_i = grad_fn(state.params, *xs)
       return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
 
-    zeros = (jnp.zeros((), jnp.float32),
-             jax.tree_util.tree_map(jnp.zeros_like, state.params))
+    # The sums differ per device until the pmean below, hence 'varying' along the mesh axis.
+    zeros = jax.lax.pcast((jnp.zeros((), jnp.float32),
+                           jax.tree_util.tree_map(jnp.zeros_like, state.params)),
+                          (parallel.DATA_AXIS,), to="varying")
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (images, keys))
     loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
 
   loss, grads = jax.lax.pmean((loss, grads), parallel.DATA_AXIS)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
@@ -227,7 +229,7 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
                                       state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
                          opt_state=opt_state)
-  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params))
+  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params))
   return new_state, metrics
 
 
