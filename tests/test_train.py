@@ -208,3 +208,35 @@ def test_image_grid():
   grid = train.image_grid(images, pad=1)
   assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
   assert grid.sum() == 5 * 16 * 255
+
+
+def test_tensorboard_writer_without_tensorflow(tmp_path):
+  writer = train._EventWriter(str(tmp_path))  # pylint: disable=protected-access
+  writer.write_scalars(1, {"loss": 0.5})
+  writer.write_images(1, {"samples": np.zeros((1, 4, 4, 1), np.uint8)})
+  writer.close()
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert events.Scalars("loss")[0].value == 0.5
+  assert events.Tags()["images"] == ["samples"]
+
+
+def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
+  config = load_config()
+  config.model.dtype = "bfloat16"
+  mesh = parallel.make_mesh()
+  model, sched = train.make_model(config), train.make_schedule(config)
+  optimizer = train.make_optimizer(config)
+  abstract = train.abstract_state(config, model, optimizer, mesh)
+  step_fn = train.make_train_step(config, model, sched, optimizer, mesh)
+  images = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
+  rng = jax.ShapeDtypeStruct((2,), np.uint32)
+  new_state, metrics = jax.eval_shape(step_fn, abstract, images, rng)  # traces, no compile
+  assert {x.dtype for x in jax.tree_util.tree_leaves(new_state.params)} == {np.dtype("float32")}
+  assert metrics["loss"].dtype == np.float32
+  cifar = load_config("cifar10")
+  model, optimizer = train.make_model(cifar), train.make_optimizer(cifar)
+  full = train.abstract_state(cifar, model, optimizer, mesh)
+  from diffusion_jax.models import unet
+  assert unet.count_params(full.params) == unet.count_params(full.ema_params) == 35_746_307
