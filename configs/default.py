@@ -5,10 +5,10 @@ Every other config starts from `get_config()` here and changes what differs. Con
 """
 import ml_collections
 
+from diffusion_jax import config_lib
+
 # The diffusion options a config argument may set, with their allowed values.
-MEAN_TYPES = ("eps", "xstart", "xprev")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
-LOSS_TYPES = ("mse", "kl")
+from diffusion_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES  # noqa: E402
 _ARG_CHOICES = {"mean_type": MEAN_TYPES, "var_type": VAR_TYPES, "loss_type": LOSS_TYPES}
 
 
@@ -129,4 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.num_samples = 64   # images in each PNG grid.
   config.sample.ddim_steps = 0     # 0 = ancestral sampling over all T steps; >0 = DDIM.
   config.sample.clip_denoised = True
+
+  # --mode sample / eval / progressive / interpolate (see config_lib.eval_defaults).
+  config.eval = config_lib.eval_defaults()
   return config

@@ -8,6 +8,35 @@ from typing import Any, Mapping
 
 import ml_collections
 
+def eval_defaults() -> ml_collections.ConfigDict:
+  """The `config.eval` section: settings of --mode sample / eval / progressive / interpolate."""
+  return ml_collections.ConfigDict(dict(
+      batch_size=256,        # global, over all devices (rounded up to a multiple of them)
+      num_samples=50_000,    # for --mode sample and for FID / Inception Score
+      ddim_steps=0,          # 0 = ancestral sampling over all T steps; K > 0 = DDIM, K steps
+      ddim_eta=0.0,
+      seed=0,
+      bpd_split="test",      # split for bits/dim ('' = skip) and for interpolation images
+      bpd_max_examples=0,    # 0 = the whole split
+      fid_splits=("train", "test"),
+      fid_stats_dir="",      # where reference statistics are cached ('' = WORKDIR/eval/stats)
+      fid_stats_train="",    # TTUR-format .npz (mu, sigma) to use instead of computing them
+      fid_stats_test="",
+      fid_max_real=0,        # 0 = every example of a split
+      inception_weights="",  # .npz made by diffusion_jax.metrics.convert_inception
+      inception_size=299,    # input size of the Inception network (pytorch-fid: 299)
+      is_splits=10,
+      watch=False,           # evaluate every new checkpoint until training ends
+      watch_poll_s=60.0,
+      watch_timeout_s=3600.0,
+      progressive_freq=50,
+      progressive_num=8,
+      interp_t=500,
+      interp_pairs=4,
+      interp_steps=9,
+  ))
+
+
 # configs/ beside the package in a checkout (pip install -e .).
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -33,6 +33,7 @@ from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
@@ -44,33 +45,8 @@ _SAMPLE_STREAM, _BPD_STREAM, _PROGRESSIVE_STREAM, _INTERP_STREAM = 11, 12, 13, 1
 
 
 def eval_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.eval` with defaults for every field an older config may lack."""
-  defaults = dict(
-      batch_size=256,        # global, over all devices (rounded up to a multiple of them)
-      num_samples=50_000,    # for `--mode sample` and FID/IS
-      ddim_steps=0,          # 0 = ancestral sampling over all T steps
-      ddim_eta=0.0,
-      seed=0,
-      bpd_split="test",
-      bpd_max_examples=0,    # 0 = the whole split
-      fid_splits=("train", "test"),
-      fid_stats_dir="",      # where reference statistics are cached ('' = WORKDIR/eval/stats)
-      fid_stats_train="",    # TTUR-format .npz (mu, sigma) to use instead of computing them
-      fid_stats_test="",
-      fid_max_real=0,        # 0 = every example of a split
-      inception_weights="",  # .npz made by diffusion_jax.metrics.convert_inception
-      inception_size=299,    # input size of the Inception network (pytorch-fid: 299)
-      is_splits=10,
-      watch=False,
-      watch_poll_s=60.0,
-      watch_timeout_s=3600.0,
-      progressive_freq=50,
-      progressive_num=8,
-      interp_t=500,
-      interp_pairs=4,
-      interp_steps=9,
-  )
-  out = ml_collections.ConfigDict(defaults)
+  """`config.eval` over `config_lib.eval_defaults()` (a saved or older config may lack fields)."""
+  out = config_lib.eval_defaults()
   if "eval" in config:
     for key, value in config.eval.items():
       out[key] = value
@@ -254,7 +230,7 @@ def _atomic_savez(path: epath.Path, **arrays) -> None:
   tmp = path.parent / (path.name + ".tmp")
   with tmp.open("wb") as f:
     np.savez(f, **arrays)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +503,7 @@ def reference_statistics(config, settings, split: str, workdir: str, inception_f
     tmp = stats_dir / (name + ".tmp")
     with tmp.open("wb") as f:
       np.savez(f, mu=mu, sigma=sigma)
-    tmp.rename(path)
+    tmp.replace(path)
   return mu, sigma
 
 
@@ -573,7 +549,7 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -
     eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = eval_dir / f"{sampler.step}.json.tmp"
     tmp.write_text(json.dumps({"step": sampler.step, **metrics}, indent=2, sort_keys=True))
-    tmp.rename(eval_dir / f"{sampler.step}.json")
+    tmp.replace(eval_dir / f"{sampler.step}.json")
     log = train.MetricsLog(os.fspath(eval_dir), enabled=True)
     log.scalars(sampler.step, {f"eval/{k}": v for k, v in metrics.items()})
     log.close()

@@ -21,7 +21,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "summary", "sample", "eval", "progressive", "interpolate"],
+    "train; summary (parameter table); sample (eval.num_samples samples to .npz); eval (FID, "
+    "Inception Score, bits/dim); progressive / interpolate (image grids).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval/progressive/"
+                             "interpolate (default: the latest).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs without TPU "
     "metadata (with --num_processes and --process_id).")
@@ -41,7 +46,17 @@ def _summary(config):
   print(train.summary(config))
 
 
-MODES = {"train": _train, "summary": _summary}
+def _evaluation(name):
+  def run(config):
+    from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+    if not _WORKDIR.value:
+      raise app.UsageError(f"--mode {name} needs --workdir (the training workdir)")
+    getattr(evaluate, f"run_{name}")(config, _WORKDIR.value, step=_STEP.value)
+  return run
+
+
+MODES = {"train": _train, "summary": _summary,
+         **{name: _evaluation(name) for name in ("sample", "eval", "progressive", "interpolate")}}
 
 
 def main(argv):

@@ -187,3 +187,25 @@ def test_eval_errors(workdir, tmp_path):
   np.savez(bad, mu=np.zeros(64), sigma=np.eye(64))
   with pytest.raises(ValueError, match="64"):
     fid.load_statistics(bad)
+
+
+def test_command_line_sample_mode(workdir):
+  import subprocess
+  import sys
+  config, path, _ = workdir
+  root = pathlib.Path(__file__).resolve().parent.parent
+  base = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
+          "--config.diffusion.num_timesteps=20", f"--workdir={path}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run(base + ["--mode", "sample", "--config.eval.num_samples=3",
+                               "--config.eval.ddim_steps=2", "--config.eval.batch_size=2",
+                               f"--step={STEP}"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  with np.load(path / "samples" / str(STEP) / "samples_0.npz") as f:
+    assert f["images"].shape == (3, 8, 8, 3)
+  bad = subprocess.run(base + ["--mode", "sample", "--step=99"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0
+  assert "no checkpoint for step 99" in bad.stderr
