@@ -281,8 +281,6 @@ class BatchIterator:
 
 def host_rows(row_ranges: Sequence[tuple[int, int]]) -> slice:
   """The single contiguous slice covering the given (start, stop) row ranges."""
-  start = min(r[0] for r in row_ranges)
-  stop = max(r[1] for r in row_ranges)
-  if stop - start != sum(r[1] - r[0] for r in set(row_ranges)):
-    raise ValueError(f"this host's rows {sorted(row_ranges)} are not contiguous")
-  return slice(start, stop)
+  # Kept here for callers of the pipeline; the implementation lives with the mesh helpers.
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.contiguous_rows(row_ranges)

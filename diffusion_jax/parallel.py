@@ -13,8 +13,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import input_pipeline
-
 DATA_AXIS = "data"
 
 # Environment variables that mean "this process is one of several" (set by TPU pod runtimes,
@@ -90,7 +88,16 @@ def host_rows(mesh: Mesh, global_batch: int) -> slice:
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   ranges = [(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
             for idx in index_map.values()]
-  return input_pipeline.host_rows(ranges)
+  return contiguous_rows(ranges)
+
+
+def contiguous_rows(row_ranges) -> slice:
+  """The single contiguous slice covering the given (start, stop) row ranges."""
+  start = min(r[0] for r in row_ranges)
+  stop = max(r[1] for r in row_ranges)
+  if stop - start != sum(r[1] - r[0] for r in set(row_ranges)):
+    raise ValueError(f"this host's rows {sorted(row_ranges)} are not contiguous")
+  return slice(start, stop)
 
 
 def global_batch(local_rows: np.ndarray, mesh: Mesh, global_batch_size: int) -> jax.Array:

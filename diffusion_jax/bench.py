@@ -1,0 +1,209 @@
+"""Benchmark: compile and step times of training, one forward pass and the sampler.
+
+  python -m diffusion_jax.bench --config configs/cifar10.py --batch 8 --steps 5 --warmup 2
+  python -m diffusion_jax.bench --config configs/cifar10.py --batch 128 --dtype bfloat16
+
+Runs on whatever backend JAX finds, over all local devices (the batch is split along the
+`data` mesh exactly as in training), prints progress lines, then one JSON line last. It builds
+the training step from `train_step.py`, so it needs only jax, flax, optax, ml_collections and
+numpy: no TensorFlow, data pipeline or checkpointing.
+
+Step times are medians over `--steps` calls after `--warmup` calls, each call synchronized with
+`block_until_ready`; compile times are measured separately (ahead-of-time `lower().compile()`).
+The sampler is timed over a short ancestral `lax.scan` of `--sample_steps` steps and reported
+per step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# XLA reads its flags once, when the backend starts: everything that must be in XLA_FLAGS is
+# set in `main` before jax is imported, hence the imports inside the functions below.
+
+# CPU flags found to help the U-Net (see docs/performance.md); ignored by GPU and TPU backends.
+CPU_XLA_FLAGS = ()
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(prog="python -m diffusion_jax.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/cifar10.py",
+                      help="config file (with an optional ':arg'), as for main.py")
+  parser.add_argument("--batch", type=int, default=8, help="global batch size")
+  parser.add_argument("--steps", type=int, default=5, help="timed calls per measurement")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="compute dtype (default: the config's model.dtype)")
+  parser.add_argument("--sample_steps", type=int, default=20,
+                      help="length of the timed sampler scan")
+  parser.add_argument("--skip", default="",
+                      help="comma-separated parts not to run: train, forward, sample")
+  parser.add_argument("--no_cpu_flags", action="store_true",
+                      help="do not add the CPU XLA flags of CPU_XLA_FLAGS")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. --set model.remat=True (repeatable)")
+  return parser.parse_args(argv)
+
+
+def _log(msg: str) -> None:
+  print(f"[bench] {msg}", flush=True)
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  """Median wall time of `fn()` (which must block until its device work is done)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def _parse_override(text: str):
+  key, _, value = text.partition("=")
+  if not key or not _:
+    raise ValueError(f"--set needs KEY=VALUE, got {text!r}")
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def run(args) -> dict:
+  """Builds, compiles and times everything; returns the result record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
+
+  overrides = dict(_parse_override(s) for s in args.set)
+  overrides["train.batch_size"] = args.batch
+  if args.dtype:
+    overrides["model.dtype"] = args.dtype
+  config = config_lib.load_config(args.config, overrides)
+  skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+  devices = jax.local_devices()
+  mesh = parallel.make_mesh(devices)
+  parallel.check_batch_size(args.batch, len(devices))
+  model = ts.make_model(config)
+  sched = ts.make_schedule(config)
+  optimizer = ts.make_optimizer(config)
+  size, channels = config.data.image_size, config.data.channels
+  record = dict(
+      config=args.config, batch=args.batch, devices=len(devices),
+      device_kind=devices[0].device_kind, platform=devices[0].platform,
+      dtype=config.model.dtype, jax_version=jax.__version__,
+      xla_flags=os.environ.get("XLA_FLAGS", ""), image_size=size,
+      remat=bool(config.model.remat), dropout=float(config.model.dropout))
+  _log(f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform}), jax "
+       f"{jax.__version__}, batch {args.batch}, dtype {config.model.dtype}")
+
+  state = ts.create_state(config, model, optimizer, mesh)
+  record["params"] = unet.count_params(state.params)
+  _log(f"params: {record['params']:,}")
+  rng = np.random.default_rng(0)
+  images = parallel.global_batch(
+      rng.integers(0, 256, (args.batch, size, size, channels), dtype=np.uint8), mesh,
+      args.batch)
+
+  if "train" not in skip:
+    step_fn = ts.make_train_step(config, model, sched, optimizer, mesh)
+    run_key = parallel.replicate(ts.train_rng(config), mesh)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, images, run_key).compile()
+    record["compile_train_s"] = time.perf_counter() - start
+    _log(f"train step compiled in {record['compile_train_s']:.1f} s")
+    flops = _flops(compiled)
+    holder = [state]
+
+    def one_step():
+      new_state, metrics = compiled(holder[0], images, run_key)
+      jax.block_until_ready((new_state, metrics))
+      holder[0] = new_state
+
+    step_s = _median_time(one_step, args.steps, args.warmup)
+    state = holder[0]
+    record.update(train_step_median_s=step_s, train_images_per_s=args.batch / step_s,
+                  flops_per_train_step=flops,
+                  achieved_train_tflops=None if flops is None else flops / step_s / 1e12)
+    _log(f"train step: {step_s:.3f} s median ({args.batch / step_s:.2f} images/s)")
+
+  t_shape = (args.batch,)
+  if "forward" not in skip:
+    def forward(params, x, t):
+      return model.apply({"params": params}, x, t, train=False)
+
+    data = P(parallel.DATA_AXIS)
+    forward_fn = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), data, data),
+                                       out_specs=data))
+    x = parallel.global_batch(
+        rng.standard_normal((args.batch, size, size, channels), dtype=np.float32), mesh,
+        args.batch)
+    t = parallel.global_batch(np.full(t_shape, sched.num_timesteps // 2, np.int32), mesh,
+                              args.batch)
+    start = time.perf_counter()
+    compiled_forward = forward_fn.lower(state.params, x, t).compile()
+    record["compile_forward_s"] = time.perf_counter() - start
+    record["forward_median_s"] = _median_time(
+        lambda: jax.block_until_ready(compiled_forward(state.params, x, t)), args.steps,
+        args.warmup)
+    _log(f"forward: {record['forward_median_s']:.3f} s median")
+
+  if "sample" not in skip:
+    # The same per-step work as a full sampling run (one network call, the posterior, fresh
+    # noise), over a schedule only `sample_steps` long so the scan is short to time.
+    sample_config = config_lib.load_config(args.config, dict(
+        overrides, **{"diffusion.num_timesteps": args.sample_steps,
+                      "sample.ddim_steps": 0}))
+    sample_fn = ts.make_sample_fn(sample_config, model, ts.make_schedule(sample_config), mesh)
+    keys = jax.random.wrap_key_data(parallel.global_batch(
+        np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), args.batch))),
+        mesh, args.batch))
+    start = time.perf_counter()
+    compiled_sample = sample_fn.lower(state.params, keys).compile()
+    record["compile_sample_s"] = time.perf_counter() - start
+    _log(f"sampler ({args.sample_steps} steps) compiled in {record['compile_sample_s']:.1f} s")
+    loop_s = _median_time(
+        lambda: jax.block_until_ready(compiled_sample(state.params, keys)),
+        max(1, args.steps // 2), min(1, args.warmup))
+    record.update(sample_steps=args.sample_steps, sample_step_median_s=loop_s / args.sample_steps)
+    _log(f"sample step: {record['sample_step_median_s']:.3f} s median")
+  return record
+
+
+def main(argv=None) -> None:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  if not args.no_cpu_flags and CPU_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", "")] + list(CPU_XLA_FLAGS)).strip()
+  record = run(args)
+  print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  main()
