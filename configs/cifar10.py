@@ -4,17 +4,10 @@
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=fixedsmall --workdir ...
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=learned --workdir ...  # kl
 """
-import importlib.util
-import pathlib
+from diffusion_jax import config_lib
 
-
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("diffusion_jax_config_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  return _default().get_config(arg)
+  return default.get_config(arg)

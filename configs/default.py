@@ -60,6 +60,39 @@ def parse_diffusion_arg(arg: str | None, *, var_type: str, **extra) -> ml_collec
   return args
 
 
+def apply_diffusion_args(config: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
+  """Sets the diffusion types parsed by `parse_diffusion_arg` on a config; returns it."""
+  config.diffusion.mean_type = args.mean_type
+  config.diffusion.var_type = args.var_type
+  config.diffusion.loss_type = args.loss_type
+  return config
+
+
+def large_256(arg: str | None, *, dataset: str, random_flip: bool,
+              num_steps: int) -> ml_collections.ConfigDict:
+  """The original's 256x256 recipe (`scripts/run_celebahq.py`, `run_lsun.py`).
+
+  A 114M-parameter U-Net (ch_mult 1,1,2,2,4,4), batch 64, lr 2e-5, no dropout; trained with eps
+  prediction and the mse loss, and sampled with the posterior variance beta_tilde, hence
+  var_type=fixedsmall by default. Config arguments: as `get_config`, plus `block_size=N` (the
+  original's optional space-to-depth).
+  """
+  args = parse_diffusion_arg(arg, var_type="fixedsmall", block_size=1)
+  config = apply_diffusion_args(get_config(), args)
+  config.data.dataset = dataset
+  config.data.image_size = 256
+  config.data.random_flip = random_flip
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.model.block_size = args.block_size
+  config.optim.lr = 2e-5
+  config.train.batch_size = 64
+  config.train.num_steps = num_steps
+  config.train.sample_every = 10_000
+  config.sample.num_samples = 16
+  return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The CIFAR-10 settings of the original; a base for every other config.
 

@@ -8,26 +8,15 @@ checkpoint) and writes WORKDIR/samples/grid_<step>.png (EMA weights, ancestral s
 way and at the end. T is 200 instead of 1000 and the EMA is short (0.995): both only to get
 there in minutes.
 """
-import importlib.util
-import pathlib
+from diffusion_jax import config_lib
 
-
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("diffusion_jax_config_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  default = _default()
   args = default.parse_diffusion_arg(arg, var_type="fixedlarge", num_steps=20_000,
                                      time_limit_s=420.0)
-  config = default.get_config()
-  config.diffusion.mean_type = args.mean_type
-  config.diffusion.var_type = args.var_type
-  config.diffusion.loss_type = args.loss_type
+  config = default.apply_diffusion_args(default.get_config(), args)
   config.diffusion.num_timesteps = 200
   config.diffusion.beta_end = 0.1   # keeps q(x_T | x_0) close to N(0, I) with T = 200.
   config.data.dataset = "digits"

@@ -6,26 +6,15 @@
 Smaller images get a smaller model: 32 -> CIFAR-10's U-Net; 64 -> 4 levels (1,2,2,2) too;
 128 and up -> the 256x256 model's levels, truncated to fit.
 """
-import importlib.util
-import pathlib
+from diffusion_jax import config_lib
 
-
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("diffusion_jax_config_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  default = _default()
   args = default.parse_diffusion_arg(arg, var_type="fixedlarge", image_dir="", image_size=64,
                                      batch_size=64, random_flip=True)
-  config = default.get_config()
-  config.diffusion.mean_type = args.mean_type
-  config.diffusion.var_type = args.var_type
-  config.diffusion.loss_type = args.loss_type
+  config = default.apply_diffusion_args(default.get_config(), args)
   config.data.dataset = "folder"
   config.data.image_dir = args.image_dir
   config.data.image_size = args.image_size

@@ -1,23 +1,12 @@
 """A tiny config for tests: CIFAR-10 (mocked) at 8x8, a 2-level ch-32 U-Net, T = 100."""
-import importlib.util
-import pathlib
+from diffusion_jax import config_lib
 
-
-def _default():
-  path = pathlib.Path(__file__).with_name("default.py")
-  spec = importlib.util.spec_from_file_location("diffusion_jax_config_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  default = _default()
   args = default.parse_diffusion_arg(arg, var_type="fixedlarge")
-  config = default.get_config()
-  config.diffusion.mean_type = args.mean_type
-  config.diffusion.var_type = args.var_type
-  config.diffusion.loss_type = args.loss_type
+  config = default.apply_diffusion_args(default.get_config(), args)
   config.diffusion.num_timesteps = 100
   config.data.image_size = 8
   config.data.num_workers = 2

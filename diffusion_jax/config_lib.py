@@ -53,6 +53,19 @@ def resolve_path(path: str) -> pathlib.Path:
                           f"{CONFIG_DIR}); configs ship with a checkout of the repository")
 
 
+def sibling_module(config_file: str, name: str):
+  """Loads `name`.py from the directory of `config_file` (config files are not a package).
+
+  A config starts with `default = config_lib.sibling_module(__file__, "default")`, so a copied
+  configs/ directory keeps working with its own default.py.
+  """
+  path = pathlib.Path(config_file).resolve().with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"diffusion_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
   """Builds a config like `--config spec --config.key=value ...`.
