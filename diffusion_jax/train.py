@@ -54,7 +54,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}")
   unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
                     attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, num_channels=config.model.ch)
+                    block_size=config.model.block_size, ch=config.model.ch)
   parallel.check_batch_size(config.train.batch_size, num_devices,
                             config.optim.grad_accum_steps)
   if config.sample.ddim_steps > config.diffusion.num_timesteps:
@@ -421,5 +421,5 @@ def summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
   unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
                     attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, num_channels=config.model.ch)
+                    block_size=config.model.block_size, ch=config.model.ch)
   return unet.summary(make_model(config), config.data.image_size, config.data.channels)

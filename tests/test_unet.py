@@ -217,7 +217,7 @@ def test_tf_variable_names_are_a_bijection_with_matching_shapes():
     (dict(image_size=20, ch_mult=(1, 2), attn_resolutions=(), block_size=4),
      "divisible by .* 8"),
     (dict(image_size=32, ch_mult=(1, 2), attn_resolutions=(32,), block_size=2), "never"),
-    (dict(image_size=32, ch_mult=(1, 2), attn_resolutions=(), num_channels=48), "GroupNorm"),
+    (dict(image_size=32, ch_mult=(1, 2), attn_resolutions=(), ch=48), "GroupNorm"),
 ])
 def test_check_config_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):

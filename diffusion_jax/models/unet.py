@@ -270,7 +270,7 @@ class _UpLevel(nn.Module):
 
 
 def check_config(*, image_size: int, ch_mult: Sequence[int], attn_resolutions: Sequence[int],
-                 block_size: int = 1, num_channels: int = 128) -> None:
+                 block_size: int = 1, ch: int = 128) -> None:
   """Raises ValueError for U-Net settings the original cannot run; call before compiling.
 
   Args:
@@ -278,7 +278,7 @@ def check_config(*, image_size: int, ch_mult: Sequence[int], attn_resolutions: S
     ch_mult: per-level channel multipliers (one level per entry).
     attn_resolutions: feature-map sizes (after space-to-depth) that get attention.
     block_size: space-to-depth factor applied to the input.
-    num_channels: the model's base width `ch`; every level's width ch * mult must split into
+    ch: the model's base width; every level's width ch * mult must split into
       32 GroupNorm groups.
   """
   ch_mult = tuple(ch_mult)
@@ -302,10 +302,10 @@ def check_config(*, image_size: int, ch_mult: Sequence[int], attn_resolutions: S
         f"model never reaches: with image_size {image_size}, block_size {block_size} and "
         f"{len(ch_mult)} levels its feature maps are {tuple(reached)}; pick attention "
         f"resolutions from those")
-  bad = [num_channels * m for m in ch_mult if (num_channels * m) % _GN_GROUPS]
-  if num_channels < 4 or bad:
+  bad = [ch * m for m in ch_mult if (ch * m) % _GN_GROUPS]
+  if ch < 4 or bad:
     raise ValueError(
-        f"ch={num_channels} with ch_mult {ch_mult} gives widths {tuple(bad)} that do not "
+        f"ch={ch} with ch_mult {ch_mult} gives widths {tuple(bad)} that do not "
         f"split into {_GN_GROUPS} GroupNorm groups; use ch (and ch * mult) a multiple of "
         f"{_GN_GROUPS}")
 
@@ -353,7 +353,7 @@ class UNet(nn.Module):
     for size in {height, width}:
       check_config(image_size=size, ch_mult=self.ch_mult,
                    attn_resolutions=self.attn_resolutions, block_size=self.block_size,
-                   num_channels=self.ch)
+                   ch=self.ch)
     attn_res = tuple(self.attn_resolutions)
     n_levels = len(self.ch_mult)
     x = space_to_depth(x_BxHxWxC, self.block_size)
