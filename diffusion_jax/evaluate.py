@@ -114,11 +114,12 @@ class Sampler:
   def from_workdir(cls, workdir: str, config=None, *, step: int | None = None) -> "Sampler":
     return cls(load(workdir, config, step=step))
 
-  def _sample_fn(self, ddim_steps: int, eta: float):
+  def sample_fn(self, ddim_steps: int, eta: float):
+    """The compiled sampler f(params, keys) for these settings (built once, then reused)."""
     key = (ddim_steps, eta)
     if key not in self._fns:
-      self._fns[key] = make_sample_fn(self.config, self.model, self.sched, self.mesh,
-                                      ddim_steps=ddim_steps, eta=eta)
+      self._fns[key] = train.make_sample_fn(self.config, self.model, self.sched, self.mesh,
+                                            ddim_steps=ddim_steps, eta=eta)
     return self._fns[key]
 
   def sample_batch(self, indices: np.ndarray, *, seed: int = 0, ddim_steps: int = 0,
@@ -128,7 +129,7 @@ class Sampler:
     Returns:
       this process's rows of the batch as float32 [rows, H, W, C] in [-1, 1].
     """
-    fn = self._sample_fn(ddim_steps, eta)
+    fn = self.sample_fn(ddim_steps, eta)
     keys = sharded_keys(seed, _SAMPLE_STREAM, indices, self.mesh)
     return local_rows(fn(self.params, keys))
 
@@ -197,27 +198,6 @@ def local_rows(array: jax.Array) -> np.ndarray:
       seen.add(start)
       parts.append(np.asarray(shard.data))
   return np.concatenate(parts)
-
-
-def make_sample_fn(config, model, sched, mesh, *, ddim_steps: int, eta: float = 0.0):
-  """Jitted f(params, keys [n]) -> samples [n, H, W, C] in [-1, 1], split over the mesh."""
-  d = config.diffusion
-  size, channels = config.data.image_size, config.data.channels
-  clip = config.sample.clip_denoised if "sample" in config else True
-
-  def sample(params, keys):
-    model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
-    shape = (keys.shape[0], size, size, channels)
-    if ddim_steps > 0:
-      return sampling.ddim_sample_loop(sched, model_fn, keys, shape, num_steps=ddim_steps,
-                                       eta=eta, mean_type=d.mean_type, var_type=d.var_type,
-                                       clip_denoised=clip)
-    return sampling.p_sample_loop(sched, model_fn, keys, shape, mean_type=d.mean_type,
-                                  var_type=d.var_type, clip_denoised=clip)
-
-  mapped = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
-                         out_specs=P(parallel.DATA_AXIS))
-  return jax.jit(mapped)
 
 
 def _batch_size(settings, mesh) -> int:
@@ -446,7 +426,7 @@ def _to_rgb(images):
 
 def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_size: int):
   """Inception (pool, logits) of samples 0 .. num_samples-1, the same on every process."""
-  fn = sampler._sample_fn(settings.ddim_steps, settings.ddim_eta)  # pylint: disable=protected-access
+  fn = sampler.sample_fn(settings.ddim_steps, settings.ddim_eta)
   to_images = jax.jit(lambda x: _to_rgb(jnp.clip(jnp.round((x + 1.0) * 127.5), 0.0, 255.0)))
   pools, logits = [], []
   t0 = time.time()

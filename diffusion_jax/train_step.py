@@ -202,26 +202,31 @@ def make_train_step(config, model, sched, optimizer, mesh):
   return jax.jit(mapped, donate_argnums=(0,))
 
 
-def make_sample_fn(config, model, sched, mesh):
+def make_sample_fn(config, model, sched, mesh, *, ddim_steps: int | None = None,
+                   eta: float = 0.0):
   """Jitted f(params, keys [n]) -> images [n, H, W, C] in [-1, 1], keys split over `data`.
 
-  Uses DDIM over `sample.ddim_steps` timesteps when that is > 0, else ancestral sampling.
+  Args:
+    config, model, sched, mesh: what to sample from, and over which devices.
+    ddim_steps: DDIM over this many timesteps when > 0, ancestral sampling over all T when 0;
+      default: `config.sample.ddim_steps`.
+    eta: DDIM's noise scale (0 = deterministic).
   """
   d = config.diffusion
   size, channels = config.data.image_size, config.data.channels
+  ddim_steps = config.sample.ddim_steps if ddim_steps is None else ddim_steps
+  clip = config.sample.clip_denoised
 
   def sample(params, keys):
     def model_fn(x, t):
       return model.apply({"params": params}, x, t, train=False)
     shape = (keys.shape[0], size, size, channels)
-    if config.sample.ddim_steps > 0:
-      return sampling.ddim_sample_loop(sched, model_fn, keys, shape,
-                                       num_steps=config.sample.ddim_steps,
-                                       mean_type=d.mean_type, var_type=d.var_type,
-                                       clip_denoised=config.sample.clip_denoised)
+    if ddim_steps > 0:
+      return sampling.ddim_sample_loop(sched, model_fn, keys, shape, num_steps=ddim_steps,
+                                       eta=eta, mean_type=d.mean_type, var_type=d.var_type,
+                                       clip_denoised=clip)
     return sampling.p_sample_loop(sched, model_fn, keys, shape, mean_type=d.mean_type,
-                                  var_type=d.var_type,
-                                  clip_denoised=config.sample.clip_denoised)
+                                  var_type=d.var_type, clip_denoised=clip)
 
   mapped = jax.shard_map(sample, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
                          out_specs=P(parallel.DATA_AXIS))
