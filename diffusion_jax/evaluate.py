@@ -288,21 +288,34 @@ def split_source(config, split: str):
   return input_pipeline.make_source(data)
 
 
+def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0):
+  """Every example of a split (or the first max_examples) once, in global batches.
+
+  The last batch is padded with copies of example 0, for the caller to drop with `valid`.
+
+  Yields:
+    (indices [batch_size], valid bool [batch_size], uint8 images [batch_size, H, W, C] split
+    over the mesh, each host having read only its rows).
+  """
+  source = split_source(config, split)
+  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  rows = parallel.host_rows(mesh, batch_size)
+  for start in range(0, num, batch_size):
+    indices = np.arange(start, start + batch_size)
+    valid = indices < num
+    local = np.stack([source[int(i)] for i in np.where(valid, indices, 0)[rows]])
+    yield indices, valid, parallel.global_batch(local, mesh, batch_size)
+
+
 def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int,
                  max_examples: int = 0) -> dict[str, float]:
   """The variational bound averaged exactly over a split (the last batch is padded, then the
   padding is masked out): total, prior term and the sum of the per-t terms, in bits/dim."""
-  source = split_source(config, split)
-  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
   fn = make_bpd_fn(config, train.make_model(config), train.make_schedule(config), mesh)
-  rows = parallel.host_rows(mesh, batch_size)
   sums = np.zeros(3, np.float64)
-  for start in range(0, num, batch_size):
-    indices = np.arange(start, start + batch_size)
-    valid = indices < num
-    mine = np.where(valid, indices, 0)[rows]  # padding rows re-read example 0, then are dropped
-    local = np.stack([source[int(i)] for i in mine])
-    images = parallel.global_batch(local, mesh, batch_size)
+  num = 0
+  for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples):
+    num += int(valid.sum())
     keys = sharded_keys(seed, _BPD_STREAM, indices, mesh)
     total, prior, terms = parallel.fetch(fn(params, images, keys))
     sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
@@ -387,13 +400,8 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
 
 def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
   images = train.to_uint8(rows_NxKxHxWxC)
-  n, k, h, w, c = images.shape
-  pad = 2
-  grid = np.zeros((n * (h + pad) + pad, k * (w + pad) + pad, c), np.uint8)
-  for i in range(n):
-    for j in range(k):
-      top, left = pad + i * (h + pad), pad + j * (w + pad)
-      grid[top:top + h, left:left + w] = images[i, j]
+  n, k = images.shape[:2]
+  grid = train.image_grid(images.reshape((n * k,) + images.shape[2:]), cols=k)
   path = epath.Path(workdir) / "samples" / str(step) / name
   if jax.process_index() == 0:
     train.save_png(grid, path, upscale=max(1, 64 // config.data.image_size))
@@ -447,18 +455,11 @@ def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_s
 def real_features(config, split: str, inception_fn, variables, mesh, batch_size: int,
                   max_examples: int = 0) -> np.ndarray:
   """Inception pool features of a dataset split (every example, or the first max_examples)."""
-  source = split_source(config, split)
-  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
-  rows = parallel.host_rows(mesh, batch_size)
   pools = []
-  for start in range(0, num, batch_size):
-    indices = np.arange(start, start + batch_size)
-    mine = np.where(indices < num, indices, 0)[rows]
-    local = np.stack([source[int(i)] for i in mine]).astype(np.float32)
-    images = _to_rgb(parallel.global_batch(local, mesh, batch_size))
-    pool, _ = parallel.fetch(inception_fn(variables, images))
-    pools.append(pool)
-  return np.concatenate(pools)[:num]
+  for _, valid, images in split_batches(config, split, mesh, batch_size, max_examples):
+    pool, _ = parallel.fetch(inception_fn(variables, _to_rgb(images)))
+    pools.append(pool[valid])
+  return np.concatenate(pools)
 
 
 def reference_statistics(config, settings, split: str, workdir: str, inception_fn, variables,

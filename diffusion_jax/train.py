@@ -81,10 +81,13 @@ def check_workdir(workdir: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Output: console, TensorBoard, metrics.jsonl, PNG grids.
 
-def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2) -> np.ndarray:
-  """uint8 images -> one uint8 grid image (as square as possible, `pad` black pixels apart)."""
+def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2, cols: int | None = None) -> np.ndarray:
+  """uint8 images -> one uint8 grid image, `pad` black pixels apart, filled row by row.
+
+  `cols` images per row; by default as square as possible.
+  """
   n, h, w, c = images_NxHxWxC.shape
-  cols = int(math.ceil(math.sqrt(n)))
+  cols = int(math.ceil(math.sqrt(n))) if cols is None else cols
   rows = int(math.ceil(n / cols))
   grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
   for i, image in enumerate(images_NxHxWxC):
