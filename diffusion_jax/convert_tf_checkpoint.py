@@ -120,7 +120,8 @@ def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), np.zeros((1, size, size, channels), np.float32),
                          np.zeros((1,), np.int32), train=False))["params"]
-  mapping, has_ema = map_variables(reader.get_variable_to_shape_map(), abstract)
+  shapes = reader.get_variable_to_shape_map()
+  mapping, has_ema = map_variables(shapes, abstract)
 
   def load(which):
     tree = {}
@@ -134,7 +135,6 @@ def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
 
   params = load(0)
   ema_params = load(1) if has_ema else params
-  shapes = reader.get_variable_to_shape_map()
   step = int(reader.get_tensor("global_step")) if "global_step" in shapes else 0
   saver = checkpoints.Checkpointer(os.fspath(out_dir), keep=1, async_save=False)
   try:
