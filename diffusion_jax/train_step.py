@@ -122,11 +122,7 @@ def loss_fn(params, images_BxHxWxC, keys_B, *, model, sched, diffusion_kw):
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, _DROPOUT_STREAM))(keys_B)
 
     def model_fn(x_t, t):
-      # One example at a time, each with its own dropout key (GroupNorm is per example).
-      def one(x1, t1, k1):
-        return model.apply({"params": params}, x1[None], t1[None], train=True,
-                           rngs={"dropout": k1})[0]
-      return jax.vmap(one)(x_t, t, dropout_keys)
+      return model.apply({"params": params}, x_t, t, train=True, dropout_keys_B=dropout_keys)
   else:
     def model_fn(x_t, t):
       return model.apply({"params": params}, x_t, t, train=True)

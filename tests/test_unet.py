@@ -366,6 +366,111 @@ def test_res_block_matches_numpy_float64():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _np_conv3x3_grads(x, w, g):
+  """float64 gradients of sum(conv3x3_same(x, w) * g) with respect to x and w."""
+  _, h, wd, _ = x.shape
+  x_pad = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  g_xpad = np.zeros_like(x_pad)
+  g_w = np.zeros_like(w)
+  for i in range(3):
+    for j in range(3):
+      g_w[i, j] = np.einsum("bhwc,bhwo->co", x_pad[:, i:i + h, j:j + wd], g)
+      g_xpad[:, i:i + h, j:j + wd] += np.einsum("bhwo,co->bhwc", g, w[i, j])
+  return g_xpad[:, 1:-1, 1:-1], g_w
+
+
+@pytest.mark.parametrize("dtype,tol", [
+    # float32: sums of <= 90 products of O(1) terms, rounding ~1e-7 each; 2e-5 of the largest
+    # value leaves a wide margin while any wrong tap, flip or transpose is an O(1) error.
+    (jnp.float32, 2e-5),
+    # bfloat16 inputs (8-bit mantissa, ~4e-3 relative each) with float32 accumulation.
+    (jnp.bfloat16, 3e-2),
+])
+def test_conv3x3_dot_wgrad_matches_numpy_float64(dtype, tol):
+  rng = np.random.default_rng(8)
+  x = rng.standard_normal((2, 5, 6, 3))
+  w = rng.standard_normal((3, 3, 3, 4))
+  g = rng.standard_normal((2, 5, 6, 4))
+  out, vjp = jax.vjp(unet_lib.conv3x3_dot_wgrad, jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+  g_x, g_w = vjp(jnp.asarray(g, dtype))
+  assert out.dtype == g_x.dtype == g_w.dtype == dtype
+  want_gx, want_gw = _np_conv3x3_grads(x, w, g)
+  for got, want in ((out, _np_conv(x, w, 0.0, 1, ((1, 1), (1, 1)))), (g_x, want_gx),
+                    (g_w, want_gw)):
+    got = np.asarray(got, np.float64)
+    assert np.max(np.abs(got - want)) < tol * np.max(np.abs(want))
+
+
+def _uses_dot_wgrad(fn, *args):
+  return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_conv_layer_uses_dot_wgrad_only_where_it_applies():
+  big = jnp.ones((2, 64, 64, 3))   # 8192 output positions
+  small = jnp.ones((2, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 4))
+
+  def layer(x, w, stride=1, padding=((1, 1), (1, 1))):
+    return unet_lib._conv_general_dilated(x, w, (stride, stride), padding,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  on_cpu = jax.default_backend() == "cpu"
+  assert _uses_dot_wgrad(layer, big, w) == on_cpu
+  assert not _uses_dot_wgrad(layer, small, w)
+  assert not _uses_dot_wgrad(lambda x, w: layer(x, w, 2, ((0, 1), (0, 1))), big, w)
+  assert not _uses_dot_wgrad(layer, big, jnp.ones((1, 1, 3, 4)))
+  # The U-Net's convolutions go through it.
+  conv = unet_lib._conv3x3(4, "conv", jnp.float32)
+  variables = conv.init(jax.random.key(0), big)
+  assert _uses_dot_wgrad(lambda v, x: conv.apply(v, x), variables, big) == on_cpu
+
+
+def test_dot_wgrad_under_shard_map_sums_over_devices():
+  # Four devices with one example each, 9216 positions per device, so the matmul gradient runs
+  # on every shard; its kernel gradient must come back summed over the mesh like XLA's own.
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal((4, 96, 96, 2)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((4, 96, 96, 3)), jnp.float32)
+  dn = ("NHWC", "HWIO", "NHWC")
+
+  def grads(conv_fn, x, w, g):
+    return jax.grad(lambda x, w: jnp.sum(conv_fn(x, w) * g), (0, 1))(x, w)
+
+  ours = lambda x, w: unet_lib._conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=dn)
+  plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                    dimension_numbers=dn)
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+  spec, rep = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+  put = lambda a, s: jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
+  sharded = jax.jit(jax.shard_map(lambda x, w, g: grads(ours, x, w, g), mesh=mesh,
+                                  in_specs=(spec, rep, spec), out_specs=(spec, rep)))
+  g_x, g_w = sharded(put(x, spec), put(w, rep), put(g, spec))
+  want_x, want_w = jax.jit(lambda x, w, g: grads(plain, x, w, g))(x, w, g)
+  # float32 sums over 4 * 9216 positions in different orders: ~1e-6 relative.
+  np.testing.assert_allclose(np.asarray(g_w), np.asarray(want_w), rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want_w))))
+  np.testing.assert_allclose(np.asarray(g_x), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+
+
+def test_example_dropout_rate_scale_and_keys():
+  h = jnp.ones((3, 40, 40, 8))
+  keys = jax.random.split(jax.random.key(0), 3)
+  out = np.asarray(unet_lib.example_dropout(h, 0.25, keys, site=7))
+  # Kept values are scaled by 1 / keep; the rest are zero.
+  assert set(np.unique(out)) <= {0.0, np.float32(1 / 0.75)}
+  dropped = float(np.mean(out == 0))
+  se = math.sqrt(0.25 * 0.75 / out.size)
+  assert abs(dropped - 0.25) < 5 * se, dropped
+  # Each example's mask depends only on its own key and the site.
+  alone = np.asarray(unet_lib.example_dropout(h[1:2], 0.25, keys[1:2], site=7))
+  np.testing.assert_array_equal(alone[0], out[1])
+  other_site = np.asarray(unet_lib.example_dropout(h, 0.25, keys, site=8))
+  assert np.mean(other_site != out) > 0.2
+  assert np.mean(out[0] != out[1]) > 0.2
+
+
 # ---------------------------------------------------------------- the tiny model, numerically
 
 @pytest.fixture(scope="module")
@@ -395,7 +500,9 @@ def tiny():
     @jax.jit
     def out_and_grad(params, x, t, key):
       def loss(p):
-        out = m.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+        # Per-example dropout keys, as the training step passes them.
+        out = m.apply({"params": p}, x, t, train=True,
+                      dropout_keys_B=jax.random.split(key, x.shape[0]))
         return jnp.sum(out * weights), out
       (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
       return out, grads

@@ -10,12 +10,15 @@ computed in float32, and the output is always float32.
 """
 from __future__ import annotations
 
+import functools
 import math
+import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = [
     "UNet",
@@ -50,6 +53,86 @@ def _dense(features: int, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense
                   dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+# On CPU, XLA lowers the kernel gradient of a 3x3 convolution to a convolution over the batch
+# (with layout transposes around it) that runs at under half the speed of the forward pass once
+# B*H*W is large. Nine matrix products, one per kernel tap, do the same sums at close to the
+# machine's matmul speed. Below this many output positions XLA's own gradient is as fast or
+# faster (measured crossover on a 2-core AVX-512 CPU, see docs/performance.md).
+_DOT_WGRAD_MIN_POSITIONS = 8192
+
+
+def _conv_nhwc(x, w, precision):
+  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_dot_wgrad(x_BxHxWxC, w_3x3xCxO, precision=None):
+  """A stride-1 'SAME' 3x3 convolution (NHWC, HWIO) whose kernel gradient is 9 matmuls.
+
+  The value and the input gradient are XLA's; the kernel gradient sums the same products
+  (sum over b, h, w of x_pad[b, h+i, w+j, c] * g[b, h, w, o] for each tap (i, j)) as one
+  [B*H*W, C]^T [B*H*W, O] product per tap, accumulated in float32.
+  """
+  return _conv_nhwc(x_BxHxWxC, w_3x3xCxO, precision)
+
+
+def _conv3x3_fwd(x, w, precision):
+  return _conv_nhwc(x, w, precision), (x, w)
+
+
+def _conv3x3_bwd(precision, res, g_BxHxWxO):
+  x, w = res
+  b, h, wd, c = x.shape
+  o = w.shape[-1]
+  g_x = jax.vjp(lambda x: _conv_nhwc(x, w, precision), x)[1](g_BxHxWxO)[0]
+  x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  g_NxO = g_BxHxWxO.reshape(b * h * wd, o)
+  taps = [lax.dot_general(x_pad[:, i:i + h, j:j + wd, :].reshape(b * h * wd, c), g_NxO,
+                          (((0,), (0,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32)
+          for i in range(3) for j in range(3)]
+  g_w = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
+  return g_x, g_w
+
+
+conv3x3_dot_wgrad.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+def _varying_axes(x) -> frozenset:
+  """Mesh axes along which `x` differs between devices inside shard_map (empty outside)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          precision=None, **kwargs):
+  """`lax.conv_general_dilated` for flax's Conv, with the matmul kernel gradient on CPU."""
+  plain = (tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+           and lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and feature_group_count == 1
+           and not kwargs and all(d is None or tuple(d) == (1, 1)
+                                  for d in (lhs_dilation, rhs_dilation)))
+  if (plain and jax.default_backend() == "cpu"
+      and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= _DOT_WGRAD_MIN_POSITIONS
+      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
+    # Under shard_map the kernel is replicated while the activations vary over the mesh; a
+    # custom_vjp must get its cotangents back with the types of its inputs, so mark the kernel
+    # varying first, as XLA's convolution does implicitly (the transpose sums the gradients).
+    extra = tuple(sorted(_varying_axes(lhs) - _varying_axes(rhs)))
+    if extra:
+      rhs = lax.pcast(rhs, extra, to="varying")
+    return conv3x3_dot_wgrad(lhs, rhs, precision)
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                  rhs_dilation, dimension_numbers, feature_group_count,
+                                  precision=precision, **kwargs)
+
+
 def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
              stride: int = 1) -> nn.Conv:
   # TF 'SAME' for a 3x3 kernel: (1, 1) at stride 1; at stride 2 on an even size the total pad
@@ -58,7 +141,8 @@ def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
   padding = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
                  kernel_init=_init(scale), bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
+                 dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=_conv_general_dilated)
 
 
 def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
@@ -133,6 +217,15 @@ def depth_to_space(x_BxHxWxD: jax.Array, block_size: int) -> jax.Array:
   return x.reshape(b, h * bs, w * bs, c)
 
 
+def example_dropout(h_BxHxWxC, rate: float, keys_B, site: int):
+  """Inverted dropout with one key per example: mask b is bernoulli(fold_in(keys_B[b], site))."""
+  keep = 1.0 - rate
+  keep_B = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), keep,
+                                                   h_BxHxWxC.shape[1:]))(keys_B)
+  return lax.select(keep_B, h_BxHxWxC / jnp.asarray(keep, h_BxHxWxC.dtype),
+                    jnp.zeros_like(h_BxHxWxC))
+
+
 class ResBlock(nn.Module):
   """Residual block: GN-swish-conv, + projected temb, GN-swish-dropout-conv, 1x1 shortcut."""
   out_ch: int
@@ -140,12 +233,18 @@ class ResBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, temb_BxT, train: bool):
+  def __call__(self, x_BxHxWxC, temb_BxT, train: bool, dropout_keys_B=None):
     h = nn.swish(_group_norm("norm1", self.dtype)(x_BxHxWxC))
     h = _conv3x3(self.out_ch, "conv1", self.dtype)(h)
     h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb_BxT))[:, None, None, :]
     h = nn.swish(_group_norm("norm2", self.dtype)(h))
-    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    if train and self.dropout > 0 and dropout_keys_B is not None:
+      # Example b's mask comes from its own key folded with this block's name, so it does not
+      # depend on the batch size or on how the batch is split over devices.
+      site = zlib.crc32("/".join(self.scope.path).encode()) & 0x7FFFFFFF
+      h = example_dropout(h, self.dropout, dropout_keys_B, site)
+    else:
+      h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = _conv3x3(self.out_ch, "conv2", self.dtype, scale=_ZERO_SCALE)(h)
     x = x_BxHxWxC
     if x.shape[-1] != self.out_ch:
@@ -203,7 +302,8 @@ class _Resample(nn.Module):
 
 
 def _res_block_cls(remat: bool):
-  # `train` (argument 3, counting self) is a Python bool and must stay static under remat.
+  # `train` (argument 3, counting self) is a Python bool and must stay static under remat;
+  # the dropout keys (argument 4) are traced.
   return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock
 
 
@@ -217,11 +317,12 @@ class _DownLevel(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, h, temb, train: bool):
+  def __call__(self, h, temb, train: bool, keys):
     block_cls = _res_block_cls(self.remat)
     hs = []
     for i in range(self.num_res_blocks):
-      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
+                                                                            keys)
       if h.shape[1] in self.attn_resolutions:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
       hs.append(h)
@@ -237,12 +338,12 @@ class _Middle(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, h, temb, train: bool):
+  def __call__(self, h, temb, train: bool, keys):
     block_cls = _res_block_cls(self.remat)
     c = h.shape[-1]
-    h = block_cls(c, self.dropout, self.dtype, name="block_1")(h, temb, train)
+    h = block_cls(c, self.dropout, self.dtype, name="block_1")(h, temb, train, keys)
     h = AttnBlock(self.dtype, name="attn_1")(h)
-    return block_cls(c, self.dropout, self.dtype, name="block_2")(h, temb, train)
+    return block_cls(c, self.dropout, self.dtype, name="block_2")(h, temb, train, keys)
 
 
 class _UpLevel(nn.Module):
@@ -255,13 +356,14 @@ class _UpLevel(nn.Module):
   remat: bool
 
   @nn.compact
-  def __call__(self, h, skips, temb, train: bool):
+  def __call__(self, h, skips, temb, train: bool, keys):
     """Consumes `num_res_blocks + 1` skips from the end of `skips` (a list, popped)."""
     block_cls = _res_block_cls(self.remat)
     for i in range(self.num_res_blocks + 1):
       skip = skips.pop()
       h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train)
+      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
+                                                                            keys)
       if h.shape[1] in self.attn_resolutions:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
     if self.with_upsample:
@@ -336,13 +438,18 @@ class UNet(nn.Module):
   block_size: int = 1
 
   @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, train: bool = False,
+               dropout_keys_B: jax.Array | None = None) -> jax.Array:
     """Predicts the network output for noisy images at timesteps t.
 
     Args:
       x_BxHxWxC: images, [B, H, W, C].
       t_B: integer (or float) timesteps, [B].
-      train: enables dropout (needs rngs={'dropout': key} when dropout > 0).
+      train: enables dropout. Its masks come from `dropout_keys_B` when given, else from
+        rngs={'dropout': key} (needed then when dropout > 0).
+      dropout_keys_B: optional PRNG keys, one per example: example b's masks depend only on
+        its key, whatever the batch it is in (the training step uses this so that results
+        do not change with the number of devices).
 
     Returns:
       [B, H, W, out_ch], float32 (float64 only if dtype is float64).
@@ -364,14 +471,15 @@ class UNet(nn.Module):
     for i, mult in enumerate(self.ch_mult):
       hs += _DownLevel(self.ch * mult, self.num_res_blocks, attn_res, i != n_levels - 1,
                        self.dropout, self.dtype, self.remat, name=f"down_{i}")(
-                           hs[-1], temb, train)
+                           hs[-1], temb, train, dropout_keys_B)
 
-    h = _Middle(self.dropout, self.dtype, self.remat, name="mid")(hs[-1], temb, train)
+    h = _Middle(self.dropout, self.dtype, self.remat, name="mid")(hs[-1], temb, train,
+                                                                  dropout_keys_B)
 
     for i in reversed(range(n_levels)):
       h = _UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, attn_res, i != 0,
                    self.dropout, self.dtype, self.remat, name=f"up_{i}")(
-                       h, hs, temb, train)
+                       h, hs, temb, train, dropout_keys_B)
     assert not hs, "every skip connection must be consumed"
 
     h = nn.swish(_group_norm("norm_out", self.dtype)(h))
