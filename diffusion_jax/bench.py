@@ -16,6 +16,7 @@ per step.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -49,7 +50,51 @@ def _parse(argv):
                       help="do not add the CPU XLA flags of CPU_XLA_FLAGS")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set model.remat=True (repeatable)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="after timing, trace one more training step into DIR (TensorBoard "
+                           "or Perfetto) and print the XLA ops that took the most time")
   return parser.parse_args(argv)
+
+
+def profile_summary(trace_dir: str, top: int = 15) -> list[str]:
+  """Time per XLA op, summed over threads, from the newest trace under `trace_dir`.
+
+  Reads the `.xplane.pb` that `jax.profiler.trace` wrote, through the profile reader bundled
+  with jaxlib; returns a note instead if this jaxlib has none.
+  """
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    return [f"no trace found under {trace_dir}"]
+  try:
+    from jax._src.lib import _profile_data  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return [f"trace written to {paths[-1]} (open it in TensorBoard or Perfetto)"]
+  profile = _profile_data.ProfileData.from_file(paths[-1])
+  totals: dict[str, float] = {}
+  for plane in profile.planes:
+    if not plane.name.startswith(("/host:CPU", "/device:")):
+      continue
+    for line in plane.lines:
+      # CPU: XLA's worker threads; accelerators: the "XLA Ops" line (not modules or steps).
+      if "xla" not in line.name.lower() or "Modules" in line.name or "Steps" in line.name:
+        continue
+      for event in line.events:
+        if "::" in event.name:  # executor and thread-pool spans that enclose the ops
+          continue
+        totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e9
+  if not totals:
+    return [f"trace written to {paths[-1]}; it holds no XLA op events"]
+  # Group numbered instances (convolution.12, ynn_fusion.3) by their kind.
+  kinds: dict[str, float] = {}
+  for name, secs in totals.items():
+    kind = name.split(".")[0].split(":")[0]
+    kinds[kind] = kinds.get(kind, 0.0) + secs
+  whole = sum(kinds.values())
+  lines = [f"profile: {paths[-1]} ({whole:.2f} s in XLA ops, summed over threads)"]
+  for kind, secs in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]:
+    lines.append(f"  {kind:36s} {secs:8.3f} s {100 * secs / whole:5.1f}%")
+  return lines
 
 
 def _log(msg: str) -> None:
@@ -149,6 +194,11 @@ def run(args) -> dict:
       holder[0] = new_state
 
     step_s = _median_time(one_step, args.steps, args.warmup)
+    if args.profile:
+      with jax.profiler.trace(args.profile):
+        one_step()
+      for line in profile_summary(args.profile):
+        _log(line)
     state = holder[0]
     record.update(train_step_median_s=step_s, train_images_per_s=args.batch / step_s,
                   flops_per_train_step=flops,

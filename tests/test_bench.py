@@ -28,13 +28,13 @@ _BLOCKER = textwrap.dedent(f"""
 """)
 
 
-def test_bench_without_tensorflow_prints_one_json_record():
+def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
-       "--set", "model.dropout=0.0"],
+       "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace")],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -50,3 +50,10 @@ def test_bench_without_tensorflow_prints_one_json_record():
     assert isinstance(record[field], float) and record[field] > 0, field
   assert record["sample_steps"] == 2
   assert abs(record["train_images_per_s"] * record["train_step_median_s"] - 2) < 1e-6
+  # --profile traced one more step and summarised it by XLA op kind.
+  assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+  profile = [l for l in lines if l.startswith("[bench] profile:")]
+  assert len(profile) == 1, proc.stdout
+  ops = lines[lines.index(profile[0]) + 1:]
+  shares = [float(l.split()[-1].rstrip("%")) for l in ops if l.endswith("%")]
+  assert shares and all(0 < s <= 100 for s in shares) and sum(shares) <= 100.5, ops
