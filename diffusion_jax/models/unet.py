@@ -7,6 +7,11 @@ names chosen so every TF variable maps onto one of our parameters (see `tf_varia
 Compute dtype: with `dtype=jnp.bfloat16` activations and matmuls/convs run in bf16 while the
 parameters stay float32; GroupNorm statistics, the timestep sinusoid and the attention softmax are
 computed in float32, and the output is always float32.
+
+Speed on CPU: the kernel gradients of the large stride-1 3x3 convolutions are computed as nine
+matmuls (`conv3x3_dot_wgrad`) rather than XLA's convolution over the batch; the values and input
+gradients are XLA's. In training, dropout masks come from one key per example
+(`example_dropout`), so the model runs on the whole batch at once.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ __all__ = [
     "space_to_depth",
     "depth_to_space",
     "check_config",
+    "conv3x3_dot_wgrad",
+    "example_dropout",
     "count_params",
     "summary",
     "tf_variable_name",
