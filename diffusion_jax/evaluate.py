@@ -130,7 +130,7 @@ class Sampler:
       this process's rows of the batch as float32 [rows, H, W, C] in [-1, 1].
     """
     fn = self.sample_fn(ddim_steps, eta)
-    keys = sharded_keys(seed, _SAMPLE_STREAM, indices, self.mesh)
+    keys = parallel.sharded_index_keys(seed, _SAMPLE_STREAM, indices, self.mesh)
     return local_rows(fn(self.params, keys))
 
   def sample(self, num: int, *, seed: int = 0, ddim_steps: int = 0, eta: float = 0.0,
@@ -172,20 +172,6 @@ def load_step(workdir: str, step: int | None = None) -> int:
 
 def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
-
-
-def example_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
-  """Raw key data uint32 [n, 2]: fold_in(fold_in(key(seed), stream), index) per index."""
-  base = jax.random.fold_in(jax.random.key(seed), stream)
-  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
-  return np.asarray(jax.random.key_data(keys))
-
-
-def sharded_keys(seed: int, stream: int, indices: np.ndarray, mesh) -> jax.Array:
-  """The keys of a global batch of example indices, split over the mesh like a batch."""
-  rows = parallel.host_rows(mesh, len(indices))
-  local = example_keys(seed, stream, np.asarray(indices)[rows])
-  return jax.random.wrap_key_data(parallel.global_batch(local, mesh, len(indices)))
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -316,7 +302,7 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
   num = 0
   for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples):
     num += int(valid.sum())
-    keys = sharded_keys(seed, _BPD_STREAM, indices, mesh)
+    keys = parallel.sharded_index_keys(seed, _BPD_STREAM, indices, mesh)
     total, prior, terms = parallel.fetch(fn(params, images, keys))
     sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
   return dict(bpd=sums[0] / num, prior_bpd=sums[1] / num, terms_bpd=sums[2] / num,
@@ -345,7 +331,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 
   spec = P(parallel.DATA_AXIS)
   mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), spec), out_specs=(spec, spec)))
-  keys = sharded_keys(settings.seed, _PROGRESSIVE_STREAM, np.arange(num), mesh)
+  keys = parallel.sharded_index_keys(settings.seed, _PROGRESSIVE_STREAM, np.arange(num), mesh)
   samples, preds = parallel.fetch(mapped(parallel.replicate(loaded.params, mesh), keys))
   # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
   rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
@@ -388,7 +374,7 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
                                  out_specs=spec))
   rows = parallel.host_rows(mesh, batch)
   put = lambda a: parallel.global_batch(a[rows], mesh, batch)
-  keys = sharded_keys(settings.seed, _INTERP_STREAM, pair_index, mesh)
+  keys = parallel.sharded_index_keys(settings.seed, _INTERP_STREAM, pair_index, mesh)
   out = parallel.fetch(mapped(parallel.replicate(loaded.params, mesh), put(x1), put(x2),
                               put(lam), keys))[:n]
   grid_rows = out.reshape(pairs, len(lams), *out.shape[1:])
@@ -440,7 +426,7 @@ def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_s
   t0 = time.time()
   for start in range(0, settings.num_samples, batch_size):
     indices = np.arange(start, start + batch_size)
-    keys = sharded_keys(settings.seed, _SAMPLE_STREAM, indices, sampler.mesh)
+    keys = parallel.sharded_index_keys(settings.seed, _SAMPLE_STREAM, indices, sampler.mesh)
     pool, logit = parallel.fetch(inception_fn(variables, to_images(fn(sampler.params, keys))))
     pools.append(pool)
     logits.append(logit)

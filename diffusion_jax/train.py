@@ -41,6 +41,10 @@ from diffusion_jax.train_step import (  # pylint: disable=unused-import
     make_model, make_optimizer, make_sample_fn, make_schedule, make_train_step, train_rng,
     train_step)
 
+# Folded into key(seed) for the in-training sample grids (2 is the training steps' key,
+# `train_rng`; evaluate.py uses 11-14).
+_GRID_STREAM = 3
+
 
 # ----------------------------------------------------------------------------------------------
 # Checks before anything compiles.
@@ -404,11 +408,11 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
   num_devices = mesh.devices.size
   n = config.sample.num_samples
   padded = -(-n // num_devices) * num_devices
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  keys = jax.random.key_data(jax.random.split(key, padded))
-  keys = parallel.global_batch(np.asarray(keys)[parallel.host_rows(mesh, padded)], mesh, padded)
+  # Sample i's key depends only on i, as in `--mode sample`: the grid is the same whatever the
+  # number of devices (the padding rows are dropped).
+  keys = parallel.sharded_index_keys(config.seed, _GRID_STREAM, np.arange(padded), mesh)
   t0 = time.time()
-  images = parallel.fetch(sample_fn(ema_params, jax.random.wrap_key_data(keys)))[:n]
+  images = parallel.fetch(sample_fn(ema_params, keys))[:n]
   grid = image_grid(to_uint8(images))
   if jax.process_index() == 0:
     upscale = max(1, 128 // config.data.image_size)

@@ -91,13 +91,25 @@ def test_bits_per_dim_is_an_exact_average_over_the_split(workdir):
   assert got["num_examples"] == 10
   # Independently: all 10 examples in one batch on one device, with the same per-example keys.
   model, sched = train.make_model(config), train.make_schedule(config)
-  keys = jax.random.wrap_key_data(evaluate.example_keys(3, evaluate._BPD_STREAM, np.arange(10)))
+  keys = jax.random.wrap_key_data(parallel.index_keys(3, evaluate._BPD_STREAM, np.arange(10)))
   direct = diffusion.calc_bpd_loop(
       sched, lambda x, t: model.apply({"params": ema}, x, t, train=False), images, keys,
       mean_type="eps", var_type="fixedlarge")
   assert got["bpd"] == pytest.approx(float(direct.total_bpd.mean()), rel=1e-5)
   assert got["prior_bpd"] == pytest.approx(float(direct.prior_bpd.mean()), rel=1e-4)
   assert got["terms_bpd"] + got["prior_bpd"] == pytest.approx(got["bpd"], rel=1e-6)
+
+
+def test_sharded_index_keys_do_not_depend_on_the_mesh():
+  indices = np.arange(16)
+  want = parallel.index_keys(5, 3, indices)
+  for n in (1, 8):
+    keys = parallel.sharded_index_keys(5, 3, indices, parallel.make_mesh(jax.devices()[:n]))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys)), want)
+  # Each row folds its own index: a sub-range has the same keys as those rows of the whole.
+  np.testing.assert_array_equal(parallel.index_keys(5, 3, indices[4:9]), want[4:9])
+  assert len({tuple(k) for k in want}) == len(want)
+  assert not np.array_equal(parallel.index_keys(5, 4, indices), want)
 
 
 def test_progressive_and_interpolate_grids(workdir):

@@ -379,18 +379,29 @@ def _np_conv3x3_grads(x, w, g):
   return g_xpad[:, 1:-1, 1:-1], g_w
 
 
-@pytest.mark.parametrize("dtype,tol", [
+@pytest.mark.parametrize("dtype,tol,shape", [
     # float32: sums of <= 90 products of O(1) terms, rounding ~1e-7 each; 2e-5 of the largest
     # value leaves a wide margin while any wrong tap, flip or transpose is an O(1) error.
-    (jnp.float32, 2e-5),
+    (jnp.float32, 2e-5, (2, 5, 6, 3, 4)),
     # bfloat16 inputs (8-bit mantissa, ~4e-3 relative each) with float32 accumulation.
-    (jnp.bfloat16, 3e-2),
+    (jnp.bfloat16, 3e-2, (2, 5, 6, 3, 4)),
+    # float64 (reference runs) must stay float64 throughout: rounding ~1e-16.
+    (jnp.float64, 1e-12, (2, 5, 6, 3, 4)),
+    # A layer of the size the U-Net sends through it on CPU (12288 positions): kernel-gradient
+    # sums of 12288 products, float32 rounding ~1e-7 * sqrt(12288) ~ 1e-5 relative.
+    (jnp.float32, 5e-5, (3, 64, 64, 2, 3)),
 ])
-def test_conv3x3_dot_wgrad_matches_numpy_float64(dtype, tol):
+def test_conv3x3_dot_wgrad_matches_numpy_float64(dtype, tol, shape):
+  with jax.enable_x64(dtype == jnp.float64):
+    _check_conv3x3_dot_wgrad(dtype, tol, shape)
+
+
+def _check_conv3x3_dot_wgrad(dtype, tol, shape):
+  b, h, wd, c, o = shape
   rng = np.random.default_rng(8)
-  x = rng.standard_normal((2, 5, 6, 3))
-  w = rng.standard_normal((3, 3, 3, 4))
-  g = rng.standard_normal((2, 5, 6, 4))
+  x = rng.standard_normal((b, h, wd, c))
+  w = rng.standard_normal((3, 3, c, o))
+  g = rng.standard_normal((b, h, wd, o))
   out, vjp = jax.vjp(unet_lib.conv3x3_dot_wgrad, jnp.asarray(x, dtype), jnp.asarray(w, dtype))
   g_x, g_w = vjp(jnp.asarray(g, dtype))
   assert out.dtype == g_x.dtype == g_w.dtype == dtype

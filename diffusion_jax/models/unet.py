@@ -96,9 +96,10 @@ def _conv3x3_bwd(precision, res, g_BxHxWxO):
   g_x = jax.vjp(lambda x: _conv_nhwc(x, w, precision), x)[1](g_BxHxWxO)[0]
   x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   g_NxO = g_BxHxWxO.reshape(b * h * wd, o)
+  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 runs
   taps = [lax.dot_general(x_pad[:, i:i + h, j:j + wd, :].reshape(b * h * wd, c), g_NxO,
                           (((0,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=acc_dtype)
           for i in range(3) for j in range(3)]
   g_w = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
   return g_x, g_w
