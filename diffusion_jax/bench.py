@@ -71,7 +71,7 @@ def profile_summary(trace_dir: str, top: int = 15) -> list[str]:
   except ImportError:
     return [f"trace written to {paths[-1]} (open it in TensorBoard or Perfetto)"]
   profile = _profile_data.ProfileData.from_file(paths[-1])
-  totals: dict[str, float] = {}
+  kinds: dict[str, float] = {}
   for plane in profile.planes:
     if not plane.name.startswith(("/host:CPU", "/device:")):
       continue
@@ -82,14 +82,11 @@ def profile_summary(trace_dir: str, top: int = 15) -> list[str]:
       for event in line.events:
         if "::" in event.name:  # executor and thread-pool spans that enclose the ops
           continue
-        totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns / 1e9
-  if not totals:
+        # Numbered instances (convolution.12, ynn_fusion.3) count towards their kind.
+        kind = event.name.split(".")[0].split(":")[0]
+        kinds[kind] = kinds.get(kind, 0.0) + event.duration_ns / 1e9
+  if not kinds:
     return [f"trace written to {paths[-1]}; it holds no XLA op events"]
-  # Group numbered instances (convolution.12, ynn_fusion.3) by their kind.
-  kinds: dict[str, float] = {}
-  for name, secs in totals.items():
-    kind = name.split(".")[0].split(":")[0]
-    kinds[kind] = kinds.get(kind, 0.0) + secs
   whole = sum(kinds.values())
   lines = [f"profile: {paths[-1]} ({whole:.2f} s in XLA ops, summed over threads)"]
   for kind, secs in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]:

@@ -80,7 +80,7 @@ def conv3x3_dot_wgrad(x_BxHxWxC, w_3x3xCxO, precision=None):
 
   The value and the input gradient are XLA's; the kernel gradient sums the same products
   (sum over b, h, w of x_pad[b, h+i, w+j, c] * g[b, h, w, o] for each tap (i, j)) as one
-  [B*H*W, C]^T [B*H*W, O] product per tap, accumulated in float32.
+  [B*H*W, C]^T [B*H*W, O] product per tap, accumulated in float32 (float64 for float64 inputs).
   """
   return _conv_nhwc(x_BxHxWxC, w_3x3xCxO, precision)
 
