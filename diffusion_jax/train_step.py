@@ -151,15 +151,20 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
   keys = example_keys(jax.random.wrap_key_data(rng), state.step, positions)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, sched=sched,
                                                  diffusion_kw=diffusion_kw))
+  # Differentiate with respect to a per-device ('varying') copy of the replicated parameters.
+  # The gradient with respect to the replicated (unvarying) parameters themselves would come
+  # back already summed over the mesh (the transpose of their implicit broadcast), N times the
+  # mean; the local gradient is averaged explicitly, once per step, below.
+  local_params = jax.lax.pcast(state.params, (parallel.DATA_AXIS,), to="varying")
   if grad_accum_steps == 1:
-    loss, grads = grad_fn(state.params, images_BxHxWxC, keys)
+    loss, grads = grad_fn(local_params, images_BxHxWxC, keys)
   else:
     micro = local_batch // grad_accum_steps
     images = images_BxHxWxC.reshape((grad_accum_steps, micro) + images_BxHxWxC.shape[1:])
     keys = keys.reshape((grad_accum_steps, micro))
 
     def accumulate(carry, xs):
-      loss_i, grads_i = grad_fn(state.params, *xs)
+      loss_i, grads_i = grad_fn(local_params, *xs)
       return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
 
     # The sums differ per device until the pmean below, hence 'varying' along the mesh axis.
@@ -169,6 +174,8 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
     (loss, grads), _ = jax.lax.scan(accumulate, zeros, (images, keys))
     loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
 
+  # Every device holds the same number of rows, so the mean of the local means is the mean
+  # over the global batch.
   loss, grads = jax.lax.pmean((loss, grads), parallel.DATA_AXIS)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
