@@ -26,6 +26,8 @@ def eval_defaults() -> ml_collections.ConfigDict:
       inception_weights="",  # .npz made by diffusion_jax.metrics.convert_inception
       inception_size=299,    # input size of the Inception network (pytorch-fid: 299)
       is_splits=10,
+      digits_classifier_dir="",  # dataset 'digits': classifier cache ('' = WORKDIR/eval)
+      digits_confidence=0.9,     # probability a digit label needs to count as confident
       watch=False,           # evaluate every new checkpoint until training ends
       watch_poll_s=60.0,
       watch_timeout_s=3600.0,

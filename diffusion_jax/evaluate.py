@@ -8,7 +8,9 @@ Every mode reads the EMA parameters of a checkpoint in WORKDIR/checkpoints (the 
                `index` int64 [n], each image's global example index) and process 0 a PNG grid.
   eval         FID against train- and test-set statistics, Inception Score (10 splits) and
                bits/dim of a split, into WORKDIR/eval/<step>.json and TensorBoard; for one step,
-               or for every new checkpoint while training runs (`eval.watch`).
+               or for every new checkpoint while training runs (`eval.watch`). For dataset
+               'digits', the measures of metrics/digits.py (a small classifier trained here)
+               take the place of FID and IS, so no Inception weights are needed.
   progressive  a grid of the x_0 predictions along the sampling chain.
   interpolate  a grid of interpolations between pairs of dataset images.
 
@@ -418,24 +420,38 @@ def _to_rgb(images):
   return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_size: int):
-  """Inception (pool, logits) of samples 0 .. num_samples-1, the same on every process."""
+def _sample_batches(sampler: Sampler, settings, batch_size: int):
+  """Yields the global batches of samples 0 .. num_samples-1 (float in [-1, 1], on device),
+  printing progress; the last batch runs past num_samples."""
   fn = sampler.sample_fn(settings.ddim_steps, settings.ddim_eta)
-  to_images = jax.jit(lambda x: _to_rgb(jnp.clip(jnp.round((x + 1.0) * 127.5), 0.0, 255.0)))
-  pools, logits = [], []
   t0 = time.time()
   for start in range(0, settings.num_samples, batch_size):
     indices = np.arange(start, start + batch_size)
     keys = parallel.sharded_index_keys(settings.seed, _SAMPLE_STREAM, indices, sampler.mesh)
-    pool, logit = parallel.fetch(inception_fn(variables, to_images(fn(sampler.params, keys))))
-    pools.append(pool)
-    logits.append(logit)
+    yield fn(sampler.params, keys)
     if jax.process_index() == 0:
       done = min(start + batch_size, settings.num_samples)
       print(f"eval: {done}/{settings.num_samples} samples "
             f"({done / max(time.time() - t0, 1e-9):.2f} images/s)", flush=True)
+
+
+def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_size: int):
+  """Inception (pool, logits) of samples 0 .. num_samples-1, the same on every process."""
+  to_images = jax.jit(lambda x: _to_rgb(jnp.clip(jnp.round((x + 1.0) * 127.5), 0.0, 255.0)))
+  pools, logits = [], []
+  for samples in _sample_batches(sampler, settings, batch_size):
+    pool, logit = parallel.fetch(inception_fn(variables, to_images(samples)))
+    pools.append(pool)
+    logits.append(logit)
   n = settings.num_samples
   return np.concatenate(pools)[:n], np.concatenate(logits)[:n]
+
+
+def sample_images(sampler: Sampler, settings, batch_size: int) -> np.ndarray:
+  """Samples 0 .. num_samples-1 as uint8 [num_samples, H, W, C], the same on every process."""
+  images = [train.to_uint8(parallel.fetch(samples))
+            for samples in _sample_batches(sampler, settings, batch_size)]
+  return np.concatenate(images)[:settings.num_samples]
 
 
 def real_features(config, split: str, inception_fn, variables, mesh, batch_size: int,
@@ -474,54 +490,82 @@ def reference_statistics(config, settings, split: str, workdir: str, inception_f
   return mu, sigma
 
 
-def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -> dict:
-  """FID (train and test statistics), Inception Score and bits/dim of one checkpoint.
+def inception_metrics(config, settings, workdir: str, sampler: Sampler, batch: int) -> dict:
+  """FID against each of `eval.fid_splits` and the Inception Score of the samples."""
+  from diffusion_jax.metrics import fid  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
+  variables = parallel.replicate(inception.load_inception_params(settings.inception_weights),
+                                 sampler.mesh)
+  inception_fn = make_inception_fn(sampler.mesh, settings.inception_size)
+  pools, logits = sample_features(sampler, inception_fn, variables, settings, batch)
+  is_mean, is_std = fid.inception_score(logits, num_splits=settings.is_splits)
+  metrics = {"inception_score": is_mean, "inception_score_std": is_std}
+  mu, sigma = fid.compute_statistics(pools)
+  for split in settings.fid_splits:
+    ref_mu, ref_sigma = reference_statistics(config, settings, split, workdir, inception_fn,
+                                             variables, sampler.mesh, batch)
+    metrics[f"fid_{split}"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  return metrics
 
-  Writes WORKDIR/eval/<step>.json (atomically) and TensorBoard scalars under WORKDIR/eval.
+
+def digits_metrics(config, settings, workdir: str, sampler: Sampler, batch: int) -> dict:
+  """The digits classifier's measures of the samples (metrics/digits.py), keys `digits_*`;
+  the classifier is trained on first use and cached in `eval.digits_classifier_dir`."""
+  from diffusion_jax.metrics import digits  # pylint: disable=g-import-not-at-top
+  cache_dir = settings.digits_classifier_dir or os.fspath(epath.Path(workdir) / "eval")
+  classifier = digits.load_classifier(
+      cache_dir, digits.ClassifierSettings(image_size=config.data.image_size))
+  images = sample_images(sampler, settings, batch)
+  got = digits.quality(images, classifier, confidence=settings.digits_confidence,
+                       seed=settings.seed)
+  got["class_counts"] = [int(c) for c in got["class_counts"]]
+  got.pop("num_images")  # reported as num_samples
+  return {f"digits_{k}": v for k, v in got.items()}
+
+
+def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -> dict:
+  """Sample quality and bits/dim of one checkpoint.
+
+  Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
+  'digits' the `digits_*` measures of `digits_metrics`. Writes WORKDIR/eval/<step>.json
+  (atomically) and TensorBoard scalars under WORKDIR/eval.
 
   Returns:
     the metrics dict.
   """
-  from diffusion_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   settings = eval_settings(config)
-  if not settings.inception_weights:
+  is_digits = config.data.dataset == "digits"
+  if not is_digits and not settings.inception_weights:
     raise FileNotFoundError(
         "--mode eval needs the FID Inception weights: set --config.eval.inception_weights="
         "PATH.npz. " + inception._missing_weights_message("PATH.npz"))  # pylint: disable=protected-access
-  variables_host = inception.load_inception_params(settings.inception_weights)
   sampler = Sampler(load(workdir, config, step=step), mesh=mesh)
   mesh = sampler.mesh
   batch = _batch_size(settings, mesh)
-  variables = parallel.replicate(variables_host, mesh)
-  inception_fn = make_inception_fn(mesh, settings.inception_size)
   t0 = time.time()
-  pools, logits = sample_features(sampler, inception_fn, variables, settings, batch)
-  is_mean, is_std = fid.inception_score(logits, num_splits=settings.is_splits)
-  metrics = {"inception_score": is_mean, "inception_score_std": is_std,
-             "num_samples": int(settings.num_samples)}
-  mu, sigma = fid.compute_statistics(pools)
-  for split in settings.fid_splits:
-    ref_mu, ref_sigma = reference_statistics(config, settings, split, workdir, inception_fn,
-                                             variables, mesh, batch)
-    metrics[f"fid_{split}"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  quality_fn = digits_metrics if is_digits else inception_metrics
+  metrics = quality_fn(config, settings, workdir, sampler, batch)
+  metrics["num_samples"] = int(settings.num_samples)
   if settings.bpd_split:
     bpd = bits_per_dim(config, sampler.params, mesh, settings.bpd_split, seed=settings.seed,
                        batch_size=batch, max_examples=settings.bpd_max_examples)
     metrics.update({f"{k}_{settings.bpd_split}": v for k, v in bpd.items()})
   metrics["eval_seconds"] = time.time() - t0
-  metrics = {k: (float(v) if not isinstance(v, int) else v) for k, v in metrics.items()}
+  metrics = {k: (float(v) if not isinstance(v, (int, list)) else v) for k, v in metrics.items()}
   if jax.process_index() == 0:
     eval_dir = epath.Path(workdir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = eval_dir / f"{sampler.step}.json.tmp"
     tmp.write_text(json.dumps({"step": sampler.step, **metrics}, indent=2, sort_keys=True))
     tmp.replace(eval_dir / f"{sampler.step}.json")
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     log = train.MetricsLog(os.fspath(eval_dir), enabled=True)
-    log.scalars(sampler.step, {f"eval/{k}": v for k, v in metrics.items()})
+    log.scalars(sampler.step, {f"eval/{k}": v for k, v in scalars.items()})
     log.close()
-    print(f"eval step {sampler.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-          flush=True)
+    shown = lambda v: str(v).replace(" ", "") if isinstance(v, list) else f"{v:.4g}"
+    print(f"eval step {sampler.step}: "
+          + ", ".join(f"{k}={shown(v)}" for k, v in metrics.items()), flush=True)
   return metrics
 
 

@@ -16,7 +16,8 @@ Sources (all random access, no TensorFlow needed):
   * tfds datasets through `tfds.data_source` (ArrayRecord files): `cifar10`, `celeb_a_hq/256`,
     `lsun/bedroom`, `lsun/church_outdoor`, `lsun/cat`;
   * `folder`: every .png/.jpg/.jpeg under `data.image_dir` (center-cropped to a square, resized);
-  * `digits`: scikit-learn's 8x8 handwritten digits, in memory, resized to `data.image_size`.
+  * `digits`: scikit-learn's 8x8 handwritten digits, in memory, resized to `data.image_size`;
+    split 'train' is the first 1,500 in sklearn's order, 'test' the last 297.
 """
 from __future__ import annotations
 
@@ -147,15 +148,47 @@ def _image_files(directory):
   return out
 
 
+# sklearn's order, split once: the last 297 digits (all 10 classes, 27 to 33 each) are held out.
+DIGITS_SPLITS = {"train": slice(0, 1500), "test": slice(1500, 1797)}
+
+
+def check_digits_split(split: str) -> None:
+  """Raises ValueError naming the allowed splits of dataset 'digits'."""
+  if split not in DIGITS_SPLITS:
+    raise ValueError(f"unknown split {split!r} for dataset 'digits'; allowed: "
+                     f"{', '.join(DIGITS_SPLITS)}")
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_native() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()  # images float64 [1797, 8, 8] in 0..16
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  return images, digits.target.astype(np.int64)
+
+
 @functools.lru_cache(maxsize=4)
 def load_digits(image_size: int) -> np.ndarray:
   """scikit-learn's 1,797 digits (values 0..16, 8x8) as uint8 [N, size, size, 1] in 0..255."""
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  images = datasets.load_digits().images  # float64 [1797, 8, 8], 0..16
-  images = np.round(images * (255.0 / 16.0)).astype(np.uint8)
+  images, _ = _digits_native()
   out = [np.asarray(Image.fromarray(im).resize((image_size, image_size),
                                                Image.Resampling.BILINEAR)) for im in images]
   return np.stack(out)[..., None]
+
+
+def digits_split(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """One split of the digits, as training and evaluation read it.
+
+  Args:
+    split: 'train' (the first 1,500 in sklearn's order) or 'test' (the last 297).
+    image_size: side of the returned images (bilinear from the native 8x8).
+
+  Returns:
+    (images uint8 [n, size, size, 1] in 0..255, labels int64 [n] in 0..9).
+  """
+  check_digits_split(split)
+  part = DIGITS_SPLITS[split]
+  return load_digits(image_size)[part], _digits_native()[1][part]
 
 
 def make_source(data_config):
@@ -172,7 +205,7 @@ def make_source(data_config):
   if name == "digits":
     if data_config.channels != 1:
       raise ValueError("dataset 'digits' is grayscale: set data.channels = 1")
-    return ArraySource(load_digits(data_config.image_size))
+    return ArraySource(digits_split(data_config.split, data_config.image_size)[0])
   if name == "folder":
     return FolderSource(data_config.image_dir, data_config.image_size, data_config.channels)
   if data_config.channels != 3:

@@ -216,3 +216,34 @@ def test_command_line_sample_mode(workdir):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0
   assert "no checkpoint for step 99" in bad.stderr
+
+
+def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(tmp_path):
+  config = config_lib.load_config("configs/digits.py")
+  config.diffusion.num_timesteps = 10
+  config.model.ch_mult = (1,)
+  config.eval.update(dict(batch_size=8, num_samples=16, bpd_max_examples=16, seed=1))
+  assert not config.eval.inception_weights
+  model = train.make_model(config)
+  params = jax.jit(lambda k: model.init(k, np.zeros((1, 16, 16, 1), np.float32),
+                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
+  saver = checkpoints.Checkpointer(os.fspath(tmp_path / "checkpoints"), async_save=False)
+  saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": params},
+             config.to_dict())
+  saver.close()
+  results = evaluate.run_eval(config, os.fspath(tmp_path))
+  written = json.loads((tmp_path / "eval" / f"{STEP}.json").read_text())
+  assert results[STEP]["digits_class_counts"] == written["digits_class_counts"]
+  assert written["num_samples"] == 16 and sum(written["digits_class_counts"]) == 16
+  assert len(written["digits_class_counts"]) == 10
+  assert written["digits_num_train_real"] == 16
+  for key in ("digits_confident", "digits_not_a_digit"):
+    assert 0.0 <= written[key] <= 1.0, key
+  assert written["digits_confident_test_real"] >= 0.9
+  for key in ("digits_frechet_test", "digits_frechet_train_real", "digits_frechet_noise",
+              "bpd_test", "prior_bpd_test", "terms_bpd_test"):
+    assert np.isfinite(written[key]), key
+  assert written["digits_frechet_train_real"] < written["digits_frechet_noise"]
+  assert written["num_examples_test"] == 16
+  assert not any(key.startswith(("fid", "inception")) for key in written)
+  assert len(list((tmp_path / "eval").glob("digits_classifier_*.npz"))) == 1

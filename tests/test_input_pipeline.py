@@ -71,12 +71,44 @@ def test_cifar10_through_tfds_data_source_mock():
   assert batch.shape == (4, 8, 8, 3) and batch.dtype == np.uint8
 
 
-def test_digits_source():
+def test_digits_source_reads_the_train_split():
   config = load_config("digits")
+  assert config.data.split == "train"
   source = input_pipeline.make_source(config.data)
-  assert len(source) == 1797
+  assert len(source) == 1500
   image = source[0]
   assert image.shape == (16, 16, 1) and image.dtype == np.uint8 and image.max() > 200
+  config.data.split = "test"
+  test = input_pipeline.make_source(config.data)
+  assert len(test) == 297
+  np.testing.assert_array_equal(test[0], input_pipeline.load_digits(16)[1500])
+
+
+def test_digits_splits_are_disjoint_and_hold_every_class():
+  train_images, train_labels = input_pipeline.digits_split("train", 8)
+  test_images, test_labels = input_pipeline.digits_split("test", 8)
+  assert (len(train_images), len(test_images)) == (1500, 297)
+  assert len(train_labels) == 1500 and len(test_labels) == 297
+  from sklearn import datasets  # the labels are sklearn's, in sklearn's order
+  np.testing.assert_array_equal(np.concatenate([train_labels, test_labels]),
+                                datasets.load_digits().target)
+  assert set(train_labels) == set(test_labels) == set(range(10))
+  assert min(np.bincount(test_labels)) >= 20
+  # No test image is a copy of a training image (sklearn's digits hold no duplicates).
+  train_rows = {im.tobytes() for im in train_images}
+  assert not any(im.tobytes() in train_rows for im in test_images)
+  # The native size is the 0..16 data scaled to 0..255, unchanged by the resize.
+  np.testing.assert_array_equal(
+      test_images[..., 0], np.round(datasets.load_digits().images[1500:] * 255 / 16))
+
+
+def test_digits_unknown_split_lists_allowed():
+  config = load_config("digits")
+  config.data.split = "validation"
+  with pytest.raises(ValueError, match="'validation'.*allowed: train, test"):
+    input_pipeline.make_source(config.data)
+  with pytest.raises(ValueError, match="allowed: train, test"):
+    input_pipeline.digits_split("all", 16)
 
 
 def test_folder_source_center_crops_and_resizes(tmp_path):

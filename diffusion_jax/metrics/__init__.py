@@ -1,4 +1,5 @@
-"""Sample-quality metrics: the FID Inception network (inception.py) and FID / IS (fid.py)."""
+"""Sample-quality metrics: the FID Inception network (inception.py), FID / IS (fid.py) and the
+offline measures of the digits demo (digits.py, imported on its own)."""
 from diffusion_jax.metrics.fid import (
     compute_statistics,
     fid_from_features,
