@@ -39,6 +39,7 @@ from diffusion_jax import config_lib
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
+from diffusion_jax import progress as progress_lib
 from diffusion_jax import sampling
 from diffusion_jax import train
 
@@ -232,17 +233,10 @@ def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
   sampler = Sampler(load(workdir, config, step=step))
   batch = _batch_size(settings, sampler.mesh)
   out_dir = epath.Path(workdir) / "samples" / str(sampler.step)
-  t0 = time.time()
-
-  def progress(done):
-    if jax.process_index() == 0:
-      done = min(done, settings.num_samples)
-      rate = done / max(time.time() - t0, 1e-9)
-      print(f"sampled {done}/{settings.num_samples} ({rate:.2f} images/s)", flush=True)
-
+  progress = progress_lib.Progress("sample", settings.num_samples, unit="images")
   images, index = generate(sampler, settings.num_samples, batch, seed=settings.seed,
                            ddim_steps=settings.ddim_steps, eta=settings.ddim_eta,
-                           on_batch=progress)
+                           on_batch=progress.update)
   _atomic_savez(out_dir / f"samples_{jax.process_index()}.npz", images=images, index=index)
   if jax.process_index() == 0:
     grid = train.image_grid(images[:64])
@@ -276,10 +270,12 @@ def split_source(config, split: str):
   return input_pipeline.make_source(data)
 
 
-def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0):
+def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0, *,
+                  label: str = ""):
   """Every example of a split (or the first max_examples) once, in global batches.
 
   The last batch is padded with copies of example 0, for the caller to drop with `valid`.
+  With a `label`, a progress line counts the examples the caller has finished with.
 
   Yields:
     (indices [batch_size], valid bool [batch_size], uint8 images [batch_size, H, W, C] split
@@ -288,11 +284,14 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
   source = split_source(config, split)
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
   rows = parallel.host_rows(mesh, batch_size)
+  progress = progress_lib.Progress(label, num, unit="images") if label else None
   for start in range(0, num, batch_size):
     indices = np.arange(start, start + batch_size)
     valid = indices < num
     local = np.stack([source[int(i)] for i in np.where(valid, indices, 0)[rows]])
     yield indices, valid, parallel.global_batch(local, mesh, batch_size)
+    if progress is not None:
+      progress.update(start + batch_size)
 
 
 def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int,
@@ -302,7 +301,8 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
   fn = make_bpd_fn(config, train.make_model(config), train.make_schedule(config), mesh)
   sums = np.zeros(3, np.float64)
   num = 0
-  for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples):
+  for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples,
+                                              label=f"bits/dim ({split})"):
     num += int(valid.sum())
     keys = parallel.sharded_index_keys(seed, _BPD_STREAM, indices, mesh)
     total, prior, terms = parallel.fetch(fn(params, images, keys))
@@ -424,15 +424,14 @@ def _sample_batches(sampler: Sampler, settings, batch_size: int):
   """Yields the global batches of samples 0 .. num_samples-1 (float in [-1, 1], on device),
   printing progress; the last batch runs past num_samples."""
   fn = sampler.sample_fn(settings.ddim_steps, settings.ddim_eta)
-  t0 = time.time()
+  progress = progress_lib.Progress("eval: samples", settings.num_samples, unit="images")
   for start in range(0, settings.num_samples, batch_size):
     indices = np.arange(start, start + batch_size)
     keys = parallel.sharded_index_keys(settings.seed, _SAMPLE_STREAM, indices, sampler.mesh)
-    yield fn(sampler.params, keys)
-    if jax.process_index() == 0:
-      done = min(start + batch_size, settings.num_samples)
-      print(f"eval: {done}/{settings.num_samples} samples "
-            f"({done / max(time.time() - t0, 1e-9):.2f} images/s)", flush=True)
+    samples = fn(sampler.params, keys)
+    yield samples
+    jax.block_until_ready(samples)
+    progress.update(start + batch_size)
 
 
 def sample_features(sampler: Sampler, inception_fn, variables, settings, batch_size: int):
@@ -458,7 +457,8 @@ def real_features(config, split: str, inception_fn, variables, mesh, batch_size:
                   max_examples: int = 0) -> np.ndarray:
   """Inception pool features of a dataset split (every example, or the first max_examples)."""
   pools = []
-  for _, valid, images in split_batches(config, split, mesh, batch_size, max_examples):
+  for _, valid, images in split_batches(config, split, mesh, batch_size, max_examples,
+                                        label=f"Inception features ({split})"):
     pool, _ = parallel.fetch(inception_fn(variables, _to_rgb(images)))
     pools.append(pool[valid])
   return np.concatenate(pools)

@@ -47,9 +47,10 @@ def mock_cifar():
   return tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-def test_sample_mode_writes_this_process_share_and_is_device_count_independent(workdir):
+def test_sample_mode_writes_this_process_share_and_is_device_count_independent(workdir, capsys):
   config, path, _ = workdir
   out_dir = evaluate.run_sample(config, os.fspath(path))
+  assert "sample: 10/10 images (" in capsys.readouterr().out  # the last progress line
   assert out_dir == path / "samples" / str(STEP)
   with np.load(out_dir / "samples_0.npz") as f:
     images, index = f["images"], f["index"]
@@ -79,7 +80,7 @@ def test_notebook_api_reads_the_saved_config(workdir):
   assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
 
 
-def test_bits_per_dim_is_an_exact_average_over_the_split(workdir):
+def test_bits_per_dim_is_an_exact_average_over_the_split(workdir, capsys):
   config, path, ema = workdir
   mesh = parallel.make_mesh()
   params = parallel.replicate(ema, mesh)
@@ -89,6 +90,7 @@ def test_bits_per_dim_is_an_exact_average_over_the_split(workdir):
     source = evaluate.split_source(config, "test")
     images = np.stack([source[i] for i in range(10)]).astype(np.float32) / 127.5 - 1.0
   assert got["num_examples"] == 10
+  assert "bits/dim (test): 10/10 images (" in capsys.readouterr().out
   # Independently: all 10 examples in one batch on one device, with the same per-example keys.
   model, sched = train.make_model(config), train.make_schedule(config)
   keys = jax.random.wrap_key_data(parallel.index_keys(3, evaluate._BPD_STREAM, np.arange(10)))
