@@ -30,6 +30,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_checks
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
@@ -51,19 +52,30 @@ _GRID_STREAM = 3
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     workdir: str | None = None) -> None:
-  """Raises ValueError (or PermissionError) with what to change, before anything compiles."""
-  input_pipeline.check_dataset(config.data.dataset)
-  diffusion.check_types(**diffusion_kwargs(config))
+  """Raises ConfigError (a ValueError) or PermissionError with what to change, before anything
+  compiles: every number's type and range (`config_checks.RULES`), then the dataset, the
+  diffusion types, the U-Net's geometry and the batch split, each problem reported at once."""
+  config_checks.check(config, mode="train")
+  problems = []
+
+  def collect(check, *args, **kwargs):
+    try:
+      check(*args, **kwargs)
+    except ValueError as e:
+      problems.append(str(e))
+
+  collect(input_pipeline.check_dataset, config.data.dataset)
+  collect(diffusion.check_types, **diffusion_kwargs(config))
   if config.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}")
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
-  parallel.check_batch_size(config.train.batch_size, num_devices,
-                            config.optim.grad_accum_steps)
-  if config.sample.ddim_steps > config.diffusion.num_timesteps:
-    raise ValueError(f"sample.ddim_steps={config.sample.ddim_steps} exceeds "
-                     f"diffusion.num_timesteps={config.diffusion.num_timesteps}")
+    problems.append(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "
+                    f"--config.model.dtype={' or '.join(DTYPES)}")
+  collect(unet.check_config, image_size=config.data.image_size,
+          ch_mult=tuple(config.model.ch_mult),
+          attn_resolutions=tuple(config.model.attn_resolutions),
+          block_size=config.model.block_size, ch=config.model.ch)
+  collect(parallel.check_batch_size, config.train.batch_size, num_devices,
+          config.optim.grad_accum_steps)
+  config_checks.raise_if_any(problems)
   if workdir is not None:
     check_workdir(workdir)
 
