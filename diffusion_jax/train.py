@@ -438,7 +438,11 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
 
 def summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
+  config_checks.check(config, mode="summary")
+  try:
+    unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
+                      attn_resolutions=tuple(config.model.attn_resolutions),
+                      block_size=config.model.block_size, ch=config.model.ch)
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from e
   return unet.summary(make_model(config), config.data.image_size, config.data.channels)

@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
@@ -152,8 +153,52 @@ def test_command_line_reports_config_errors():
   cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
          "--workdir=/tmp/unused", "--config.data.dataset=imagenet"]
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   assert "unknown dataset 'imagenet'" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/test.py", "--config.train.log_every=0"],
+     "error: train.log_every=0 must be an integer >= 1: set --config.train.log_every=N"),
+    (["--config=configs/test.py", "--config.optim.lr=-1", "--config.train.keep_checkpoints=0"],
+     "error: 2 config problems:\n  optim.lr=-1.0 must be"),
+    (["--config=configs/missing.py"], "error: config file 'configs/missing.py' not found"),
+    (["--config=configs/test.py", "--config.optim.lrr=1"],
+     "error: --config.optim.lrr: the config has no field 'optim.lrr'; did you mean "
+     "--config.optim.lr?"),
+    (["--config=configs/test.py:var_type=big"], "var_type='big' is not one of"),
+    (["--config=configs/test.py", "--config.train.num_steps=1.5"],
+     "error: flag --config.train.num_steps=1.5: invalid literal for int()"),
+    (["--config=configs/test.py", "--workdir=/dev/null/run"], "error: cannot write to --workdir"),
+])
+def test_command_line_user_errors_exit_2_without_a_traceback(tmp_path, args, message):
+  if not any(a.startswith("--workdir") for a in args):
+    args = args + [f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.main", *args], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) <= 3, proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_command_line_keyboard_interrupt_exits_130_without_a_traceback():
+  script = textwrap.dedent("""
+      import sys
+      from absl import app
+      from diffusion_jax import main
+
+      def interrupted(config):
+        raise KeyboardInterrupt
+      main.MODES["summary"] = interrupted
+      sys.argv = ["main", "--config=configs/test.py", "--mode=summary"]
+      app.run(main.main, flags_parser=main.parse_flags)
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == ["Interrupted (SIGINT); stopped without saving"]
 
 
 def test_kill_9_then_restart_continues_exactly(tmp_path):
