@@ -16,7 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
 
 _WORKER = textwrap.dedent("""
-    import os, sys
+    import os, signal, sys
+    # A shell starts background jobs with SIGINT ignored; the tests send it on purpose.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import jax
     jax.config.update("jax_num_cpu_devices", int(os.environ["NUM_CPU_DEVICES"]))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -105,24 +107,46 @@ def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   assert steps == [3, 5]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
+def _read_until(proc, prefix, timeout=240):
+  """Lines of the process's output up to and including the first starting with `prefix`."""
   lines = []
-  deadline = time.time() + 240
+  deadline = time.time() + timeout
   while time.time() < deadline:
     line = proc.stdout.readline()
     if not line:
       break
     lines.append(line)
-    if line.startswith("step 2/"):
-      proc.send_signal(signal.SIGTERM)
+    if line.startswith(prefix):
       break
+  return lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, signum):
+  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
+  lines = _read_until(proc, "step 2/")
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=120)
   out = "".join(lines) + out
   assert proc.returncode == 0, out[-4000:]
-  assert "Stopping at step" in out and "SIGTERM" in out
+  assert "Stopping at step" in out and signum.name in out
+  assert "Traceback" not in out
   steps = [int(p.name) for p in (tmp_path / "work/checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_sigterm_while_compiling_stops_before_the_first_step(tmp_path):
+  # An empty compile cache: the step compiles for seconds after the start-up line is printed.
+  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CACHE=tmp_path / "cache")
+  lines = _read_until(proc, "8 devices on 1 host(s)")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  out = "".join(lines) + out
+  assert proc.returncode == 0, out[-4000:]
+  assert "Stopped by SIGTERM before the first step; nothing new to save" in out, out[-4000:]
+  assert "Traceback" not in out and "step 1/" not in out
+  checkpoints = tmp_path / "work/checkpoints"
+  assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
 def test_command_line_digits_run_writes_grid_and_profile(tmp_path):
