@@ -39,4 +39,5 @@ def get_config(arg=None):
   config.train.sample_every = 600
   config.sample.num_samples = 64
   config.sample.ddim_steps = 0    # ancestral sampling over all 200 steps.
+  config.eval.interp_t = 100      # halfway, as the original's 500 of 1000.
   return config

@@ -26,4 +26,5 @@ def get_config(arg=None):
   config.train.compile_cache_dir = ""
   config.sample.num_samples = 8
   config.sample.ddim_steps = 5
+  config.eval.interp_t = 50
   return config

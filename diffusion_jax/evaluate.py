@@ -35,6 +35,7 @@ from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_checks
 from diffusion_jax import config_lib
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
@@ -229,6 +230,7 @@ def generate(sampler: Sampler, num_samples: int, batch_size: int, *, seed: int,
 
 def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """`--mode sample`: writes WORKDIR/samples/<step>/samples_<process>.npz and grid.png."""
+  config_checks.check(config, mode="sample")
   settings = eval_settings(config)
   sampler = Sampler(load(workdir, config, step=step))
   batch = _batch_size(settings, sampler.mesh)
@@ -317,6 +319,7 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
 def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
   t = T - freq down to 0), then the sample."""
+  config_checks.check(config, mode="progressive")
   settings = eval_settings(config)
   loaded = load(workdir, config, step=step)
   mesh = parallel.make_mesh()
@@ -342,6 +345,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam."""
+  config_checks.check(config, mode="interpolate")
   settings = eval_settings(config)
   loaded = load(workdir, config, step=step)
   mesh = parallel.make_mesh()
@@ -350,7 +354,7 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   source = split_source(config, settings.bpd_split)
   lams = np.linspace(0.0, 1.0, settings.interp_steps)
   pairs = settings.interp_pairs
-  t_mix = min(int(settings.interp_t), sched.num_timesteps - 1)
+  t_mix = settings.interp_t
   firsts = np.stack([source[2 * i] for i in range(pairs)])
   seconds = np.stack([source[2 * i + 1] for i in range(pairs)])
   # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
@@ -579,6 +583,7 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   Returns:
     {step: metrics} of what was evaluated.
   """
+  config_checks.check(config, mode="eval")
   settings = eval_settings(config)
   if not settings.watch:
     loaded_step = load_step(workdir, step)

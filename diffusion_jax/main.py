@@ -7,12 +7,18 @@ Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell
       --config.optim.lr=1e-4 --workdir gs://bucket/cifar10
   python -m diffusion_jax.main --config configs/cifar10.py --mode summary
 """
+import difflib
+import os
 import pathlib
+import re
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from diffusion_jax import config_checks
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "digits.py"
 
@@ -59,7 +65,104 @@ MODES = {"train": _train, "summary": _summary,
          **{name: _evaluation(name) for name in ("sample", "eval", "progressive", "interpolate")}}
 
 
+# Mistakes in what was asked for: reported in one line, without a traceback, with exit code 2.
+# Anything else is a bug and keeps its traceback.
+_USER_ERRORS = (config_checks.ConfigError, FileNotFoundError, PermissionError, app.UsageError)
+USAGE_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def _exit_with_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def _config_spec(argv) -> str:
+  """The --config value on the command line (the default config when absent)."""
+  for i, arg in enumerate(argv):
+    match = re.fullmatch(r"--?config(?:=(.*))?", arg)
+    if match:
+      return match.group(1) if match.group(1) is not None else argv[i + 1]
+  return str(_DEFAULT_CONFIG)
+
+
+def _unknown_field_message(argv) -> str | None:
+  """Names the first `--config.a.b=...` override whose field the config lacks (None: none)."""
+  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(_config_spec(argv))
+  for arg in argv:
+    match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    if not match:
+      continue
+    node, parents = config, []
+    for name in match.group(1).split("."):
+      if not hasattr(node, "keys") or name not in node:
+        where = ".".join(parents)
+        fields = sorted(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = (f"did you mean --config.{'.'.join(parents + close)}? " if close else "")
+        return (f"--config.{match.group(1)}: the config has no field "
+                f"{'.'.join(parents + [name])!r}; {hint}fields of "
+                f"{where or 'the config'}: {', '.join(fields)}")
+      node = node[name]
+      parents.append(name)
+  return None
+
+
+def _flag_error_message(error: Exception, argv) -> str | None:
+  """One or a few lines for a mistake in the flags; None when `error` looks like a bug."""
+  if isinstance(error, flags.Error):
+    message = str(error)
+    if "Traceback (most recent call last)" in message:
+      # A config file's get_config raised: keep the flag and the exception's own last line.
+      flag = message.split(": Error whilst parsing config file", 1)[0]
+      last = [line for line in message.splitlines() if line.strip()][-1].strip()
+      message = f"{flag}: {last}"
+    return message
+  if isinstance(error, OSError):  # config_flags reports an unloadable file on first use
+    spec = _config_spec(argv)
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+      return (f"config file {path!r} not found (relative paths start at {os.getcwd()}); pass "
+              f"--config=PATH.py, e.g. --config=configs/digits.py from the repository root")
+    cause = error.__cause__ or error
+    return f"cannot load --config={spec}: {cause}"
+  if isinstance(error, (AttributeError, KeyError)):  # a misspelled --config.a.b override
+    try:
+      return _unknown_field_message(argv)
+    except Exception:  # pylint: disable=broad-except
+      return None
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with mistakes in the flags reported as one `error:` line, exit 2.
+
+  absl itself exits with code 1 and, for a config file or a `--config.x` override, a
+  traceback; a wrapper script cannot tell those from a crash.
+  """
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises only on first use
+  except Exception as e:  # pylint: disable=broad-except
+    message = _flag_error_message(e, argv)
+    if message is None:
+      raise
+    _exit_with_error(message)
+  return rest
+
+
 def main(argv):
+  try:
+    _run(argv)
+  except KeyboardInterrupt:
+    print("Interrupted (SIGINT); stopped without saving", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT_CODE)
+  except _USER_ERRORS as e:
+    _exit_with_error(str(e))
+
+
+def _run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
@@ -71,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -30,6 +30,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_checks
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
@@ -51,19 +52,30 @@ _GRID_STREAM = 3
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int,
                     workdir: str | None = None) -> None:
-  """Raises ValueError (or PermissionError) with what to change, before anything compiles."""
-  input_pipeline.check_dataset(config.data.dataset)
-  diffusion.check_types(**diffusion_kwargs(config))
+  """Raises ConfigError (a ValueError) or PermissionError with what to change, before anything
+  compiles: every number's type and range (`config_checks.RULES`), then the dataset, the
+  diffusion types, the U-Net's geometry and the batch split, each problem reported at once."""
+  config_checks.check(config, mode="train")
+  problems = []
+
+  def collect(check, *args, **kwargs):
+    try:
+      check(*args, **kwargs)
+    except ValueError as e:
+      problems.append(str(e))
+
+  collect(input_pipeline.check_dataset, config.data.dataset)
+  collect(diffusion.check_types, **diffusion_kwargs(config))
   if config.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}")
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
-  parallel.check_batch_size(config.train.batch_size, num_devices,
-                            config.optim.grad_accum_steps)
-  if config.sample.ddim_steps > config.diffusion.num_timesteps:
-    raise ValueError(f"sample.ddim_steps={config.sample.ddim_steps} exceeds "
-                     f"diffusion.num_timesteps={config.diffusion.num_timesteps}")
+    problems.append(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "
+                    f"--config.model.dtype={' or '.join(DTYPES)}")
+  collect(unet.check_config, image_size=config.data.image_size,
+          ch_mult=tuple(config.model.ch_mult),
+          attn_resolutions=tuple(config.model.attn_resolutions),
+          block_size=config.model.block_size, ch=config.model.ch)
+  collect(parallel.check_batch_size, config.train.batch_size, num_devices,
+          config.optim.grad_accum_steps)
+  config_checks.raise_if_any(problems)
   if workdir is not None:
     check_workdir(workdir)
 
@@ -205,28 +217,50 @@ def _format_time(seconds: float) -> str:
 # The loop.
 
 class _StopRequest:
-  """Turns SIGTERM into a request to checkpoint and stop (agreed on by every process)."""
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop after the current step, agreed on
+  by every process. A second SIGINT aborts at once, as users expect of Ctrl-C."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._installed = False
+    self.signal_name: str | None = None  # the first signal this process received
+    self._previous = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  @property
+  def reason(self) -> str:
+    return self.signal_name or "a stop request to another process"
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-      self._installed = True
-    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler.
-      pass
+    for signum in self.SIGNALS:
+      try:
+        previous = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook kernels): no handler.
+        continue
+      if previous is signal.SIG_IGN:  # e.g. SIGINT of a background job: keep ignoring it
+        signal.signal(signum, previous)
+        continue
+      self._previous[signum] = signal.SIG_DFL if previous is None else previous
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    name = signal.Signals(signum).name
+    self.signal_name = self.signal_name or name
+    again = ""
+    if signum == signal.SIGINT:
+      signal.signal(signum, self._previous[signum])  # the next Ctrl-C is not caught here
+      again = "; press Ctrl-C again to abort without saving"
+    # os.write, not print: the handler may run in the middle of a print to the same stream.
+    os.write(2, f"{name} received: stopping before the next step{again}\n".encode())
 
   def __exit__(self, *exc):
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def should_stop(self, step: int) -> bool:
     if jax.process_count() == 1:
@@ -280,9 +314,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     the final train state.
 
   Raises:
-    ValueError / PermissionError: a config or workdir problem, before anything compiles.
+    ConfigError (a ValueError) / PermissionError: a config or workdir problem, before anything
+      compiles.
     FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+
+  SIGTERM or SIGINT (Ctrl-C) stops the run after the current step with a checkpoint; before the
+  first step (while restoring or compiling) it stops without one. A second SIGINT aborts.
   """
+  with _StopRequest() as stop:
+    return _train(config, workdir, devices, stop)
+
+
+def _train(config, workdir, devices, stop: _StopRequest) -> TrainState:
+  """`train_and_evaluate` with its stop request installed."""
   mesh = parallel.make_mesh(devices)
   num_devices = mesh.devices.size
   validate_config(config, num_devices, workdir)
@@ -311,9 +355,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f"{global_batch}; {unet.count_params(state.params):,} parameters; "
           f"{len(source):,} training images; steps {start_step} -> {num_steps}", flush=True)
 
-  p_train_step = make_train_step(config, model, sched, optimizer, mesh)
-  sample_fn = make_sample_fn(config, model, sched, mesh) if config.train.sample_every else None
+
+  def stopped_before_training() -> bool:
+    if not stop.should_stop(start_step):
+      return False
+    ckpt.close()
+    if is_main:
+      print(f"Stopped by {stop.reason} before the first step; nothing new to save", flush=True)
+    return True
+
+  if stopped_before_training():
+    return state
   rng = parallel.replicate(train_rng(config), mesh)
+  p_train_step = make_train_step(config, model, sched, optimizer, mesh)
+  if start_step < num_steps:
+    # Compiled now rather than on the first call, so that a stop requested while it compiles
+    # (minutes for the large models) ends the run before any step.
+    size, channels = config.data.image_size, config.data.channels
+    images_spec = jax.ShapeDtypeStruct((global_batch, size, size, channels), np.uint8,
+                                       sharding=parallel.batch_sharding(mesh))
+    p_train_step = p_train_step.lower(state, images_spec, rng).compile()
+    if stopped_before_training():
+      return state
+  sample_fn = make_sample_fn(config, model, sched, mesh) if config.train.sample_every else None
   log = MetricsLog(workdir, enabled=is_main)
   config_dict = json.loads(config.to_json_best_effort())
   lr_fn = learning_rate_schedule(config)
@@ -360,40 +424,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f"ETA {_format_time(eta)}  (elapsed {_format_time(now - t_start)})", flush=True)
 
   try:
-    with _StopRequest() as stop:
-      while step < num_steps:
-        if step == config.train.profile_start and is_main:
-          jax.profiler.start_trace(str(workdir_path / "profile"))
-          profiling = True
-        batch_step, local = next(batches)
-        assert batch_step == step, (batch_step, step)
-        images = parallel.global_batch(local, mesh, global_batch)
-        state, metrics = p_train_step(state, images, rng)
-        pending.add(step, metrics)
-        step += 1
-        steps_window += 1
-        if profiling and step >= config.train.profile_start + config.train.profile_steps:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
-          profiling = False
+    while step < num_steps:
+      if step == config.train.profile_start and is_main:
+        jax.profiler.start_trace(str(workdir_path / "profile"))
+        profiling = True
+      batch_step, local = next(batches)
+      assert batch_step == step, (batch_step, step)
+      images = parallel.global_batch(local, mesh, global_batch)
+      state, metrics = p_train_step(state, images, rng)
+      pending.add(step, metrics)
+      step += 1
+      steps_window += 1
+      if profiling and step >= config.train.profile_start + config.train.profile_steps:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        profiling = False
 
-        stop_now = stop.should_stop(step)
-        over_time = (config.train.time_limit_s > 0
-                     and time.time() - t_start > config.train.time_limit_s)
-        last = step == num_steps or stop_now or over_time
-        if step % config.train.log_every == 0 or last:
-          check_finite_and_log(step)
-        if step % config.train.checkpoint_every == 0 or last:
-          check_finite_and_log(step)
-          ckpt.save(step, state.to_dict(), config_dict)
-          last_saved = step
-        if sample_fn is not None and (step % config.train.sample_every == 0 or last):
-          write_samples(config, sample_fn, state.ema_params, mesh, step, workdir_path, log)
-        if stop_now or over_time:
-          if is_main:
-            print(f"Stopping at step {step} ({'SIGTERM' if stop_now else 'time limit'}); "
-                  f"checkpoint saved", flush=True)
-          break
+      stop_now = stop.should_stop(step)
+      over_time = (config.train.time_limit_s > 0
+                   and time.time() - t_start > config.train.time_limit_s)
+      last = step == num_steps or stop_now or over_time
+      if step % config.train.log_every == 0 or last:
+        check_finite_and_log(step)
+      if step % config.train.checkpoint_every == 0 or last:
+        check_finite_and_log(step)
+        ckpt.save(step, state.to_dict(), config_dict)
+        last_saved = step
+      if sample_fn is not None and (step % config.train.sample_every == 0 or last):
+        write_samples(config, sample_fn, state.ema_params, mesh, step, workdir_path, log)
+      if stop_now or over_time:
+        if is_main:
+          print(f"Stopping at step {step} ({stop.reason if stop_now else 'time limit'}); "
+                f"checkpoint saved", flush=True)
+        break
   finally:
     if profiling:
       jax.profiler.stop_trace()
@@ -426,7 +489,11 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
 
 def summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
+  config_checks.check(config, mode="summary")
+  try:
+    unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
+                      attn_resolutions=tuple(config.model.attn_resolutions),
+                      block_size=config.model.block_size, ch=config.model.ch)
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from e
   return unet.summary(make_model(config), config.data.image_size, config.data.channels)

@@ -10,12 +10,15 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
 
 _WORKER = textwrap.dedent("""
-    import os, sys
+    import os, signal, sys
+    # A shell starts background jobs with SIGINT ignored; the tests send it on purpose.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import jax
     jax.config.update("jax_num_cpu_devices", int(os.environ["NUM_CPU_DEVICES"]))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -104,24 +107,46 @@ def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   assert steps == [3, 5]
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
-  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
+def _read_until(proc, prefix, timeout=240):
+  """Lines of the process's output up to and including the first starting with `prefix`."""
   lines = []
-  deadline = time.time() + 240
+  deadline = time.time() + timeout
   while time.time() < deadline:
     line = proc.stdout.readline()
     if not line:
       break
     lines.append(line)
-    if line.startswith("step 2/"):
-      proc.send_signal(signal.SIGTERM)
+    if line.startswith(prefix):
       break
+  return lines
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, signum):
+  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
+  lines = _read_until(proc, "step 2/")
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=120)
   out = "".join(lines) + out
   assert proc.returncode == 0, out[-4000:]
-  assert "Stopping at step" in out and "SIGTERM" in out
+  assert "Stopping at step" in out and signum.name in out
+  assert "Traceback" not in out
   steps = [int(p.name) for p in (tmp_path / "work/checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_sigterm_while_compiling_stops_before_the_first_step(tmp_path):
+  # An empty compile cache: the step compiles for seconds after the start-up line is printed.
+  (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CACHE=tmp_path / "cache")
+  lines = _read_until(proc, "8 devices on 1 host(s)")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  out = "".join(lines) + out
+  assert proc.returncode == 0, out[-4000:]
+  assert "Stopped by SIGTERM before the first step; nothing new to save" in out, out[-4000:]
+  assert "Traceback" not in out and "step 1/" not in out
+  checkpoints = tmp_path / "work/checkpoints"
+  assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
 def test_command_line_digits_run_writes_grid_and_profile(tmp_path):
@@ -152,8 +177,52 @@ def test_command_line_reports_config_errors():
   cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
          "--workdir=/tmp/unused", "--config.data.dataset=imagenet"]
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   assert "unknown dataset 'imagenet'" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/test.py", "--config.train.log_every=0"],
+     "error: train.log_every=0 must be an integer >= 1: set --config.train.log_every=N"),
+    (["--config=configs/test.py", "--config.optim.lr=-1", "--config.train.keep_checkpoints=0"],
+     "error: 2 config problems:\n  optim.lr=-1.0 must be"),
+    (["--config=configs/missing.py"], "error: config file 'configs/missing.py' not found"),
+    (["--config=configs/test.py", "--config.optim.lrr=1"],
+     "error: --config.optim.lrr: the config has no field 'optim.lrr'; did you mean "
+     "--config.optim.lr?"),
+    (["--config=configs/test.py:var_type=big"], "var_type='big' is not one of"),
+    (["--config=configs/test.py", "--config.train.num_steps=1.5"],
+     "error: flag --config.train.num_steps=1.5: invalid literal for int()"),
+    (["--config=configs/test.py", "--workdir=/dev/null/run"], "error: cannot write to --workdir"),
+])
+def test_command_line_user_errors_exit_2_without_a_traceback(tmp_path, args, message):
+  if not any(a.startswith("--workdir") for a in args):
+    args = args + [f"--workdir={tmp_path / 'run'}"]
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.main", *args], cwd=ROOT,
+                        env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) <= 3, proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_command_line_keyboard_interrupt_exits_130_without_a_traceback():
+  script = textwrap.dedent("""
+      import sys
+      from absl import app
+      from diffusion_jax import main
+
+      def interrupted(config):
+        raise KeyboardInterrupt
+      main.MODES["summary"] = interrupted
+      sys.argv = ["main", "--config=configs/test.py", "--mode=summary"]
+      app.run(main.main, flags_parser=main.parse_flags)
+  """)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines() == ["Interrupted (SIGINT); stopped without saving"]
 
 
 def test_kill_9_then_restart_continues_exactly(tmp_path):

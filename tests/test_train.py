@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from diffusion_jax import checkpoints
+from diffusion_jax import config_checks
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
@@ -220,7 +221,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(straight, tmp_path
   config = load_config()
   config.train.num_steps = 8
   config.train.checkpoint_every = 1
-  config.optim.lr = float("nan")
+  config.optim.lr = 1e38  # a valid value whose updates overflow the parameter norm
   with pytest.raises(FloatingPointError, match=r"non-finite .* at step 4.*checkpoints/4"):
     run(config, tmp_path)
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
@@ -243,6 +244,19 @@ def test_config_errors_before_compiling(field, value, match):
   config[section][key] = value
   with pytest.raises(ValueError, match=match):
     train.validate_config(config, 8)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optim.lr", 0.0), ("optim.lr", -1.0), ("train.checkpoint_every", 0),
+    ("train.log_every", 0), ("optim.grad_accum_steps", 0), ("train.keep_checkpoints", 0),
+])
+def test_bad_values_stop_training_before_anything_runs(field, value, tmp_path):
+  config = load_config()
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises(config_checks.ConfigError, match=f"{field}={value} must be"):
+    run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_learned_variance_needs_kl():

@@ -1,0 +1,189 @@
+"""The config value rules: every numeric field has one, shipped configs pass, bad values fail."""
+import pathlib
+
+import pytest
+
+from diffusion_jax import config_checks
+from diffusion_jax import config_lib
+from diffusion_jax import evaluate
+from diffusion_jax import train
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parent.parent / "configs")
+                 .glob("*.py"))
+
+
+def load_config(name="test"):
+  return config_lib.load_config(f"configs/{name}.py")
+
+
+def numeric_leaves(tree, prefix=""):
+  """Dotted names of the int/float leaves (not bools) and tuples holding numbers."""
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      yield from numeric_leaves(value, path + ".")
+    elif isinstance(value, (tuple, list)):
+      if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        yield path
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      yield path
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_numeric_field_has_a_rule(name):
+  tree = load_config(name).to_dict()
+  tree["eval"] = dict(config_lib.eval_defaults().to_dict(), **tree.get("eval", {}))
+  ruled = {rule.path for rule in config_checks.RULES}
+  missing = sorted(set(numeric_leaves(tree)) - ruled)
+  assert not missing, f"add a Rule to config_checks.RULES for {missing}"
+
+
+def test_every_rule_names_a_field():
+  tree = load_config("default").to_dict()
+  for rule in config_checks.RULES:
+    node = tree
+    for name in rule.path.split("."):
+      node = node[name]
+    for bound in (rule.low, rule.high):
+      if isinstance(bound, str):
+        assert bound.split(".")[0] in tree, bound
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("mode", config_checks.MODES)
+def test_shipped_configs_pass(name, mode):
+  config_checks.check(load_config(name), mode)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_pass_training_checks(name):
+  train.validate_config(load_config(name), 8)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("optim.warmup_steps", 0), ("optim.grad_clip", 0.0), ("optim.ema_decay", 0.0),
+    ("optim.b1", 0.0), ("train.sample_every", 0), ("train.time_limit_s", 0.0),
+    ("train.profile_start", -1), ("sample.ddim_steps", 0), ("sample.ddim_steps", 100),
+    ("diffusion.beta_start", 0.02), ("data.channels", 1), ("seed", 2**32 - 1),
+])
+def test_edge_values_pass(field, value):
+  config = load_config()
+  section, key = field.rsplit(".", 1) if "." in field else (None, field)
+  (config[section] if section else config)[key] = value
+  config_checks.check(config, "train")
+
+
+def test_unused_betas_are_not_checked():
+  config = load_config()
+  config.diffusion.beta_schedule = "cosine"
+  config.diffusion.beta_start = 0.0
+  config.diffusion.beta_end = 5.0
+  config_checks.check(config, "train")
+  config.diffusion.beta_schedule = "const"
+  with pytest.raises(config_checks.ConfigError, match="diffusion.beta_end=5.0"):
+    config_checks.check(config, "train")
+
+
+# Refused by training (train.validate_config, hence train_and_evaluate before compiling).
+TRAIN_REFUSED = [
+    ("seed", -1), ("seed", 2**32),
+    ("data.image_size", 0), ("data.channels", 2), ("data.num_workers", 0), ("data.prefetch", 0),
+    ("model.ch", 0), ("model.ch_mult", (1, 0)), ("model.num_res_blocks", 0),
+    ("model.attn_resolutions", (0,)), ("model.dropout", 1.0), ("model.dropout", -0.1),
+    ("model.block_size", 0),
+    ("diffusion.beta_start", 0.0), ("diffusion.beta_start", 0.03), ("diffusion.beta_end", 1.0),
+    ("diffusion.num_timesteps", 1), ("diffusion.num_timesteps", 0),
+    ("optim.lr", 0.0), ("optim.lr", -1.0), ("optim.lr", float("nan")), ("optim.lr", float("inf")),
+    ("optim.warmup_steps", -1), ("optim.grad_clip", -1.0), ("optim.b1", 1.0),
+    ("optim.b1", -0.1), ("optim.b2", 1.0), ("optim.eps", 0.0), ("optim.ema_decay", 1.0),
+    ("optim.ema_decay", -0.5), ("optim.grad_accum_steps", 0),
+    ("train.batch_size", 0), ("train.num_steps", 0), ("train.log_every", 0),
+    ("train.checkpoint_every", 0), ("train.keep_checkpoints", 0), ("train.sample_every", -1),
+    ("train.time_limit_s", -1.0), ("train.profile_start", -2), ("train.profile_steps", 0),
+    ("sample.num_samples", 0), ("sample.ddim_steps", -1), ("sample.ddim_steps", 101),
+]
+
+
+@pytest.mark.parametrize("field,value", TRAIN_REFUSED)
+def test_training_refuses(field, value):
+  config = load_config()
+  section, key = field.rsplit(".", 1) if "." in field else (None, field)
+  (config[section] if section else config)[key] = value
+  with pytest.raises(config_checks.ConfigError) as info:
+    train.validate_config(config, 8)
+  message = str(info.value)
+  assert f"{field}={value}" in message and f"set --config.{field}=" in message
+
+
+# Refused by the evaluation mode that uses the field, before it reads a checkpoint.
+EVAL_REFUSED = [
+    ("sample", "batch_size", 0), ("sample", "num_samples", 0), ("sample", "ddim_steps", -1),
+    ("sample", "ddim_steps", 101), ("sample", "ddim_eta", -0.5), ("sample", "seed", -1),
+    ("eval", "bpd_max_examples", -1), ("eval", "fid_max_real", -1),
+    ("eval", "inception_size", 74), ("eval", "is_splits", 0), ("eval", "is_splits", 51),
+    ("eval", "watch_poll_s", 0.0), ("eval", "watch_timeout_s", 0.0),
+    ("progressive", "progressive_freq", 0), ("progressive", "progressive_freq", 101),
+    ("progressive", "progressive_num", 0),
+    ("interpolate", "interp_t", -1), ("interpolate", "interp_t", 100),
+    ("interpolate", "interp_pairs", 0), ("interpolate", "interp_steps", 1),
+]
+
+
+@pytest.mark.parametrize("mode,key,value", EVAL_REFUSED)
+def test_evaluation_modes_refuse(mode, key, value, tmp_path):
+  config = load_config()
+  config.eval.num_samples = 50
+  config.eval[key] = value
+  with pytest.raises(config_checks.ConfigError, match=f"eval.{key}={value} must be"):
+    getattr(evaluate, f"run_{mode}")(config, str(tmp_path / "no_run"))
+
+
+def test_a_cross_field_range_is_checked_only_where_it_is_used():
+  config = load_config()
+  config.eval.num_samples = 3     # fewer than eval.is_splits: only --mode eval needs them
+  config.eval.interp_t = 500      # >= T: only --mode interpolate uses it
+  for mode in ("train", "sample", "progressive"):
+    config_checks.check(config, mode)
+  with pytest.raises(config_checks.ConfigError, match="eval.is_splits=10"):
+    config_checks.check(config, "eval")
+  with pytest.raises(config_checks.ConfigError, match="eval.interp_t=500"):
+    config_checks.check(config, "interpolate")
+
+
+def test_types():
+  tree = load_config().to_dict()  # a plain dict: no ConfigDict type checks on assignment
+  tree["seed"] = True
+  tree["train"]["num_steps"] = 1.5
+  tree["optim"]["lr"] = "big"
+  tree["model"]["ch_mult"] = (1, 2.0)
+  got = config_checks.problems(tree, "train")
+  assert [m.split("=")[0] for m in got] == ["seed", "model.ch_mult", "optim.lr",
+                                            "train.num_steps"]
+  assert "optim.lr='big' must be a finite number > 0" in got[2]
+
+
+def test_messages_name_field_value_range_and_flag_and_are_collected():
+  config = load_config()
+  config.train.log_every = 0
+  config.optim.b2 = 1.0
+  with pytest.raises(config_checks.ConfigError) as info:
+    train.validate_config(config, 8)
+  lines = str(info.value).splitlines()
+  assert lines[0] == "2 config problems:"
+  assert lines[1].strip() == ("optim.b2=1.0 must be a finite number in [0, 1): "
+                              "set --config.optim.b2=X")
+  assert lines[2].strip() == "train.log_every=0 must be an integer >= 1: " \
+                             "set --config.train.log_every=N"
+
+
+def test_structural_problems_are_collected_too():
+  config = load_config()
+  config.data.dataset = "imagenet"
+  config.model.dtype = "float16"
+  with pytest.raises(config_checks.ConfigError, match="(?s)imagenet.*float16"):
+    train.validate_config(config, 8)
+
+
+def test_unknown_mode():
+  with pytest.raises(ValueError, match="unknown mode"):
+    config_checks.check(load_config(), "fit")
