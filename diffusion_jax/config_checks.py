@@ -105,6 +105,7 @@ RULES = (
     Rule("eval.bpd_max_examples", "int", 0, note="0 = the whole split"),
     Rule("eval.fid_max_real", "int", 0, note="0 = the whole split"),
     Rule("eval.inception_size", "int", 75),  # the Inception network's smallest input
+    Rule("eval.digits_confidence", "float", 0, 1, low_open=True),
     Rule("eval.is_splits", "int", 1, "eval.num_samples", modes=("eval",)),
     Rule("eval.watch_poll_s", "float", 0, low_open=True),
     Rule("eval.watch_timeout_s", "float", 0, low_open=True),
