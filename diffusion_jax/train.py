@@ -34,6 +34,7 @@ from diffusion_jax import config_checks
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
+from diffusion_jax.progress import format_duration
 from diffusion_jax.models import unet
 # The pure step pieces live in train_step.py (importable without TensorFlow); re-exported here.
 from diffusion_jax.train_step import (  # pylint: disable=unused-import
@@ -208,11 +209,6 @@ class MetricsLog:
       self._writer.close()
 
 
-def _format_time(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -355,7 +351,6 @@ def _train(config, workdir, devices, stop: _StopRequest) -> TrainState:
           f"{global_batch}; {unet.count_params(state.params):,} parameters; "
           f"{len(source):,} training images; steps {start_step} -> {num_steps}", flush=True)
 
-
   def stopped_before_training() -> bool:
     if not stop.should_stop(start_step):
       return False
@@ -421,7 +416,8 @@ def _train(config, workdir, devices, stop: _StopRequest) -> TrainState:
         eta = min(eta, config.train.time_limit_s - (now - t_start))
       print(f"step {s + 1}/{num_steps}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  "
             f"{steps_per_s:.2f} steps/s  {steps_per_s * global_batch:.1f} images/s  "
-            f"ETA {_format_time(eta)}  (elapsed {_format_time(now - t_start)})", flush=True)
+            f"ETA {format_duration(eta)}  (elapsed {format_duration(now - t_start)})",
+            flush=True)
 
   try:
     while step < num_steps:
