@@ -227,7 +227,8 @@ def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(t
   config.eval.update(dict(batch_size=8, num_samples=16, bpd_max_examples=16, seed=1))
   assert not config.eval.inception_weights
   model = train.make_model(config)
-  params = jax.jit(lambda k: model.init(k, np.zeros((1, 16, 16, 1), np.float32),
+  size = config.data.image_size
+  params = jax.jit(lambda k: model.init(k, np.zeros((1, size, size, 1), np.float32),
                                         np.zeros((1,), np.int32))["params"])(jax.random.key(0))
   saver = checkpoints.Checkpointer(os.fspath(tmp_path / "checkpoints"), async_save=False)
   saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": params},

@@ -76,12 +76,12 @@ def test_digits_source_reads_the_train_split():
   assert config.data.split == "train"
   source = input_pipeline.make_source(config.data)
   assert len(source) == 1500
-  image = source[0]
-  assert image.shape == (16, 16, 1) and image.dtype == np.uint8 and image.max() > 200
+  image, size = source[0], config.data.image_size
+  assert image.shape == (size, size, 1) and image.dtype == np.uint8 and image.max() > 200
   config.data.split = "test"
   test = input_pipeline.make_source(config.data)
   assert len(test) == 297
-  np.testing.assert_array_equal(test[0], input_pipeline.load_digits(16)[1500])
+  np.testing.assert_array_equal(test[0], input_pipeline.load_digits(size)[1500])
 
 
 def test_digits_splits_are_disjoint_and_hold_every_class():
