@@ -259,6 +259,16 @@ def test_bad_values_stop_training_before_anything_runs(field, value, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_digits_demo_trains_a_fixed_step_budget_and_samples_what_a_cpu_can():
+  """The demo's default depends on no clock: the same number of steps on every machine."""
+  config = load_config("digits")
+  assert config.train.time_limit_s == 0 and config.train.num_steps == 12_000
+  assert config.data.split == "train"
+  assert config.eval.num_samples <= 1000 and config.eval.interp_t < config.diffusion.num_timesteps
+  limited = load_config("digits", "time_limit_s=60,num_steps=500")
+  assert limited.train.time_limit_s == 60.0 and limited.train.num_steps == 500
+
+
 def test_learned_variance_needs_kl():
   config = load_config()
   config.diffusion.var_type = "learned"
