@@ -25,20 +25,19 @@ SVC: 95.3%), but the MLP gives the distance a small, fixed feature space and run
 matrix products in NumPy. Its weights are cached in an .npz named by a hash of the training
 settings (and the sklearn version), so no pickle is needed and a changed setting retrains.
 
-Measured at 16x16 with the default settings (training takes ~15 s on a small CPU):
-  * test accuracy 92.3% (93.3% on the native 8x8): the last 297 of sklearn's order are
-    harder than the first 1,500 (an RBF SVC and 3-NN also stay at ~95% on them);
-  * confident share of real test images 0.936; of uniform noise images 0.0 (all 'not a digit');
-  * distance to the test split (`distance_spread`, 40 draws each): N real train images
-    3.96 +- 0.84 at N = 250, 3.25 +- 0.51 at 500, 3.12 +- 0.26 at 1,000 (relative spread 21%,
-    16%, 8.4%); N noise images ~763 at every N.
-  So use >= 1,000 samples (eval.num_samples) for a spread below 10% of the real-vs-test
-  distance. That spread comes from subsets of the 1,500 train images drawn without
-  replacement, which overlap at large N and understate it; drawn with replacement (which
-  overstates it) the spread is 0.46 at N = 1,000 (14%). Differences between models below ~1
-  are noise; a model far from the data shows distances in the tens or hundreds, where the
-  relative spread is small. The test split's own 297 images are a fixed part of the
-  reference and not in this spread.
+Measured (docs/digits.md has the tables; training the classifier takes ~15 s on a small CPU):
+  * at 8x8 (the demo's size): test accuracy 91.9%, confident share of real test images 0.960;
+    distance of N real train images to the test split 7.6 (N = 250), 6.2 (500), 6.0 (1,000),
+    spread over 40 draws 21%, 16%, 7.8% (drawn with replacement: 19%, 19%, 14%); noise ~1,092;
+  * at 16x16: test accuracy 92.3% (the last 297 of sklearn's order are harder than the first
+    1,500: an RBF SVC and 3-NN also stay at ~95% on them), confident share of real test images
+    0.936; real train distance 3.96 +- 0.84 (N = 250), 3.25 +- 0.51 (500), 3.12 +- 0.26
+    (1,000); noise ~763; uniform noise images are all 'not a digit' at both sizes.
+  So use >= 1,000 samples (eval.num_samples): the spread is then near 10% of the real-vs-test
+  distance. Subsets of the 1,500 train images drawn without replacement overlap at large N and
+  understate the spread; drawn with replacement they overstate it. Differences between models
+  below ~1 are noise; a model far from the data shows distances in the tens or hundreds. The
+  test split's own 297 images are a fixed part of the reference and not in this spread.
 """
 from __future__ import annotations
 
