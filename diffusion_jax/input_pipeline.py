@@ -200,17 +200,26 @@ def make_source(data_config):
   Returns:
     an object with `len()` and `source[i] -> uint8 [image_size, image_size, channels]`.
   """
+  check_data_config(data_config)
+  name = data_config.dataset
+  if name == "digits":
+    return ArraySource(digits_split(data_config.split, data_config.image_size)[0])
+  if name == "folder":
+    return FolderSource(data_config.image_dir, data_config.image_size, data_config.channels)
+  return TfdsSource(name, data_config.split, data_config.data_dir, data_config.image_size)
+
+
+def check_data_config(data_config) -> None:
+  """Raises ValueError, saying what to set, for a dataset the data config cannot read as given:
+  an unknown dataset, a channel count the dataset does not have, an unknown digits split."""
   name = data_config.dataset
   check_dataset(name)
   if name == "digits":
     if data_config.channels != 1:
-      raise ValueError("dataset 'digits' is grayscale: set data.channels = 1")
-    return ArraySource(digits_split(data_config.split, data_config.image_size)[0])
-  if name == "folder":
-    return FolderSource(data_config.image_dir, data_config.image_size, data_config.channels)
-  if data_config.channels != 3:
-    raise ValueError(f"dataset {name!r} has 3 channels; set data.channels = 3")
-  return TfdsSource(name, data_config.split, data_config.data_dir, data_config.image_size)
+      raise ValueError("dataset 'digits' is grayscale: set --config.data.channels=1")
+    check_digits_split(data_config.split)
+  elif name != "folder" and data_config.channels != 3:
+    raise ValueError(f"dataset {name!r} has 3 channels: set --config.data.channels=3")
 
 
 @functools.lru_cache(maxsize=2)

@@ -65,7 +65,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
     except ValueError as e:
       problems.append(str(e))
 
-  collect(input_pipeline.check_dataset, config.data.dataset)
+  collect(input_pipeline.check_data_config, config.data)
   collect(diffusion.check_types, **diffusion_kwargs(config))
   if config.model.dtype not in DTYPES:
     problems.append(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "

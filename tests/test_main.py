@@ -194,6 +194,8 @@ def test_command_line_reports_config_errors():
     (["--config=configs/test.py", "--config.train.num_steps=1.5"],
      "error: flag --config.train.num_steps=1.5: invalid literal for int()"),
     (["--config=configs/test.py", "--workdir=/dev/null/run"], "error: cannot write to --workdir"),
+    (["--config=configs/digits.py", "--config.data.channels=3", "--config.data.split=val"],
+     "error: dataset 'digits' is grayscale: set --config.data.channels=1"),
 ])
 def test_command_line_user_errors_exit_2_without_a_traceback(tmp_path, args, message):
   if not any(a.startswith("--workdir") for a in args):
