@@ -70,15 +70,19 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int,
   if config.model.dtype not in DTYPES:
     problems.append(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "
                     f"--config.model.dtype={' or '.join(DTYPES)}")
-  collect(unet.check_config, image_size=config.data.image_size,
-          ch_mult=tuple(config.model.ch_mult),
-          attn_resolutions=tuple(config.model.attn_resolutions),
-          block_size=config.model.block_size, ch=config.model.ch)
+  collect(_check_unet, config)
   collect(parallel.check_batch_size, config.train.batch_size, num_devices,
           config.optim.grad_accum_steps)
   config_checks.raise_if_any(problems)
   if workdir is not None:
     check_workdir(workdir)
+
+
+def _check_unet(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless the config's U-Net fits its image size."""
+  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
+                    attn_resolutions=tuple(config.model.attn_resolutions),
+                    block_size=config.model.block_size, ch=config.model.ch)
 
 
 def check_workdir(workdir: str) -> None:
@@ -487,9 +491,7 @@ def summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
   config_checks.check(config, mode="summary")
   try:
-    unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                      attn_resolutions=tuple(config.model.attn_resolutions),
-                      block_size=config.model.block_size, ch=config.model.ch)
+    _check_unet(config)
   except ValueError as e:
     raise config_checks.ConfigError(str(e)) from e
   return unet.summary(make_model(config), config.data.image_size, config.data.channels)

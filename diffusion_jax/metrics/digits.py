@@ -209,7 +209,12 @@ def load_classifier(cache_dir, settings: ClassifierSettings = ClassifierSettings
   return classifier
 
 
-def _distance_to(classifier: Classifier, reference_stats):
+def _distance_to_test(classifier: Classifier, image_size: int):
+  """f(images) -> the Frechet distance of their hidden features to the test split's (brought
+  through `image_size` like the images)."""
+  test_images, _ = input_pipeline.digits_split("test", image_size)
+  reference_stats = fid.compute_statistics(classifier.hidden(to_native(test_images)))
+
   def distance(images) -> float:
     mu, sigma = fid.compute_statistics(classifier.hidden(to_native(images)))
     with warnings.catch_warnings():
@@ -248,8 +253,7 @@ def quality(images, classifier: Classifier, *, confidence: float = CONFIDENCE,
   n, size = images.shape[0], images.shape[1]
   test_images, _ = input_pipeline.digits_split("test", size)
   train_images, _ = input_pipeline.digits_split("train", size)
-  distance = _distance_to(
-      classifier, fid.compute_statistics(classifier.hidden(to_native(test_images))))
+  distance = _distance_to_test(classifier, size)
   probs = classifier.probabilities(to_native(images))
   test_probs = classifier.probabilities(to_native(test_images))
   digit_probs = probs[:, :NUM_CLASSES]
@@ -287,10 +291,8 @@ def distance_spread(classifier: Classifier, counts, *, image_size: int = 16,
     {N: {'mean', 'std', 'relative_std'} of the real train distance over the subsets, and
     'noise_mean' of the noise distance}.
   """
-  test_images, _ = input_pipeline.digits_split("test", image_size)
   train_images, _ = input_pipeline.digits_split("train", image_size)
-  distance = _distance_to(
-      classifier, fid.compute_statistics(classifier.hidden(to_native(test_images))))
+  distance = _distance_to_test(classifier, image_size)
   out = {}
   for num in counts:
     rng = np.random.default_rng([seed, num])
