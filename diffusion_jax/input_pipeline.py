@@ -211,9 +211,17 @@ def make_source(data_config):
 
 def check_data_config(data_config) -> None:
   """Raises ValueError, saying what to set, for a dataset the data config cannot read as given:
-  an unknown dataset, a channel count the dataset does not have, an unknown digits split."""
+  an unknown dataset, a channel count the dataset does not have, an unknown digits split, a
+  tfds data_dir in an object store."""
   name = data_config.dataset
   check_dataset(name)
+  data_dir = data_config.get("data_dir") or ""
+  if name not in ("digits", "folder") and "://" in data_dir:
+    raise ValueError(
+        f"data.data_dir={data_dir!r}: tfds datasets are read by index from ArrayRecord files, "
+        f"whose reader opens local files only. Copy the prepared dataset onto each host's disk "
+        f"(launch/prepare_data.sh --data-dir {data_dir} --steps workers copies it into "
+        f"~/tensorflow_datasets) and leave --config.data.data_dir='' or set it to that folder")
   if name == "digits":
     if data_config.channels != 1:
       raise ValueError("dataset 'digits' is grayscale: set --config.data.channels=1")

@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import config_checks
+from diffusion_jax import workdir_lock
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "digits.py"
 
@@ -67,7 +68,8 @@ MODES = {"train": _train, "summary": _summary,
 
 # Mistakes in what was asked for: reported in one line, without a traceback, with exit code 2.
 # Anything else is a bug and keeps its traceback.
-_USER_ERRORS = (config_checks.ConfigError, FileNotFoundError, PermissionError, app.UsageError)
+_USER_ERRORS = (config_checks.ConfigError, FileNotFoundError, PermissionError, app.UsageError,
+                workdir_lock.WorkdirBusyError)
 USAGE_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report Ctrl-C
 

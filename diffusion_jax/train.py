@@ -34,6 +34,7 @@ from diffusion_jax import config_checks
 from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
+from diffusion_jax import workdir_lock
 from diffusion_jax.progress import format_duration
 from diffusion_jax.models import unet
 # The pure step pieces live in train_step.py (importable without TensorFlow); re-exported here.
@@ -316,20 +317,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     ConfigError (a ValueError) / PermissionError: a config or workdir problem, before anything
       compiles.
+    WorkdirBusyError: another run holds the workdir (`workdir_lock`), before anything compiles.
     FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
 
   SIGTERM or SIGINT (Ctrl-C) stops the run after the current step with a checkpoint; before the
   first step (while restoring or compiling) it stops without one. A second SIGINT aborts.
   """
-  with _StopRequest() as stop:
-    return _train(config, workdir, devices, stop)
-
-
-def _train(config, workdir, devices, stop: _StopRequest) -> TrainState:
-  """`train_and_evaluate` with its stop request installed."""
   mesh = parallel.make_mesh(devices)
+  validate_config(config, mesh.devices.size, workdir)
+  lock = workdir_lock.hold_for_run(workdir, is_main=jax.process_index() == 0,
+                                   multi_process=jax.process_count() > 1)
+  try:
+    with _StopRequest() as stop:
+      return _train(config, workdir, mesh, stop)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
+  """`train_and_evaluate` with the workdir locked and its stop request installed."""
   num_devices = mesh.devices.size
-  validate_config(config, num_devices, workdir)
   _set_compile_cache(config)
   is_main = jax.process_index() == 0
   workdir_path = epath.Path(workdir)

@@ -37,6 +37,10 @@ CREATE_WAIT="${CREATE_WAIT:-1}"
 LOG_FOLLOW=1
 LOG_LINES=100
 COPY_DEST="${COPY_DEST:-}"
+DATA_DATASET="${DATA_DATASET:-cifar10}"
+DATA_GCS_DIR="${DATA_GCS_DIR:-}"
+DATA_BUILD_DIR="${DATA_BUILD_DIR:-${HOME}/tensorflow_datasets}"
+DATA_STEPS="${DATA_STEPS:-build,upload,workers}"
 WORKER=""
 EXTRA_ARGS=()
 
@@ -105,6 +109,7 @@ parse_args() {
       --repo-url|--repo-ref|--repo-dir|--remote-dir|--python|--python-installer) ;;
       --config|--workdir|--mode|--command|--worker|--dest|--lines) ;;
       --max-restarts|--poll-seconds) ;;
+      --dataset|--data-dir|--build-dir|--steps) ;;
       *) die "unknown argument '${flag}' (see --help)" ;;
     esac
     (($# >= 2)) || die "${flag} needs a value (see --help)"
@@ -131,6 +136,10 @@ parse_args() {
       --lines) LOG_LINES="${value}" ;;
       --max-restarts) SUPERVISE_MAX_RESTARTS="${value}" ;;
       --poll-seconds) SUPERVISE_POLL_SECONDS="${value}"; POLL_SECONDS="${value}" ;;
+      --dataset) DATA_DATASET="${value}" ;;
+      --data-dir) DATA_GCS_DIR="${value}" ;;
+      --build-dir) DATA_BUILD_DIR="${value}" ;;
+      --steps) DATA_STEPS="${value}" ;;
     esac
     shift 2
   done

@@ -146,6 +146,16 @@ def test_missing_manual_dataset_says_how(tmp_path):
     input_pipeline.make_source(config.data)
 
 
+def test_tfds_data_dir_in_cloud_storage_is_refused_before_reading():
+  config = load_config("cifar10")
+  config.data.data_dir = "gs://bucket/tfds"
+  with pytest.raises(ValueError, match=r"opens local files only.*launch/prepare_data.sh "
+                                       r"--data-dir gs://bucket/tfds --steps workers"):
+    input_pipeline.make_source(config.data)
+  config.data.data_dir = ""
+  input_pipeline.check_data_config(config.data)  # the default (~/tensorflow_datasets) is fine
+
+
 @pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom", "lsun_church",
                                   "lsun_cat", "folder", "digits", "test"])
 def test_configs_load_and_reject_unknown_values(name):

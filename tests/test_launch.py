@@ -141,7 +141,7 @@ def test_help_prints_usage_and_calls_nothing(script, gcloud):
   assert gcloud.calls() == []
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "prepare_data.sh"])
 def test_dry_run_prints_commands_and_calls_nothing(script, gcloud, tmp_path):
   commands = dry_run(script, "--workdir", "gs://bucket/runs/cifar10", gcloud=gcloud, cwd=tmp_path)
   assert commands and all(c[:3] == ["gcloud", "compute", "tpus"] for c in commands)
@@ -512,3 +512,50 @@ def test_supervise_dry_run_shows_one_poll_and_one_recovery():
   assert _kinds([c[1:] for c in commands]) == ["describe", "status", "delete", "create", "setup",
                                                "run"]
   assert "--spot" in commands[3]
+
+
+def test_prepare_data_builds_once_uploads_and_copies_onto_every_worker(gcloud, tmp_path):
+  commands = dry_run("prepare_data.sh", "--data-dir", "gs://bucket/tfds/", "--dataset",
+                     "lsun/bedroom", "--build-dir", "/data/tfds", gcloud=gcloud, cwd=tmp_path)
+  assert commands[:2] == [
+      ["tfds", "build", "lsun/bedroom", "--file_format=array_record", "--data_dir=/data/tfds"],
+      ["gcloud", "storage", "rsync", "--recursive", "/data/tfds/lsun", "gs://bucket/tfds/lsun"],
+  ]
+  assert commands[2][:-1] == ssh()
+  assert remote_command(commands[2]) == (
+      'mkdir -p "$HOME"/tensorflow_datasets/lsun && gcloud storage rsync --recursive '
+      'gs://bucket/tfds/lsun "$HOME"/tensorflow_datasets/lsun')
+  assert len(commands) == 3 and gcloud.calls() == []
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "gcloud_state"]
+
+
+def test_prepare_data_uploads_a_built_dataset_and_copies_it(gcloud, tmp_path):
+  build = tmp_path / "tfds"
+  (build / "cifar10" / "3.0.2").mkdir(parents=True)
+  result = run("prepare_data.sh", "--data-dir", "gs://bucket/tfds", "--build-dir", str(build),
+               "--steps", "upload,workers", gcloud=gcloud)
+  assert result.returncode == 0, result.stderr
+  calls = gcloud.calls()
+  assert calls[0] == ["storage", "rsync", "--recursive", str(build / "cifar10"),
+                      "gs://bucket/tfds/cifar10"]
+  assert calls[1][:4] == ["compute", "tpus", "tpu-vm", "ssh"] and "--worker=all" in calls[1]
+  assert "reads it from ~/tensorflow_datasets" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "needs --data-dir gs://"),
+    (["--data-dir", "/local/tfds"], "must be a gs:// folder"),
+    (["--data-dir", "gs://b/t", "--dataset", "CIFAR 10"], "is not a tfds name"),
+    (["--data-dir", "gs://b/t", "--steps", "build,download"], "unknown step 'download'"),
+])
+def test_prepare_data_refuses_bad_input(args, message, gcloud):
+  result = run("prepare_data.sh", *args, gcloud=gcloud)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert gcloud.calls() == []
+
+
+def test_prepare_data_upload_without_a_build_says_so(gcloud, tmp_path):
+  result = run("prepare_data.sh", "--data-dir", "gs://b/t", "--build-dir", str(tmp_path),
+               "--steps", "upload", gcloud=gcloud)
+  assert result.returncode == 2 and "run the build step first" in result.stderr
+  assert gcloud.calls() == []
