@@ -27,6 +27,9 @@ Leave it running in tmux/screen or 'nohup ... &' on a machine that stays up (e.g
   --config FILE[:ARG]   RUN_CONFIG                 [${RUN_CONFIG}]
   --mode MODE           RUN_MODE                   [${RUN_MODE}]
   --command 'CMD'       RUN_COMMAND                run this command line instead
+  --data-dir gs://...   DATA_GCS_DIR               with --dataset: after setting up a new slice,
+  --dataset NAME        DATA_DATASET               copy the dataset prepared there onto every
+                                                   worker (launch/prepare_data.sh --steps workers)
   --max-restarts N      SUPERVISE_MAX_RESTARTS     [${SUPERVISE_MAX_RESTARTS}]
   --poll-seconds S      SUPERVISE_POLL_SECONDS     [${SUPERVISE_POLL_SECONDS}]
   -- MORE_FLAGS         passed on to diffusion_jax.main
@@ -46,11 +49,18 @@ POLL_SECONDS="${SUPERVISE_POLL_SECONDS}"
 # The steps run as separate scripts so that `set -e` holds inside them and a failure is seen here.
 export TPU_NAME TPU_ZONE TPU_PROJECT TPU_TYPE TPU_RUNTIME TPU_SPOT TPU_QUEUED TPU_QUEUED_ID \
   TPU_CREATE_FLAGS REPO_URL REPO_REF REPO_DIR REMOTE_DIR REMOTE_VENV PYTHON_VERSION PYTHON_INSTALLER \
-  RUN_CONFIG RUN_WORKDIR RUN_MODE RUN_COMMAND POLL_SECONDS DRY_RUN
+  RUN_CONFIG RUN_WORKDIR RUN_MODE RUN_COMMAND POLL_SECONDS DRY_RUN DATA_GCS_DIR DATA_DATASET
 step() {
   local script="$1"
   shift
   "${LAUNCH_DIR}/${script}" "$@"
+}
+# A new slice's disks are empty: set up the code, then copy the prepared dataset if one is named.
+setup_step() {
+  step setup.sh || return 1
+  if [[ -n "${DATA_GCS_DIR}" ]]; then
+    step prepare_data.sh --steps workers
+  fi
 }
 run_step() {
   if ((${#EXTRA_ARGS[@]})); then
@@ -99,7 +109,7 @@ if is_true "${DRY_RUN}"; then
   echo "# after a preemption:"
   step delete.sh --yes
   step create.sh --no-wait
-  step setup.sh
+  setup_step
   run_step
   exit 0
 fi
@@ -119,7 +129,7 @@ while true; do
         running) ;;
         new|idle)
           log "starting the run (workers: ${status})"
-          if [[ "${status}" == new ]] && ! step setup.sh; then
+          if [[ "${status}" == new ]] && ! setup_step; then
             count_restart "setup failed"
           elif ! run_step; then
             count_restart "starting the run failed"

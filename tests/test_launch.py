@@ -559,3 +559,16 @@ def test_prepare_data_upload_without_a_build_says_so(gcloud, tmp_path):
                "--steps", "upload", gcloud=gcloud)
   assert result.returncode == 2 and "run the build step first" in result.stderr
   assert gcloud.calls() == []
+
+
+def test_supervise_copies_the_prepared_dataset_onto_a_new_slice_before_running(gcloud):
+  commands = dry_run("supervise.sh", "--workdir", "gs://bucket/runs/cifar10", "--data-dir",
+                     "gs://bucket/tfds", "--dataset", "cifar10", gcloud=gcloud)
+  remote = [remote_command(c) for c in commands if "ssh" in c]
+  copy = [i for i, c in enumerate(remote) if "gcloud storage rsync --recursive "
+          "gs://bucket/tfds/cifar10" in c]
+  setup = [i for i, c in enumerate(remote) if "setup.ok" in c and "mv " in c]
+  start = [i for i, c in enumerate(remote) if "nohup" in c]
+  assert len(copy) == 1 and setup and start and setup[-1] < copy[0] < start[-1], remote
+  without = dry_run("supervise.sh", "--workdir", "gs://bucket/runs/cifar10", gcloud=gcloud)
+  assert not any("storage rsync" in remote_command(c) for c in without if "ssh" in c)
