@@ -16,8 +16,8 @@ Layout (what an evaluation driver reads and a TF-checkpoint converter writes):
                                    CRC-32 of every array of `state` as saved (C order, its own
                                    dtype), keyed by its tree path (`jax.tree_util.keystr`, e.g.
                                    "['params']['conv_in']['kernel']"). Absent in checkpoints
-                                   written before checksums were stored and in converted ones:
-                                   those load unverified, with a notice.
+                                   written (or converted) before checksums were stored: those
+                                   load unverified, with a notice.
       _CHECKPOINT_METADATA, commit_success.txt   written by orbax when the step is complete
     <step>.corrupt[.<n>]/        a checkpoint that could not be read or failed verification,
                                    moved aside by training (never deleted, never restored)

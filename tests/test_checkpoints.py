@@ -155,6 +155,7 @@ def test_random_bytes_over_a_span_are_refused(trained, tmp_path, capsys):
   _, step = restore_latest(config, directory)
   assert step == 4
   assert "checkpoint at step 8" in capsys.readouterr().out
+  assert step_dirs(directory) == ["4", "8.corrupt"]
 
 
 def test_non_finite_values_are_refused(trained, tmp_path, capsys):
