@@ -1,4 +1,4 @@
-"""Training checkpoints: orbax, asynchronous, last K kept, restored with fallback.
+"""Training checkpoints: orbax, asynchronous, last K kept, verified, restored with fallback.
 
 Layout (what an evaluation driver reads and a TF-checkpoint converter writes):
 
@@ -12,15 +12,31 @@ Layout (what an evaluation driver reads and a TF-checkpoint converter writes):
                                    opt_state:  optax Adam state for params (may be omitted
                                                by a converter: `restore_params` ignores it)
       config/metadata            the training config as JSON (`config.to_dict()`)
+      checksums/metadata         JSON {"algorithm": "crc32", "arrays": {path: crc32}}: the
+                                   CRC-32 of every array of `state` as saved (C order, its own
+                                   dtype), keyed by its tree path (`jax.tree_util.keystr`, e.g.
+                                   "['params']['conv_in']['kernel']"). Absent in checkpoints
+                                   written (or converted) before checksums were stored: those
+                                   load unverified, with a notice.
       _CHECKPOINT_METADATA, commit_success.txt   written by orbax when the step is complete
+    <step>.corrupt[.<n>]/        a checkpoint that could not be read or failed verification,
+                                   moved aside by training (never deleted, never restored)
 
 A step directory is complete only once orbax has committed it (written to a temporary name and
-renamed); an interrupted save leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never
-restored and never deleted here. Nothing is deleted except by keeping the last K steps.
+renamed); an interrupted save leaves a `<step>.orbax-checkpoint-tmp*` directory that is never
+restored. A save that fails (e.g. a full disk) removes its own temporary directory and raises
+`SaveError`. Otherwise nothing is deleted except by keeping the last K steps.
+
+Restoring verifies every restored array against its checksum and refuses non-finite values; a
+checkpoint that cannot be read or fails either check is reported and the previous one is tried.
+CRC-32 detects every error of up to 32 consecutive bits (so any single flipped bit) and any
+other corruption with probability 1 - 2^-32.
 """
 from __future__ import annotations
 
 import logging
+import os
+import zlib
 from typing import Any
 
 import jax
@@ -30,14 +46,33 @@ from etils import epath
 
 STATE = "state"
 CONFIG = "config"
+CHECKSUMS = "checksums"
+CHECKSUM_ALGORITHM = "crc32"
+CORRUPT_SUFFIX = ".corrupt"
+_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
-def _item_handlers():
-  return {STATE: ocp.StandardCheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
+def _item_handlers(partial: bool = False):
+  # A PyTree handler reads the StandardSave format too, and can restore part of the tree.
+  state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
+  return {STATE: state, CONFIG: ocp.JsonCheckpointHandler(),
+          CHECKSUMS: ocp.JsonCheckpointHandler()}
 
 
 class ShapeMismatchError(ValueError):
   """The checkpoint's parameter shapes differ from those the config builds."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint read back values that differ from those saved, or non-finite values."""
+
+
+class UnreadableCheckpointError(FileNotFoundError):
+  """The checkpoint asked for (or every checkpoint there) cannot be read or fails verification."""
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written (e.g. the disk is full); training cannot go on safely."""
 
 
 def _leaf_shapes(tree) -> dict[str, tuple]:
@@ -46,8 +81,111 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
           for path, leaf in flat}
 
 
+def _host_array(leaf) -> np.ndarray:
+  """A leaf's full value on this host (a replicated global array: this host's copy)."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    if not leaf.is_fully_replicated:
+      raise ValueError("checksums need arrays replicated on every host; got one sharded "
+                       f"across hosts ({leaf.sharding})")
+    leaf = leaf.addressable_data(0)
+  return np.ascontiguousarray(np.asarray(leaf))
+
+
+def array_checksums(tree) -> dict[str, int]:
+  """The CRC-32 of each array's bytes (C order, its own dtype), keyed by its tree path.
+
+  Args:
+    tree: a pytree of arrays (jax arrays replicated over hosts, or numpy arrays).
+
+  Returns:
+    {keystr(path): crc32 as an unsigned int}.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): zlib.crc32(memoryview(_host_array(leaf)).cast("B"))
+          for path, leaf in flat}
+
+
+def verify(tree, checksums: dict[str, Any] | None, *, where: str) -> None:
+  """Raises CorruptCheckpointError unless every array of `tree` matches its saved checksum
+  (skipped when `checksums` is None) and every floating-point value is finite.
+
+  Args:
+    tree: restored arrays, as a dict with the saved state's top-level keys (a subset of them).
+    checksums: the checkpoint's `checksums` item, or None for a checkpoint without one.
+    where: names the checkpoint in messages.
+  """
+  saved = None
+  if checksums is not None:
+    if checksums.get("algorithm") != CHECKSUM_ALGORITHM:
+      raise CorruptCheckpointError(f"{where}: unknown checksum algorithm "
+                                   f"{checksums.get('algorithm')!r}")
+    saved = checksums["arrays"]
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = jax.tree_util.keystr(path)
+    value = _host_array(leaf)
+    if saved is not None:
+      crc = zlib.crc32(memoryview(value).cast("B"))
+      if saved.get(name) != crc:
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch in {name} (saved {saved.get(name)}, read {crc})")
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      raise CorruptCheckpointError(f"{where}: non-finite values in {name}")
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+  """`Type: message`, its first line only, at most `limit` characters (orbax's messages can
+  hold a whole TensorStore spec)."""
+  lines = str(error).strip().splitlines()
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _report_unreadable(step: int, directory, error: Exception, then: str) -> None:
+  logging.error("checkpoint at step %d in %s cannot be used (%s); %s", step, directory,
+                describe(error), then)
+  if jax.process_index() == 0:
+    print(f"WARNING: checkpoint at step {step} in {directory} cannot be used "
+          f"({describe(error)}); {then}", flush=True)
+
+
+def _notice_unverified(step: int, directory) -> None:
+  if jax.process_index() == 0:
+    print(f"Note: the checkpoint at step {step} in {directory} has no checksums (written before "
+          f"they were stored, or converted); restoring it without verifying them", flush=True)
+
+
+def _copytree(src: epath.Path, dst: epath.Path) -> None:
+  dst.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    if child.is_dir():
+      _copytree(child, dst / child.name)
+    else:
+      child.copy(dst / child.name)
+
+
+def move_aside(path: epath.Path) -> epath.Path:
+  """Renames a checkpoint directory to `<name>.corrupt` (`.corrupt.1`, ... when taken).
+
+  On gs:// (no directory rename) the directory is copied, then the original deleted.
+
+  Returns:
+    the new path.
+  """
+  target = path.parent / (path.name + CORRUPT_SUFFIX)
+  n = 0
+  while target.exists():
+    n += 1
+    target = path.parent / f"{path.name}{CORRUPT_SUFFIX}.{n}"
+  if str(path).startswith("gs://"):
+    _copytree(path, target)
+    path.rmtree()
+  else:
+    path.rename(target)
+  return target
+
+
 class Checkpointer:
-  """Saves and restores the train state (plus config) under `directory`.
+  """Saves and restores the train state (plus config and checksums) under `directory`.
 
   Args:
     directory: usually WORKDIR/checkpoints (local or gs://).
@@ -62,6 +200,8 @@ class Checkpointer:
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_item_handlers())
+    self._saving: int | None = None  # the step of a save not yet checked for errors
+    self._failed = False
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -69,10 +209,87 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  # ---- saving
+
   def save(self, step: int, state: dict[str, Any], config: dict[str, Any]) -> None:
-    """Starts saving `state` (a dict of step, params, ema_params, opt_state) as `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config)}), force=True)
+    """Starts saving `state` (a dict of step, params, ema_params, opt_state) as `step`.
+
+    Raises:
+      SaveError: this save, or the previous one, could not be written.
+    """
+    self._raise_if_failed()
+    checksums = {"algorithm": CHECKSUM_ALGORITHM, "arrays": array_checksums(state)}
+    self._saving = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config),
+             CHECKSUMS: ocp.args.JsonSave(checksums)}), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    if self._manager.is_saving_in_progress():
+      return
+    self._raise_if_failed()  # a synchronous save: its errors are known now
+
+  def check_for_errors(self) -> None:
+    """Raises SaveError once the save in progress has failed; cheap (no waiting).
+
+    With several processes a failure surfaces at the next `save` or at `close` instead, where
+    every process waits for it alike.
+    """
+    if self._saving is None or jax.process_count() > 1:
+      return
+    if not self._manager.is_saving_in_progress():
+      self._raise_if_failed()
+
+  def _raise_if_failed(self) -> None:
+    """Waits for the save in progress; SaveError if it failed."""
+    if self._saving is None:
+      return
+    step = self._saving
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._saving = None
+
+  def _save_error(self, step: int, error: Exception) -> SaveError:
+    """Cleans up after the failed save of `step`; the error to raise."""
+    self._saving = None
+    self._failed = True
+    if jax.process_index() == 0:
+      for path in self.directory.glob(f"{step}{_TMP_MARKER}*"):
+        path.rmtree(missing_ok=True)
+    self._manager.reload()
+    kept = [s for s in self.all_steps() if s != step]
+    kept_text = (f"the older checkpoints {kept} are kept" if kept
+                 else "no older checkpoint exists")
+    return SaveError(
+        f"saving the checkpoint of step {step} in {self.directory} failed "
+        f"({describe(error, 600)}); training stopped, {kept_text}. Free space in (or "
+        f"fix writing to) {self.directory}, then restart with the same --workdir: it resumes "
+        f"from the newest of them")
+
+  def wait(self) -> None:
+    """Blocks until the save in progress is written. Raises SaveError if it failed."""
+    self._raise_if_failed()
+
+  def close(self) -> None:
+    """Waits for the save in progress, then closes.
+
+    Raises:
+      SaveError: the last save failed (and no earlier failure was raised).
+    """
+    try:
+      if not self._failed:
+        self._raise_if_failed()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except  # already reported as a SaveError
+        if not self._failed:
+          raise
+
+  # ---- restoring
 
   def _check_shapes(self, step: int, abstract_state) -> None:
     saved = self._manager.item_metadata(step)[STATE]
@@ -87,34 +304,65 @@ class Checkpointer:
           f"config it was trained with (saved in {self.directory}/{step}/config) or a new "
           f"--workdir")
 
-  def restore_latest(self, abstract_state: dict[str, Any]):
-    """Restores the newest readable checkpoint into the shapes and shardings given.
+  def _restore_verified(self, step: int, abstract_state):
+    self._check_shapes(step, abstract_state)
+    has_checksums = (self.directory / str(step) / CHECKSUMS).exists()
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if has_checksums:
+      items[CHECKSUMS] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if not has_checksums:
+      _notice_unverified(step, self.directory)
+    verify(restored[STATE], restored[CHECKSUMS] if has_checksums else None,
+           where=f"checkpoint {self.directory}/{step}")
+    return restored[STATE]
 
-    A checkpoint that cannot be read is reported and the previous one tried.
+  def restore_latest(self, abstract_state: dict[str, Any]):
+    """Restores the newest usable checkpoint into the shapes and shardings given.
+
+    A checkpoint that cannot be read, fails its checksums or holds non-finite values is
+    reported and moved aside to `<step>.corrupt` by process 0 (so that training can save that
+    step again), and the previous one is tried. Every process restores the same step: one
+    that any process cannot use is skipped by all.
 
     Args:
       abstract_state: dict of jax.ShapeDtypeStruct (with shardings) like the saved state.
 
     Returns:
-      (state dict, step), or (None, 0) when there is no readable checkpoint.
+      (state dict, step), or (None, 0) when there is no usable checkpoint.
 
     Raises:
       ShapeMismatchError: the config builds parameters of other shapes than the checkpoint.
     """
     for step in reversed(self.all_steps()):
+      error = None
       try:
-        self._check_shapes(step, abstract_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            **{STATE: ocp.args.StandardRestore(abstract_state)}))
-        return restored[STATE], step
+        state = self._restore_verified(step, abstract_state)
       except ShapeMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        logging.error("checkpoint at step %d in %s cannot be read (%s: %s); trying the "
-                      "previous one", step, self.directory, type(e).__name__, e)
-        print(f"WARNING: checkpoint at step {step} in {self.directory} cannot be read "
-              f"({type(e).__name__}); trying the previous one", flush=True)
+        error = e
+      if _all_processes_ok(error is None):
+        return state, step
+      if error is None:
+        error = RuntimeError("another process cannot read it")
+      self._set_aside(step, error)
     return None, 0
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    moved = None
+    if jax.process_index() == 0:
+      try:
+        moved = move_aside(self.directory / str(step))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error("cannot move %s/%d aside: %s", self.directory, step, e)
+    then = (f"moved it to {moved} and trying the previous one" if moved is not None
+            else "trying the previous one")
+    _report_unreadable(step, self.directory, error, then)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+    self._manager.reload()
 
   def restore_config(self, step: int | None = None) -> dict[str, Any]:
     """The config saved with a checkpoint (default: the latest)."""
@@ -122,32 +370,81 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+def _all_processes_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (no collective with one process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _read_params(manager, directory: epath.Path, step: int, key: str):
+  """Only `key` of the state (and the checksums) of one step, verified, as numpy arrays."""
+  meta = manager.item_metadata(step)[STATE]
+  meta = getattr(meta, "tree", meta)
+  if key not in meta:
+    raise KeyError(f"the checkpoint has no {key!r} (it has {sorted(meta)})")
+  wanted = {key: meta[key]}
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        wanted)
+  has_checksums = (directory / str(step) / CHECKSUMS).exists()
+  items = {STATE: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                         partial_restore=True)}
+  if has_checksums:
+    items[CHECKSUMS] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if not has_checksums:
+    _notice_unverified(step, directory)
+  tree = {key: restored[STATE][key]}
+  verify(tree, restored[CHECKSUMS] if has_checksums else None,
+         where=f"checkpoint {directory}/{step}")
+  return jax.tree_util.tree_map(np.asarray, tree[key])
 
 
 def restore_params(directory: str, step: int | None = None, *, ema: bool = True):
   """Reads only the (EMA) parameters of a checkpoint as host numpy arrays, for evaluation.
 
+  Nothing else is read (a damaged optimizer state does not matter). The arrays are verified
+  against the saved checksums and must be finite. Without `step`, a checkpoint that fails is
+  reported and the previous one tried; nothing is moved or deleted (training may be writing).
+
   Args:
     directory: WORKDIR/checkpoints.
-    step: which step (default: the latest).
+    step: which step (default: the newest usable one).
     ema: return `ema_params` (default) or `params`.
 
   Returns:
     (params pytree, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint in `directory`.
+    UnreadableCheckpointError: `step` (or, without one, every checkpoint) cannot be used.
   """
-  manager = ocp.CheckpointManager(epath.Path(directory),
+  directory = epath.Path(directory)
+  manager = ocp.CheckpointManager(directory,
                                   options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_item_handlers())
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  key = "ema_params" if ema else "params"
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{STATE: ocp.args.StandardRestore()}))
-  return jax.tree_util.tree_map(np.asarray, restored[STATE][key]), step
+                                  item_handlers=_item_handlers(partial=True))
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+    key = "ema_params" if ema else "params"
+    candidates = [step] if step is not None else list(reversed(steps))
+    problems = []
+    for candidate in candidates:
+      try:
+        return _read_params(manager, directory, candidate, key), candidate
+      except Exception as e:  # pylint: disable=broad-except
+        problems.append(f"step {candidate}: {describe(e)}")
+        if step is None:
+          _report_unreadable(candidate, directory, e, "trying the previous one")
+    if step is not None:
+      raise UnreadableCheckpointError(
+          f"the checkpoint of step {step} in {directory} cannot be used ({problems[0]}); "
+          f"omit --step to use the newest usable one (steps there: {steps})")
+    raise UnreadableCheckpointError(
+        f"no usable checkpoint in {directory} ({'; '.join(problems)}); train again or restore "
+        f"the directory from a copy")
+  finally:
+    manager.close()

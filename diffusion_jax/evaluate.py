@@ -75,25 +75,32 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   Args:
     workdir: the training workdir, or the --out of `convert_tf_checkpoint`.
     config: the config to build the model with; default: the one saved with the checkpoint.
-    step: which checkpoint (default: the latest).
+    step: which checkpoint (default: the newest that reads back intact; a damaged newer one
+      is reported and skipped).
     ema: the EMA parameters (default, what the paper samples with) or the raw ones.
 
   Returns:
     Loaded(config, params as host arrays, step).
 
   Raises:
-    FileNotFoundError: no checkpoint, or no checkpoint at `step` (naming the ones there).
+    FileNotFoundError: no checkpoint, or no checkpoint at `step` (naming the ones there), or
+      (`checkpoints.UnreadableCheckpointError`) none that can be used.
   """
   ckpt_dir = epath.Path(workdir) / "checkpoints"
-  step = load_step(workdir, step)
+  load_step(workdir, step)  # no checkpoint, or none at `step`: says which steps there are
+  # Only the parameters are read and verified: a damaged optimizer state does not matter here.
+  params, got = checkpoints.restore_params(os.fspath(ckpt_dir), step, ema=ema)
+  got = int(got)
   if config is None:
     saved = checkpoints.Checkpointer(os.fspath(ckpt_dir), async_save=False)
     try:
-      config = ml_collections.ConfigDict(saved.restore_config(step))
+      config = ml_collections.ConfigDict(saved.restore_config(got))
     finally:
       saved.close()
-  params, got = checkpoints.restore_params(os.fspath(ckpt_dir), step, ema=ema)
-  return Loaded(config, params, int(got))
+  if jax.process_index() == 0:
+    print(f"Using the {'EMA ' if ema else ''}parameters of step {got} from {ckpt_dir}",
+          flush=True)
+  return Loaded(config, params, got)
 
 
 class Sampler:
@@ -527,8 +534,9 @@ def digits_metrics(config, settings, workdir: str, sampler: Sampler, batch: int)
   return {f"digits_{k}": v for k, v in got.items()}
 
 
-def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -> dict:
-  """Sample quality and bits/dim of one checkpoint.
+def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
+                  loaded: Loaded | None = None) -> dict:
+  """Sample quality and bits/dim of one checkpoint (`loaded`, when given, is that of `step`).
 
   Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
   'digits' the `digits_*` measures of `digits_metrics`. Writes WORKDIR/eval/<step>.json
@@ -544,7 +552,7 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None) -
     raise FileNotFoundError(
         "--mode eval needs the FID Inception weights: set --config.eval.inception_weights="
         "PATH.npz. " + inception._missing_weights_message("PATH.npz"))  # pylint: disable=protected-access
-  sampler = Sampler(load(workdir, config, step=step), mesh=mesh)
+  sampler = Sampler(loaded or load(workdir, config, step=step), mesh=mesh)
   mesh = sampler.mesh
   batch = _batch_size(settings, mesh)
   t0 = time.time()
@@ -586,16 +594,21 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   config_checks.check(config, mode="eval")
   settings = eval_settings(config)
   if not settings.watch:
-    loaded_step = load_step(workdir, step)
-    return {loaded_step: evaluate_step(config, workdir, loaded_step)}
+    loaded = load(workdir, config, step=step)  # the newest usable one when step is None
+    return {loaded.step: evaluate_step(config, workdir, loaded.step, loaded=loaded)}
   done: dict[int, dict] = {}
+  unusable: set[int] = set()
   last_new = time.time()
   while True:
     steps = checkpoint_steps(workdir)
-    todo = [s for s in steps if s not in done
+    todo = [s for s in steps if s not in done and s not in unusable
             and not (epath.Path(workdir) / "eval" / f"{s}.json").exists()]
     for s in todo:
-      done[s] = evaluate_step(config, workdir, s)
+      try:
+        done[s] = evaluate_step(config, workdir, s)
+      except checkpoints.UnreadableCheckpointError as e:  # damaged, or deleted meanwhile
+        unusable.add(s)
+        print(f"skipping step {s}: {e}", flush=True)
       last_new = time.time()
     finished = steps and max(steps) >= config.train.num_steps
     if finished or time.time() - last_new > settings.watch_timeout_s:

@@ -162,6 +162,11 @@ def main(argv):
     sys.exit(INTERRUPTED_EXIT_CODE)
   except _USER_ERRORS as e:
     _exit_with_error(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    if not isinstance(e, checkpoints.SaveError):  # e.g. a full disk: one line, no traceback
+      raise
+    _exit_with_error(str(e))
 
 
 def _run(argv):

@@ -319,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       compiles.
     WorkdirBusyError: another run holds the workdir (`workdir_lock`), before anything compiles.
     FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+    checkpoints.SaveError: a checkpoint could not be written, e.g. on a full disk (the older
+      checkpoints are kept).
 
   SIGTERM or SIGINT (Ctrl-C) stops the run after the current step with a checkpoint; before the
   first step (while restoring or compiling) it stops without one. A second SIGINT aborts.
@@ -454,6 +456,7 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
       last = step == num_steps or stop_now or over_time
       if step % config.train.log_every == 0 or last:
         check_finite_and_log(step)
+      ckpt.check_for_errors()  # stops at the first step after a failed background save
       if step % config.train.checkpoint_every == 0 or last:
         check_finite_and_log(step)
         ckpt.save(step, state.to_dict(), config_dict)

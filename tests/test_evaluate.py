@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -250,3 +251,55 @@ def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(t
   assert written["num_examples_test"] == 16
   assert not any(key.startswith(("fid", "inception")) for key in written)
   assert len(list((tmp_path / "eval").glob("digits_classifier_*.npz"))) == 1
+
+
+def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _break_array(step_dir: pathlib.Path, value: np.ndarray) -> None:
+  """Makes one stored array unreadable: zeroes the magic number of the compressed (zstd) frame
+  that holds its bytes (random float32 bytes are stored verbatim inside the frame)."""
+  needle = np.ascontiguousarray(value).tobytes()[:64]
+  for path in (step_dir / "state").rglob("*"):
+    data = bytearray(path.read_bytes()) if path.is_file() else b""
+    at = data.find(needle)
+    if at > 0:
+      magic = data.rfind(b"\x28\xb5\x2f\xfd", max(0, at - 32), at)
+      assert magic >= 0, "no zstd frame header just before the array's bytes"
+      data[magic:magic + 4] = b"\0\0\0\0"
+      path.write_bytes(bytes(data))
+      return
+  raise AssertionError("the array's bytes were not found in the checkpoint")
+
+
+def test_sample_mode_skips_a_corrupt_latest_and_ignores_a_damaged_optimizer_state(
+    workdir, tmp_path, capsys):
+  config, _, ema = workdir
+  rng = np.random.default_rng(5)
+  # Finite floats of 31 random bits each: incompressible, so stored verbatim.
+  mu = jax.tree_util.tree_map(lambda x: (rng.integers(0, 2**32, x.shape, dtype=np.uint32)
+                                         & 0xBFFFFFFF).view(np.float32), ema)
+  state = {"step": np.int32(STEP), "params": ema, "ema_params": ema, "opt_state": {"mu": mu}}
+  directory = tmp_path / "checkpoints"
+  saver = checkpoints.Checkpointer(os.fspath(directory), async_save=False)
+  for step in (STEP, STEP + 2):
+    saver.save(step, dict(state, step=np.int32(step)), config.to_dict())
+  saver.close()
+  _break_array(directory / str(STEP), max(jax.tree_util.tree_leaves(mu), key=np.size))
+  with pytest.raises(Exception):  # reading the whole state fails: the optimizer state is broken
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True), item_handlers={"state": ocp.StandardCheckpointHandler()})
+    manager.restore(STEP, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  latest = _largest_file(directory / str(STEP + 2))
+  latest.write_bytes(latest.read_bytes()[:100])
+
+  out_dir = evaluate.run_sample(config, os.fspath(tmp_path))
+  assert out_dir == tmp_path / "samples" / str(STEP)
+  out = capsys.readouterr().out
+  assert f"checkpoint at step {STEP + 2}" in out and "trying the previous one" in out, out
+  assert f"parameters of step {STEP} from" in out, out
+  assert (directory / str(STEP + 2)).is_dir()  # evaluation reports, never moves or deletes
+  with np.load(out_dir / "samples_0.npz") as f:
+    assert f["images"].shape == (10, 8, 8, 3)

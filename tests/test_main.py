@@ -1,6 +1,7 @@
 """The command line and multi-process runs, in subprocesses (each sets its own JAX flags)."""
 import json
 import os
+import resource
 import pathlib
 import signal
 import socket
@@ -262,3 +263,73 @@ def test_kill_9_then_restart_continues_exactly(tmp_path):
   assert straight.files == resumed.files
   for key in straight.files:
     np.testing.assert_array_equal(straight[key], resumed[key])
+
+
+def _committed_steps(checkpoints_dir):
+  return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit())
+
+
+def test_full_disk_stops_at_the_first_failed_save_with_one_error_line(tmp_path):
+  """The second run may write no file over 100 kB (RLIMIT_FSIZE, with SIGXFSZ ignored so that
+  writes fail with EFBIG), while its checkpoints' array data take megabytes (in one or a few
+  files, as timing decides): its first save fails, as on a full disk, and the checkpoint of
+  the first run, written without the limit, stays. Its other files (logs, metrics) stay small."""
+  workdir = tmp_path / "work"
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
+         f"--workdir={workdir}", "--config.train.checkpoint_every=3",
+         "--config.train.log_every=1", "--config.train.sample_every=0",
+         f"--config.train.compile_cache_dir={CACHE}"]
+  first = subprocess.run(cmd + ["--config.train.num_steps=3"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  checkpoints_dir = workdir / "checkpoints"
+  limit = 100_000
+  largest = max(p.stat().st_size for p in (checkpoints_dir / "3").rglob("*") if p.is_file())
+  assert largest > 20 * limit
+
+  def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  second = subprocess.run(cmd + ["--config.train.num_steps=30"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+  assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-3000:]
+  # orbax's background threads log tracebacks of their own; none comes from the training code.
+  assert "diffusion_jax" not in second.stderr.replace(str(tmp_path), ""), second.stderr[-3000:]
+  errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, second.stderr[-3000:]
+  assert errors[0].startswith(f"error: saving the checkpoint of step 6 in {checkpoints_dir}")
+  assert "File too large" in errors[0] and "the older checkpoints [3] are kept" in errors[0]
+  steps = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("step ")]
+  print(f"the failed save of step 6 was noticed after step {steps[-1]}")
+  assert "10/30" not in steps  # noticed as soon as the background save ended, by step 9's save
+  assert sorted(p.name for p in checkpoints_dir.iterdir()) == ["3"]  # no half-written folder
+
+
+def test_kill_9_at_seeded_moments_then_restart_finishes(tmp_path):
+  """Killed twice at seeded moments (a save is in flight at nearly every step, as the runs save
+  every step), the run resumes and finishes with a checkpoint that reads back verified."""
+  rng = np.random.default_rng(20)
+  checkpoints_dir = tmp_path / "work" / "checkpoints"
+  for wait_for_a_checkpoint in (True, False):
+    (proc,) = _start_workers(tmp_path, 1, 2, num_steps=10_000, CHECKPOINT_EVERY=1)
+    lines = _read_until(proc, "step ")  # training has started
+    deadline = time.time() + 120
+    while (wait_for_a_checkpoint and time.time() < deadline
+           and not (checkpoints_dir.exists() and _committed_steps(checkpoints_dir))):
+      time.sleep(0.01)
+    delay = float(rng.uniform(0.0, 1.0))
+    time.sleep(delay)
+    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
+    proc.wait(timeout=60)
+    print(f"killed {delay:.2f} s later; {sorted(p.name for p in checkpoints_dir.iterdir())}")
+    assert lines and lines[-1].startswith("step "), "".join(lines)[-3000:]
+  resumed_from = _committed_steps(checkpoints_dir)[-1]
+  (out,) = _wait(_start_workers(tmp_path, 1, 2, num_steps=resumed_from + 2, CHECKPOINT_EVERY=1))
+  assert f"steps {resumed_from} -> {resumed_from + 2}" in out, out[-3000:]
+  assert "cannot be used" not in out, out[-3000:]
+  assert _committed_steps(checkpoints_dir)[-1] == resumed_from + 2
+  from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  params, step = checkpoints.restore_params(str(checkpoints_dir))  # verified against checksums
+  assert step == resumed_from + 2 and params

@@ -96,7 +96,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
   state, step = ckpt.restore_latest(abstract.to_dict())
   assert step == 4 and int(state["step"]) == 4
   assert "step 8" in capsys.readouterr().out
-  assert (tmp_path / "checkpoints" / "8").exists()  # reported, not deleted
+  assert (tmp_path / "checkpoints" / "8.corrupt").exists()  # reported, moved aside, kept
 
 
 def test_changed_parameter_shapes_are_refused(straight):
