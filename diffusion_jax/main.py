@@ -8,6 +8,7 @@ Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell
   python -m diffusion_jax.main --config configs/cifar10.py --mode summary
 """
 import difflib
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -169,11 +170,32 @@ def main(argv):
     _exit_with_error(str(e))
 
 
+class _OneLineOrbaxErrors(std_logging.Filter):
+  """Shortens orbax's error records to their first line: a failed background save (a full
+  disk) logs one traceback per array write, hundreds in all, and the run reports the failure
+  itself in one `error:` line."""
+
+  def filter(self, record):
+    if f"{os.sep}orbax{os.sep}" in record.pathname and record.levelno >= std_logging.ERROR:
+      message = record.getMessage().strip().splitlines()
+      record.msg, record.args = (message[0][:300] if message else ""), ()
+      record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def _quiet_library_logs() -> None:
+  if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keeps checkpointing chatter off the console
+  logging.get_absl_logger().addFilter(_OneLineOrbaxErrors())
+  # orbax's failed writes also end as asyncio tasks whose exceptions nobody retrieves; asyncio
+  # logs each with a traceback when it is garbage collected. Nothing else here uses asyncio.
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+
+
 def _run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keeps checkpointing chatter off the console
+  _quiet_library_logs()
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   if _MODE.value != "summary":
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
