@@ -118,20 +118,30 @@ def _checkpoint_steps(tmp_path):
 def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=3))
   assert "8 devices on 2 host(s)" in outs[0]
-  first = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  first = _params(tmp_path, 2)
   assert first[0].keys() == first[1].keys()
   for key in first[0]:
     np.testing.assert_array_equal(first[0][key], first[1][key])
-  # Restart both processes: they restore step 3 and go on to 5, again in agreement.
-  outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=5))
-  assert "Resumed from" in outs[0] and "steps 3 -> 5" in outs[0]
-  second = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  # Restart both processes: they restore step 3 and go on, again in agreement, until SIGTERM
+  # to process 1 alone stops both at the same step, a multiple of train.stop_check_every.
+  procs = _start_workers(tmp_path, 2, 4, num_steps=10_000, CHECKPOINT_EVERY=10_000,
+                         overrides={"train.stop_check_every": 2})
+  lines = _read_until(procs[0], "step 5/")
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _wait(procs, timeout=120)
+  out = "".join(lines) + outs[0]
+  assert "Resumed from" in out and "steps 3 -> 10000" in out
+  assert "SIGTERM received" in outs[1]
+  stopped = re.search(r"Stopping at step (\d+) \(a stop request to another process\); "
+                      r"checkpoint saved", out)
+  assert stopped, out[-4000:]
+  step = int(stopped.group(1))
+  assert step >= 6 and step % 2 == 0
+  second = _params(tmp_path, 2)
   for key in second[0]:
     np.testing.assert_array_equal(second[0][key], second[1][key])
   assert any(not np.array_equal(first[0][k], second[0][k]) for k in first[0])
-  steps = sorted(int(p.name) for p in (tmp_path / "work/checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == [3, 5]
+  assert _checkpoint_steps(tmp_path) == [3, step]
 
 
 def _read_until(proc, prefix, timeout=240):
@@ -160,25 +170,6 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, signum):
   assert "Traceback" not in out
   steps = [int(p.name) for p in (tmp_path / "work/checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and steps[0] >= 2
-
-
-def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
-  procs = _start_workers(tmp_path, 2, 2, num_steps=10_000, CHECKPOINT_EVERY=10_000,
-                         overrides={"train.stop_check_every": 4})
-  lines = _read_until(procs[0], "step 2/")
-  procs[1].send_signal(signal.SIGTERM)
-  outs = _wait(procs, timeout=120)
-  out = "".join(lines) + outs[0]
-  assert "SIGTERM received" in outs[1]
-  stopped = re.search(r"Stopping at step (\d+) \(a stop request to another process\); "
-                      r"checkpoint saved", out)
-  assert stopped, out[-4000:]
-  step = int(stopped.group(1))
-  assert step % 4 == 0  # agreed at a multiple of train.stop_check_every
-  assert _checkpoint_steps(tmp_path) == [step]
-  first, second = _params(tmp_path, 2)
-  for key in first:
-    np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_time_limit_on_one_fast_clock_stops_every_process_at_the_same_step(tmp_path):
