@@ -91,8 +91,8 @@ class PeerWatchdog:
   `heartbeat_timeout_s` of `initialize_distributed`, so `timeout_s` must be shorter.
 
   A process that leaves (`close`) writes "done", or "failed" when it ends with an error: the
-  others stop watching a done process and report a failed one at once. A single-process run
-  starts no thread.
+  others stop watching a done process and report a failed one after `timeout_s`, as a silent
+  one (unless they are ending with an error themselves). A single-process run starts no thread.
 
   Args:
     timeout_s: seconds without a new heartbeat after which a process counts as lost.
@@ -168,7 +168,7 @@ class PeerWatchdog:
         last_answer = now
         values = {int(key.rsplit("/", 1)[1]): value for key, value in entries}
         for process in self._changes:
-          if process in self._ended:
+          if last_value[process] == self._DONE:
             continue
           value = values.get(process)
           if value != last_value[process]:
@@ -178,12 +178,13 @@ class PeerWatchdog:
               if value in (self._DONE, self._FAILED):
                 self._ended.add(process)
               self._changed.notify_all()
-          if value == self._FAILED and not self._closing:
-            self._report(process, "it ended with an error; see its log")
-            return
-          if value not in (self._DONE, self._FAILED) and now - last_change[process] > (
-              self.timeout_s):
-            self._report(process, f"no heartbeat for {now - last_change[process]:.0f} s")
+          silent = now - last_change[process]
+          # A failed process gets the same time as a silent one, so that a process failing for
+          # the same reason reports its own error rather than the other's.
+          if value != self._DONE and silent > self.timeout_s and not (
+              value == self._FAILED and self._closing):
+            self._report(process, f"it ended with an error {silent:.0f} s ago; see its log"
+                         if value == self._FAILED else f"no heartbeat for {silent:.0f} s")
             return
       if self._stop.wait(self.every_s):
         return
