@@ -125,9 +125,9 @@ class PeerWatchdog:
 
   def start(self) -> "PeerWatchdog":
     """Starts watching (a multi-process run only); returns self."""
-    if jax.process_count() == 1:
-      return self
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1 or distributed.global_state.client is None:
+      return self
     self._client = distributed.global_state.client
     PeerWatchdog._started += 1
     self._dir = f"{self._PREFIX}/{PeerWatchdog._started}/"
