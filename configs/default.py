@@ -153,6 +153,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.sample_every = 20_000
   config.train.time_limit_s = 0.0  # stop (with a checkpoint) after this many seconds; 0 = none.
+  # Several processes: agree on stopping (a signal, the time limit) every this many steps; each
+  # agreement waits for the steps dispatched so far.
+  config.train.stop_check_every = 10
+  # Several processes: each writes a heartbeat every heartbeat_every_s; one silent for
+  # lost_process_timeout_s counts as lost and the others exit with status 75 (restart them).
+  # It must be shorter than heartbeat_timeout_s, after which the JAX runtime aborts them all.
+  config.train.heartbeat_every_s = 1.0
+  config.train.lost_process_timeout_s = 30.0
+  config.train.heartbeat_timeout_s = 100  # jax.distributed.initialize(heartbeat_timeout_seconds)
   config.train.profile_start = -1  # first step of a profiler trace; -1 = no trace.
   config.train.profile_steps = 5
   # Persistent XLA cache so a restart does not recompile; '' disables, '~' is expanded.

@@ -6,6 +6,10 @@ Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=fixedsmall \
       --config.optim.lr=1e-4 --workdir gs://bucket/cifar10
   python -m diffusion_jax.main --config configs/cifar10.py --mode summary
+
+Exit status: 0 done (or stopped by SIGTERM/Ctrl-C with a checkpoint); 2 a mistake in the flags
+or config (one `error:` line); 75 another process of a multi-process training run was lost
+(`parallel.LOST_PROCESS_EXIT_CODE`: start every process again, it resumes); 130 a second Ctrl-C.
 """
 import difflib
 import logging as std_logging
@@ -198,7 +202,10 @@ def _run(argv):
   _quiet_library_logs()
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   if _MODE.value != "summary":
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config_checks.check(_CONFIG.value, mode=_MODE.value)  # before waiting for other processes
+    parallel.initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        heartbeat_timeout_s=_CONFIG.value.train.heartbeat_timeout_s)
   MODES[_MODE.value](_CONFIG.value)
 
 

@@ -27,6 +27,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 
 from diffusion_jax import checkpoints
@@ -219,13 +220,31 @@ class MetricsLog:
 
 class _StopRequest:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop after the current step, agreed on
-  by every process. A second SIGINT aborts at once, as users expect of Ctrl-C."""
+  by every process; a second SIGINT aborts at once, as users expect of Ctrl-C.
+
+  In a multi-process run it also watches the other processes (`parallel.PeerWatchdog`): when
+  one is lost, this process prints which one and the last checkpoint, and exits with status
+  `parallel.LOST_PROCESS_EXIT_CODE` rather than wait in a collective for the runtime's abort.
+
+  Args:
+    config: the training config (the `train.heartbeat_every_s` and
+      `train.lost_process_timeout_s` of the watchdog); None: no watchdog.
+    checkpoint_dir: where the run's checkpoints go, named when a process is lost.
+  """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, config: ml_collections.ConfigDict | None = None,
+               checkpoint_dir: epath.Path | None = None):
     self.signal_name: str | None = None  # the first signal this process received
+    self._agreed_reason: str | None = None
     self._previous = {}
+    self._checkpoint_dir = checkpoint_dir
+    self._watchdog = None
+    if config is not None:
+      self._watchdog = parallel.PeerWatchdog(
+          timeout_s=config.train.lost_process_timeout_s,
+          every_s=config.train.heartbeat_every_s, on_lost=self._lost)
 
   @property
   def requested(self) -> bool:
@@ -233,7 +252,8 @@ class _StopRequest:
 
   @property
   def reason(self) -> str:
-    return self.signal_name or "a stop request to another process"
+    """Why the run stops: this process's signal, the time limit, preemption or another's."""
+    return self.signal_name or self._agreed_reason or "a stop request to another process"
 
   def __enter__(self):
     for signum in self.SIGNALS:
@@ -245,6 +265,8 @@ class _StopRequest:
         signal.signal(signum, previous)
         continue
       self._previous[signum] = signal.SIG_DFL if previous is None else previous
+    if self._watchdog is not None:
+      self._watchdog.start()
     return self
 
   def _handle(self, signum, frame):
@@ -258,23 +280,71 @@ class _StopRequest:
     # os.write, not print: the handler may run in the middle of a print to the same stream.
     os.write(2, f"{name} received: stopping before the next step{again}\n".encode())
 
-  def __exit__(self, *exc):
+  def _lost(self, process_index: int, why: str) -> None:
+    """Ends this process: another one of the run is gone (runs in the watchdog thread)."""
+    where = "there is no complete checkpoint yet (a restart begins at step 0)"
+    if self._checkpoint_dir is not None:
+      try:
+        steps = ocp.step.checkpoint_steps(self._checkpoint_dir)
+      except Exception:  # pylint: disable=broad-except  # e.g. storage unreachable
+        steps = None
+      if steps is None:
+        where = f"could not list {self._checkpoint_dir}"
+      elif steps:
+        where = (f"the last checkpoint is step {max(steps)}, "
+                 f"{self._checkpoint_dir / str(max(steps))}")
+    code = parallel.LOST_PROCESS_EXIT_CODE
+    message = (f"error: process {process_index} of {jax.process_count()} is lost ({why}); "
+               f"{where}. Process {jax.process_index()} exits with status {code}: start "
+               f"every process of the run again to resume (launch/supervise.sh does)\n")
+    # os.write, not print: the main thread may hold the stream's lock, stuck in a collective.
+    os.write(2, message.encode())
+    os._exit(code)
+
+  def __exit__(self, exc_type, *exc):
+    if self._watchdog is not None:
+      if exc_type is not None and exc_type is not KeyboardInterrupt:
+        # An error may come from a collective with a lost process: wait for the watchdog's
+        # word, so that it is reported as such (and the runtime's abort does not come first).
+        self._watchdog.confirm_peers()
+      self._watchdog.close(failed=exc_type is not None)
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self, step: int, *, over_time: bool = False, every: int = 1) -> bool:
+    """Whether every process stops after `step`; the same answer on each of them.
+
+    Args:
+      step: the number of steps done.
+      over_time: this process's clock says the time limit has passed.
+      every: with several processes, agree (one collective, which waits for the steps
+        dispatched so far) only when `step` is a multiple of this; a preemption notice is
+        agreed on at every step without a collective.
+
+    Returns:
+      True if any process received SIGTERM/SIGINT or saw the time limit pass (as of the last
+      agreement), or the runtime's preemption notice falls on this step.
+    """
     if jax.process_count() == 1:
-      return self.requested
+      if over_time and not self.requested:
+        self._agreed_reason = "time limit"
+      return self.requested or over_time
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     try:
       if multihost_utils.reached_preemption_sync_point(step):
+        self._agreed_reason = "preemption notice"
         return True
     except Exception:  # pylint: disable=broad-except  # no preemption service
       pass
-    # Every process must agree: stop when any of them was asked to.
-    flags = multihost_utils.process_allgather(np.asarray(self.requested))
-    return bool(np.any(flags))
+    if step % every:
+      return False
+    # Every process must agree: stop when any of them was asked to or is over time.
+    flags = multihost_utils.process_allgather(np.asarray([self.requested, over_time]))
+    requested, over = np.asarray(flags).reshape(-1, 2).any(axis=0)
+    if over and not self.requested:
+      self._agreed_reason = "time limit"
+    return bool(requested or over)
 
 
 @dataclasses.dataclass
@@ -323,14 +393,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpoints are kept).
 
   SIGTERM or SIGINT (Ctrl-C) stops the run after the current step with a checkpoint; before the
-  first step (while restoring or compiling) it stops without one. A second SIGINT aborts.
+  first step (while restoring or compiling) it stops without one. A second SIGINT aborts. With
+  several processes, a signal to any of them or the time limit passing on any clock stops all
+  at the same step, the next multiple of `train.stop_check_every`; a lost process ends the
+  others with status `parallel.LOST_PROCESS_EXIT_CODE` after `train.lost_process_timeout_s`.
   """
   mesh = parallel.make_mesh(devices)
-  validate_config(config, mesh.devices.size, workdir)
+  validate_config(config, mesh.devices.size, workdir)  # before the watchdog starts, too
   lock = workdir_lock.hold_for_run(workdir, is_main=jax.process_index() == 0,
                                    multi_process=jax.process_count() > 1)
   try:
-    with _StopRequest() as stop:
+    with _StopRequest(config, epath.Path(workdir) / "checkpoints") as stop:
       return _train(config, workdir, mesh, stop)
   finally:
     if lock is not None:
@@ -450,10 +523,11 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
         jax.profiler.stop_trace()
         profiling = False
 
-      stop_now = stop.should_stop(step)
       over_time = (config.train.time_limit_s > 0
                    and time.time() - t_start > config.train.time_limit_s)
-      last = step == num_steps or stop_now or over_time
+      stop_now = stop.should_stop(step, over_time=over_time,
+                                  every=config.train.stop_check_every)
+      last = step == num_steps or stop_now
       if step % config.train.log_every == 0 or last:
         check_finite_and_log(step)
       ckpt.check_for_errors()  # stops at the first step after a failed background save
@@ -463,10 +537,9 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
         last_saved = step
       if sample_fn is not None and (step % config.train.sample_every == 0 or last):
         write_samples(config, sample_fn, state.ema_params, mesh, step, workdir_path, log)
-      if stop_now or over_time:
+      if stop_now:
         if is_main:
-          print(f"Stopping at step {step} ({stop.reason if stop_now else 'time limit'}); "
-                f"checkpoint saved", flush=True)
+          print(f"Stopping at step {step} ({stop.reason}); checkpoint saved", flush=True)
         break
   finally:
     if profiling:

@@ -100,6 +100,9 @@ TRAIN_REFUSED = [
     ("train.batch_size", 0), ("train.num_steps", 0), ("train.log_every", 0),
     ("train.checkpoint_every", 0), ("train.keep_checkpoints", 0), ("train.sample_every", -1),
     ("train.time_limit_s", -1.0), ("train.profile_start", -2), ("train.profile_steps", 0),
+    ("train.stop_check_every", 0), ("train.heartbeat_every_s", 0.0),
+    ("train.lost_process_timeout_s", 1.0), ("train.lost_process_timeout_s", 100.0),
+    ("train.heartbeat_timeout_s", 0),
     ("sample.num_samples", 0), ("sample.ddim_steps", -1), ("sample.ddim_steps", 101),
 ]
 

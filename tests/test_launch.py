@@ -458,9 +458,11 @@ def test_supervise_gives_up_after_max_restarts(gcloud):
   assert _kinds(gcloud.calls()).count("create") == 2
 
 
-def test_supervise_relaunches_a_failed_run_without_recreating(gcloud):
+# 75: a worker that saw another process of the run lost; 134: one the JAX runtime aborted.
+@pytest.mark.parametrize("failed", ["exit:1", "exit:75", "exit:134"])
+def test_supervise_relaunches_a_failed_run_without_recreating(gcloud, failed):
   gcloud.answers("describe_node", "READY")
-  gcloud.answers("status", "running,exit:1", "running,running", "exit:0,exit:0")
+  gcloud.answers("status", f"running,{failed}", "running,running", "exit:0,exit:0")
   result = _supervise(gcloud)
   assert result.returncode == 0, result.stderr
   assert _kinds(gcloud.calls()) == ["describe", "status", "stop", "run", "describe", "status",

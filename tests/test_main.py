@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -24,18 +25,11 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_compilation_cache_dir", os.environ["CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    import importlib.util
+    import importlib.util, json, time, types
     import numpy as np
     import tensorflow_datasets as tfds
     from diffusion_jax import parallel, train
 
-    process_id = int(os.environ["PROCESS_ID"])
-    num_processes = int(os.environ["NUM_PROCESSES"])
-    if num_processes > 1:
-      assert parallel.initialize_distributed(os.environ["COORDINATOR"], num_processes, process_id)
-      assert parallel.initialize_distributed(os.environ["COORDINATOR"], num_processes, process_id)
-    else:
-      assert not parallel.initialize_distributed()
     spec = importlib.util.spec_from_file_location("cfg", os.environ["CONFIG"])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,6 +37,21 @@ _WORKER = textwrap.dedent("""
     config.train.num_steps = int(os.environ["NUM_STEPS"])
     config.train.checkpoint_every = int(os.environ.get("CHECKPOINT_EVERY", "3"))
     config.train.log_every = 1
+    for field, value in json.loads(os.environ.get("OVERRIDES", "{}")).items():
+      section, name = field.split(".")
+      config[section][name] = value
+    if "CLOCK_RATE" in os.environ:  # this host's clock runs CLOCK_RATE times too fast
+      rate, start = float(os.environ["CLOCK_RATE"]), time.time()
+      train.time = types.SimpleNamespace(time=lambda: start + (time.time() - start) * rate)
+
+    process_id = int(os.environ["PROCESS_ID"])
+    num_processes = int(os.environ["NUM_PROCESSES"])
+    if num_processes > 1:
+      for _ in range(2):  # the second call does nothing
+        assert parallel.initialize_distributed(os.environ["COORDINATOR"], num_processes,
+                                               process_id, config.train.heartbeat_timeout_s)
+    else:
+      assert not parallel.initialize_distributed()
     with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
       state = train.train_and_evaluate(config, os.environ["WORKDIR"])
     params = parallel.fetch(state.params)
@@ -65,7 +74,9 @@ def _env(**extra):
   return env
 
 
-def _start_workers(tmp_path, num_processes, devices_each, num_steps, **extra):
+def _start_workers(tmp_path, num_processes, devices_each, num_steps, overrides=None,
+                   per_process=None, **extra):
+  """Starts the worker processes of one run; `per_process[i]` adds process i's variables."""
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
   coordinator = f"127.0.0.1:{_free_port()}"
@@ -73,7 +84,8 @@ def _start_workers(tmp_path, num_processes, devices_each, num_steps, **extra):
   for i in range(num_processes):
     env = _env(NUM_CPU_DEVICES=devices_each, PROCESS_ID=i, NUM_PROCESSES=num_processes,
                COORDINATOR=coordinator, NUM_STEPS=num_steps, WORKDIR=tmp_path / "work",
-               OUT=tmp_path, **extra)
+               OUT=tmp_path, OVERRIDES=json.dumps(overrides or {}),
+               **extra, **(per_process[i] if per_process else {}))
     procs.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=ROOT,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
@@ -81,30 +93,55 @@ def _start_workers(tmp_path, num_processes, devices_each, num_steps, **extra):
 
 def _wait(procs, timeout=300):
   outs = []
-  for proc in procs:
-    out, _ = proc.communicate(timeout=timeout)
-    outs.append(out)
-    assert proc.returncode == 0, out[-4000:]
+  try:
+    for proc in procs:
+      out, _ = proc.communicate(timeout=timeout)
+      outs.append(out)
+      assert proc.returncode == 0, out[-4000:]
+  finally:
+    for proc in procs:  # on a failure or a hang, leave no worker behind
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
   return outs
+
+
+def _params(tmp_path, num_processes):
+  return [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(num_processes)]
+
+
+def _checkpoint_steps(tmp_path):
+  directory = tmp_path / "work/checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=3))
   assert "8 devices on 2 host(s)" in outs[0]
-  first = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  first = _params(tmp_path, 2)
   assert first[0].keys() == first[1].keys()
   for key in first[0]:
     np.testing.assert_array_equal(first[0][key], first[1][key])
-  # Restart both processes: they restore step 3 and go on to 5, again in agreement.
-  outs = _wait(_start_workers(tmp_path, 2, 4, num_steps=5))
-  assert "Resumed from" in outs[0] and "steps 3 -> 5" in outs[0]
-  second = [dict(np.load(tmp_path / f"params_{i}.npz")) for i in range(2)]
+  # Restart both processes: they restore step 3 and go on, again in agreement, until SIGTERM
+  # to process 1 alone stops both at the same step, a multiple of train.stop_check_every.
+  procs = _start_workers(tmp_path, 2, 4, num_steps=10_000, CHECKPOINT_EVERY=10_000,
+                         overrides={"train.stop_check_every": 2})
+  lines = _read_until(procs[0], "step 5/")
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _wait(procs, timeout=120)
+  out = "".join(lines) + outs[0]
+  assert "Resumed from" in out and "steps 3 -> 10000" in out
+  assert "SIGTERM received" in outs[1]
+  stopped = re.search(r"Stopping at step (\d+) \(a stop request to another process\); "
+                      r"checkpoint saved", out)
+  assert stopped, out[-4000:]
+  step = int(stopped.group(1))
+  assert step >= 6 and step % 2 == 0
+  second = _params(tmp_path, 2)
   for key in second[0]:
     np.testing.assert_array_equal(second[0][key], second[1][key])
   assert any(not np.array_equal(first[0][k], second[0][k]) for k in first[0])
-  steps = sorted(int(p.name) for p in (tmp_path / "work/checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps == [3, 5]
+  assert _checkpoint_steps(tmp_path) == [3, step]
 
 
 def _read_until(proc, prefix, timeout=240):
@@ -133,6 +170,55 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, signum):
   assert "Traceback" not in out
   steps = [int(p.name) for p in (tmp_path / "work/checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_time_limit_on_one_fast_clock_stops_every_process_at_the_same_step(tmp_path):
+  # Process 1's clock runs 1000 times too fast: its time limit passes within a second, while
+  # process 0's would take 10 minutes. On its own, process 1 would leave the others waiting
+  # in the next step's collective.
+  procs = _start_workers(tmp_path, 2, 2, num_steps=10_000, CHECKPOINT_EVERY=10_000,
+                         overrides={"train.time_limit_s": 600.0, "train.stop_check_every": 4},
+                         per_process=[{}, {"CLOCK_RATE": 1000}])
+  outs = _wait(procs, timeout=150)
+  stopped = re.search(r"Stopping at step (\d+) \(time limit\); checkpoint saved", outs[0])
+  assert stopped, outs[0][-4000:]
+  step = int(stopped.group(1))
+  assert step % 4 == 0
+  assert _checkpoint_steps(tmp_path) == [step]
+  first, second = _params(tmp_path, 2)
+  for key in first:
+    np.testing.assert_array_equal(first[key], second[key])
+
+
+def test_a_lost_process_ends_the_other_with_status_75_naming_it(tmp_path):
+  procs = _start_workers(tmp_path, 2, 2, num_steps=10_000, CHECKPOINT_EVERY=3,
+                         overrides={"train.lost_process_timeout_s": 5.0})
+  try:
+    lines = _read_until(procs[0], "step 4/")
+    committed = tmp_path / "work/checkpoints/3"
+    deadline = time.time() + 60
+    while time.time() < deadline and not committed.is_dir():
+      time.sleep(0.05)
+    procs[1].kill()  # SIGKILL: process 1 says nothing to anyone
+    killed = time.time()
+    out, _ = procs[0].communicate(timeout=150)
+    print(f"process 0 exited {time.time() - killed:.1f} s after process 1 was killed "
+          f"(train.lost_process_timeout_s=5)")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.communicate()
+  out = "".join(lines) + out
+  assert procs[0].returncode == 75, out[-4000:]
+  lost = re.search(r"^error: process 1 of 2 is lost \(no heartbeat for \d+ s\); the last "
+                   r"checkpoint is step (\d+), (\S+)\. Process 0 exits with status 75", out,
+                   re.MULTILINE)
+  assert lost, out[-4000:]
+  step = int(lost.group(1))
+  assert step >= 3 and step == _checkpoint_steps(tmp_path)[-1]
+  assert lost.group(2) == str(tmp_path / "work/checkpoints" / str(step))
+  assert "Check failure stack trace" not in out and "Fatal Python error" not in out
 
 
 def test_sigterm_while_compiling_stops_before_the_first_step(tmp_path):
