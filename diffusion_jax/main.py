@@ -194,6 +194,17 @@ def _quiet_library_logs() -> None:
   # orbax's failed writes also end as asyncio tasks whose exceptions nobody retrieves; asyncio
   # logs each with a traceback when it is garbage collected. Nothing else here uses asyncio.
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  # And tensorstore, completing the writes of such a save after orbax closed its event loop,
+  # reports each late completion as an unraisable exception with a traceback.
+  previous = sys.unraisablehook
+
+  def unraisablehook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = unraisablehook
 
 
 def _run(argv):
