@@ -136,7 +136,8 @@ def describe(error: BaseException, limit: int = 300) -> str:
   """`Type: message`, its first line only, at most `limit` characters (orbax's messages can
   hold a whole TensorStore spec)."""
   lines = str(error).strip().splitlines()
-  text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+  first = lines[0].split(" See full TensorStore details")[0] if lines else ""
+  text = f"{type(error).__name__}: {first}"
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -194,11 +194,16 @@ def _quiet_library_logs() -> None:
   # orbax's failed writes also end as asyncio tasks whose exceptions nobody retrieves; asyncio
   # logs each with a traceback when it is garbage collected. Nothing else here uses asyncio.
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-  # And tensorstore, completing the writes of such a save after orbax closed its event loop,
-  # reports each late completion as an unraisable exception with a traceback.
+  # Unraisable reports with a traceback each, of failures the run reports itself: tensorstore
+  # completing the writes of a failed save after orbax closed its event loop, and the abandoned
+  # reads of a damaged checkpoint (every array's, with its whole TensorStore spec: tens of
+  # thousands of lines).
   previous = sys.unraisablehook
 
   def unraisablehook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
     if (unraisable.exc_type is RuntimeError
         and str(unraisable.exc_value) == "Event loop is closed"):
       return

@@ -14,6 +14,10 @@ from diffusion_jax import config_lib
 from diffusion_jax import parallel
 from diffusion_jax import train
 
+# orbax abandons the reads of the other arrays when one fails; Python reports each abandoned
+# coroutine as unraisable (the command line keeps them off the console, see test_main.py).
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def load_config():
   config = config_lib.load_config("configs/test.py")

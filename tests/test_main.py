@@ -423,3 +423,36 @@ def test_kill_9_at_seeded_moments_then_restart_finishes(tmp_path):
   from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
   params, step = checkpoints.restore_params(str(checkpoints_dir))  # verified against checksums
   assert step == resumed_from + 2 and params
+
+
+def test_a_damaged_checkpoint_is_set_aside_in_a_few_lines(tmp_path):
+  """Random bytes in the array data of the latest checkpoint: training reports it in one line,
+  moves it aside and resumes from the previous one; orbax's abandoned reads of every array
+  (each reported with its TensorStore spec) stay off the console."""
+  workdir = tmp_path / "work"
+  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
+         f"--workdir={workdir}", "--config.train.checkpoint_every=3",
+         "--config.train.log_every=3", "--config.train.sample_every=0",
+         f"--config.train.compile_cache_dir={CACHE}"]
+  first = subprocess.run(cmd + ["--config.train.num_steps=6"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rng = np.random.default_rng(0)
+  data = [p for p in (workdir / "checkpoints" / "6" / "state").rglob("ocdbt.process_0/d/*")
+          if p.stat().st_size > 100_000]
+  assert data
+  for path in data:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 4096] = rng.integers(0, 256, 4096, np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+  second = subprocess.run(cmd + ["--config.train.num_steps=9"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert (f"WARNING: checkpoint at step 6 in {workdir / 'checkpoints'} cannot be used"
+          in second.stdout), second.stdout[-3000:]
+  assert f"moved it to {workdir / 'checkpoints' / '6.corrupt'}" in second.stdout
+  assert f"Resumed from {workdir / 'checkpoints' / '3'}" in second.stdout
+  assert "Traceback" not in second.stderr and len(second.stderr.splitlines()) < 30, (
+      second.stderr[-3000:])
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
+      "3", "6", "6.corrupt", "9"]
