@@ -149,6 +149,25 @@ def _report_unreadable(step: int, directory, error: Exception, then: str) -> Non
           f"({describe(error)}); {then}", flush=True)
 
 
+def _has_checksums(manager, directory: epath.Path, step: int) -> bool:
+  """Whether the checkpoint of `step` has its checksums item.
+
+  Raises:
+    CorruptCheckpointError: orbax's record of the step lists the item, but it is gone (a
+      checkpoint written before checksums existed does not list it).
+  """
+  if (directory / str(step) / CHECKSUMS).exists():
+    return True
+  try:
+    written = CHECKSUMS in (manager.metadata(step).item_handlers or {})
+  except Exception:  # pylint: disable=broad-except  # no readable record: judge by the files
+    written = False
+  if written:
+    raise CorruptCheckpointError(f"checkpoint {directory}/{step}: its {CHECKSUMS} item was "
+                                 f"written but is missing")
+  return False
+
+
 def _notice_unverified(step: int, directory) -> None:
   if jax.process_index() == 0:
     print(f"Note: the checkpoint at step {step} in {directory} has no checksums (written before "
@@ -307,7 +326,7 @@ class Checkpointer:
 
   def _restore_verified(self, step: int, abstract_state):
     self._check_shapes(step, abstract_state)
-    has_checksums = (self.directory / str(step) / CHECKSUMS).exists()
+    has_checksums = _has_checksums(self._manager, self.directory, step)
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if has_checksums:
       items[CHECKSUMS] = ocp.args.JsonRestore()
@@ -389,7 +408,7 @@ def _read_params(manager, directory: epath.Path, step: int, key: str):
   wanted = {key: meta[key]}
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                         wanted)
-  has_checksums = (directory / str(step) / CHECKSUMS).exists()
+  has_checksums = _has_checksums(manager, directory, step)
   items = {STATE: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
                                          partial_restore=True)}
   if has_checksums:
