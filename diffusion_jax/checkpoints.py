@@ -17,8 +17,10 @@ Layout (what an evaluation driver reads and a TF-checkpoint converter writes):
                                    dtype), keyed by its tree path (`jax.tree_util.keystr`, e.g.
                                    "['params']['conv_in']['kernel']"). Absent in checkpoints
                                    written (or converted) before checksums were stored: those
-                                   load unverified, with a notice.
+                                   load unverified, with a notice. One that lacks it although
+                                   its _CHECKPOINT_METADATA lists it is refused.
       _CHECKPOINT_METADATA, commit_success.txt   written by orbax when the step is complete
+                                   (the former lists the items the step was written with)
     <step>.corrupt[.<n>]/        a checkpoint that could not be read or failed verification,
                                    moved aside by training (never deleted, never restored)
 
