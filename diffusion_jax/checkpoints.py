@@ -328,16 +328,8 @@ class Checkpointer:
 
   def _restore_verified(self, step: int, abstract_state):
     self._check_shapes(step, abstract_state)
-    has_checksums = _has_checksums(self._manager, self.directory, step)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if has_checksums:
-      items[CHECKSUMS] = ocp.args.JsonRestore()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    if not has_checksums:
-      _notice_unverified(step, self.directory)
-    verify(restored[STATE], restored[CHECKSUMS] if has_checksums else None,
-           where=f"checkpoint {self.directory}/{step}")
-    return restored[STATE]
+    return _restore_state_verified(self._manager, self.directory, step,
+                                   ocp.args.StandardRestore(abstract_state))
 
   def restore_latest(self, abstract_state: dict[str, Any]):
     """Restores the newest usable checkpoint into the shapes and shardings given.
@@ -393,6 +385,27 @@ class Checkpointer:
         **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
 
+def _restore_state_verified(manager, directory: epath.Path, step: int, state_args):
+  """Restores the `state` item of `step` as `state_args` asks (all of it or part), with its
+  checksums when it has them, and verifies what was read (`verify`)."""
+  has_checksums = _has_checksums(manager, directory, step)
+  items = {STATE: state_args}
+  if has_checksums:
+    items[CHECKSUMS] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if not has_checksums:
+    _notice_unverified(step, directory)
+  verify(restored[STATE], restored[CHECKSUMS] if has_checksums else None,
+         where=f"checkpoint {directory}/{step}")
+  return restored[STATE]
+
+
+def complete_steps(directory) -> list[int]:
+  """The steps with a complete (committed) checkpoint in `directory`, read from the files
+  alone (no manager: safe from any thread)."""
+  return sorted(ocp.step.checkpoint_steps(epath.Path(directory)))
+
+
 def _all_processes_ok(ok: bool) -> bool:
   """Whether `ok` holds on every process (no collective with one process)."""
   if jax.process_count() == 1:
@@ -410,18 +423,10 @@ def _read_params(manager, directory: epath.Path, step: int, key: str):
   wanted = {key: meta[key]}
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                                         wanted)
-  has_checksums = _has_checksums(manager, directory, step)
-  items = {STATE: ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                         partial_restore=True)}
-  if has_checksums:
-    items[CHECKSUMS] = ocp.args.JsonRestore()
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  if not has_checksums:
-    _notice_unverified(step, directory)
-  tree = {key: restored[STATE][key]}
-  verify(tree, restored[CHECKSUMS] if has_checksums else None,
-         where=f"checkpoint {directory}/{step}")
-  return jax.tree_util.tree_map(np.asarray, tree[key])
+  state = _restore_state_verified(
+      manager, directory, step,
+      ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True))
+  return jax.tree_util.tree_map(np.asarray, state[key])
 
 
 def restore_params(directory: str, step: int | None = None, *, ema: bool = True):

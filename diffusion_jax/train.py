@@ -27,7 +27,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from diffusion_jax import checkpoints
@@ -285,7 +284,7 @@ class _StopRequest:
     where = "there is no complete checkpoint yet (a restart begins at step 0)"
     if self._checkpoint_dir is not None:
       try:
-        steps = ocp.step.checkpoint_steps(self._checkpoint_dir)
+        steps = checkpoints.complete_steps(self._checkpoint_dir)
       except Exception:  # pylint: disable=broad-except  # e.g. storage unreachable
         steps = None
       if steps is None:

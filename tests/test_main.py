@@ -354,16 +354,22 @@ def _committed_steps(checkpoints_dir):
   return sorted(int(p.name) for p in checkpoints_dir.iterdir() if p.name.isdigit())
 
 
+def _digits_training(workdir, *, log_every):
+  """The command line of a digits training run with a checkpoint every 3 steps (num_steps to
+  be added), sharing the tests' compile cache."""
+  return [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
+          f"--workdir={workdir}", "--config.train.checkpoint_every=3",
+          f"--config.train.log_every={log_every}", "--config.train.sample_every=0",
+          f"--config.train.compile_cache_dir={CACHE}"]
+
+
 def test_full_disk_stops_at_the_first_failed_save_with_one_error_line(tmp_path):
   """The second run may write no file over 100 kB (RLIMIT_FSIZE, with SIGXFSZ ignored so that
   writes fail with EFBIG), while its checkpoints' array data take megabytes (in one or a few
   files, as timing decides): its first save fails, as on a full disk, and the checkpoint of
   the first run, written without the limit, stays. Its other files (logs, metrics) stay small."""
   workdir = tmp_path / "work"
-  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
-         f"--workdir={workdir}", "--config.train.checkpoint_every=3",
-         "--config.train.log_every=1", "--config.train.sample_every=0",
-         f"--config.train.compile_cache_dir={CACHE}"]
+  cmd = _digits_training(workdir, log_every=1)
   first = subprocess.run(cmd + ["--config.train.num_steps=3"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -430,10 +436,7 @@ def test_a_damaged_checkpoint_is_set_aside_in_a_few_lines(tmp_path):
   moves it aside and resumes from the previous one; orbax's abandoned reads of every array
   (each reported with its TensorStore spec) stay off the console."""
   workdir = tmp_path / "work"
-  cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
-         f"--workdir={workdir}", "--config.train.checkpoint_every=3",
-         "--config.train.log_every=3", "--config.train.sample_every=0",
-         f"--config.train.compile_cache_dir={CACHE}"]
+  cmd = _digits_training(workdir, log_every=3)
   first = subprocess.run(cmd + ["--config.train.num_steps=6"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
