@@ -13,20 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax import rng
+from diffusion_jax import prng
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedules import Schedule
 
 
 def _check_keys(keys, shape):
   shape = tuple(int(d) for d in shape)
-  if rng.num_keys(keys) != shape[0]:
-    raise ValueError(f"need one key per example: {rng.num_keys(keys)} keys for shape {shape}")
+  if prng.num_keys(keys) != shape[0]:
+    raise ValueError(f"need one key per example: {prng.num_keys(keys)} keys for shape {shape}")
   return shape
 
 
 def _initial_noise(keys, shape, num_timesteps):
-  return rng.normal_each(rng.fold_in_each(keys, num_timesteps), shape[1:])
+  return prng.normal_each(prng.fold_in_each(keys, num_timesteps), shape[1:])
 
 
 def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str, var_type: str,
@@ -68,7 +68,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
     x, extra_ = carry
     step, t = step_and_t
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    noise = rng.normal_each(rng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
     if shared_noise_key is not None:
       shared = jax.random.normal(jax.random.fold_in(shared_noise_key, t), x.shape[1:], x.dtype)
       noise = jnp.where(step < shared_steps, jnp.broadcast_to(shared, x.shape), noise)
@@ -79,7 +79,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
 
   timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
   steps = jnp.arange(timesteps.shape[0], dtype=jnp.int32)
-  return jax.lax.scan(body, rng.varying_like_keys((x_init, extra), keys), (steps, timesteps))
+  return jax.lax.scan(body, prng.varying_like_keys((x_init, extra), keys), (steps, timesteps))
 
 
 def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type: str,
@@ -201,8 +201,8 @@ def interpolate(sched: Schedule, model_fn: ModelFn, x1, x2, lam, t: int, keys, *
   if not 0 <= t < num_timesteps:
     raise ValueError(f"t must be in [0, {num_timesteps}), got {t}")
   t_b = jnp.full((shape[0],), t, dtype=jnp.int32)
-  noise1 = rng.normal_each(rng.fold_in_each(keys, num_timesteps + 1), shape[1:], x1.dtype)
-  noise2 = rng.normal_each(rng.fold_in_each(keys, num_timesteps + 2), shape[1:], x1.dtype)
+  noise1 = prng.normal_each(prng.fold_in_each(keys, num_timesteps + 1), shape[1:], x1.dtype)
+  noise2 = prng.normal_each(prng.fold_in_each(keys, num_timesteps + 2), shape[1:], x1.dtype)
   xt1 = diffusion.q_sample(sched, x1, t_b, noise1)
   xt2 = diffusion.q_sample(sched, x2, t_b, noise2)
   lam = jnp.asarray(lam, x1.dtype)
@@ -269,7 +269,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
     alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
              * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
-    noise = rng.normal_each(rng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
               + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
               + sigma * noise)

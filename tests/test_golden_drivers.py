@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoints, config_lib, evaluate, parallel, train
+from diffusion_jax import build, checkpoints, config_lib, evaluate, parallel, train
 
 GOLDEN_PATH = pathlib.Path(__file__).resolve().parent / "golden" / "drivers.npz"
 STEP = 7
@@ -54,7 +54,7 @@ def _png(path) -> np.ndarray:
 def _randomized_workdir(config, path: pathlib.Path):
   """A checkpoint at STEP whose EMA weights are the init plus N(0, 0.05^2) noise (the real
   init's output layer is zero, which would make every sample independent of the model)."""
-  model = train.make_model(config)
+  model = build.make_model(config)
   params = jax.jit(lambda k: model.init(k, np.zeros((1, 8, 8, 1), np.float32),
                                         np.zeros((1,), np.int32))["params"])(jax.random.key(0))
   leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -83,11 +83,11 @@ def produce(tmp: pathlib.Path) -> dict[str, np.ndarray]:
 
   eval_dir = tmp / "eval"
   ema = _randomized_workdir(config, eval_dir)
-  config.eval.ddim_steps = 0
+  config.sample.update(dict(sampler="ancestral", num_steps=0))
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ancestral"] = f["images"]
-  config.eval.ddim_steps, config.eval.ddim_eta = 4, 0.5
+  config.sample.update(dict(sampler="ddim", num_steps=4, eta=0.5))
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ddim_eta"] = f["images"]

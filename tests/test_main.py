@@ -301,9 +301,9 @@ def test_command_line_keyboard_interrupt_exits_130_without_a_traceback():
       from absl import app
       from diffusion_jax import main
 
-      def interrupted(config):
+      def interrupted(mode, config, workdir):
         raise KeyboardInterrupt
-      main.MODES["summary"] = interrupted
+      main._dispatch = interrupted
       sys.argv = ["main", "--config=configs/test.py", "--mode=summary"]
       app.run(main.main, flags_parser=main.parse_flags)
   """)

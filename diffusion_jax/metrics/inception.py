@@ -355,20 +355,25 @@ def logits_from_pool(variables: Mapping[str, Any], pool_BxD: jax.Array, *,
   return head.apply({"params": variables["params"]["fc"]}, pool_BxD)
 
 
-def inception_apply(variables: Mapping[str, Any], images_BxHxWx3: jax.Array, *,
-                    model: InceptionV3 | None = None) -> tuple[jax.Array, jax.Array]:
+def inception_apply(variables: Mapping[str, Any], images_BxHxWxC: jax.Array, *,
+                    model: InceptionV3 | None = None,
+                    size: int = INCEPTION_SIZE) -> tuple[jax.Array, jax.Array]:
   """Preprocess and run the network: a pure per-batch function (jit / shard_map friendly).
 
   Args:
     variables: {'params': ..., 'batch_stats': ...} from `load_inception_params`.
-    images_BxHxWx3: uint8 or float RGB images in [0, 255], any size.
+    images_BxHxWxC: uint8 or float images in [0, 255], any size, RGB or grayscale (C = 1 is
+      repeated to 3 channels).
     model: the module (default `InceptionV3()`).
+    size: the side the images are resized to (pytorch-fid: 299).
 
   Returns:
     (pool_Bx2048, logits_BxK) float32.
   """
   model = InceptionV3() if model is None else model
-  x = preprocess_images(images_BxHxWx3, precision=model.precision)
+  if images_BxHxWxC.shape[-1] == 1:
+    images_BxHxWxC = jnp.repeat(images_BxHxWxC, 3, axis=-1)
+  x = preprocess_images(images_BxHxWxC, size=size, precision=model.precision)
   return model.apply(variables, x)
 
 

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax import prng
+
 __all__ = [
     "UNet",
     "ResBlock",
@@ -228,8 +230,8 @@ def depth_to_space(x_BxHxWxD: jax.Array, block_size: int) -> jax.Array:
 def example_dropout(h_BxHxWxC, rate: float, keys_B, site: int):
   """Inverted dropout with one key per example: mask b is bernoulli(fold_in(keys_B[b], site))."""
   keep = 1.0 - rate
-  keep_B = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), keep,
-                                                   h_BxHxWxC.shape[1:]))(keys_B)
+  keep_B = jax.vmap(lambda k: jax.random.bernoulli(k, keep, h_BxHxWxC.shape[1:]))(
+      prng.fold_in_each(keys_B, site))
   return lax.select(keep_B, h_BxHxWxC / jnp.asarray(keep, h_BxHxWxC.dtype),
                     jnp.zeros_like(h_BxHxWxC))
 
