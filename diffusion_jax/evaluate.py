@@ -167,15 +167,18 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
   return path
 
 
+def _chain_setup(config, workdir: str, step: int | None, mode: str):
+  """What a grid mode starts from: (loaded checkpoint, mesh, model, schedule)."""
+  config_checks.check(config, mode=mode)
+  loaded = inference.load(workdir, config, step=step)
+  return loaded, parallel.make_mesh(), build.make_model(config), build.make_schedule(config)
+
+
 def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
   t = T - freq down to 0), then the sample."""
-  config_checks.check(config, mode="progressive")
-  settings = config.eval
-  loaded = inference.load(workdir, config, step=step)
-  mesh = parallel.make_mesh()
-  model, sched = build.make_model(config), build.make_schedule(config)
-  d = config.diffusion
+  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "progressive")
+  settings, d = config.eval, config.diffusion
   size, channels = config.data.image_size, config.data.channels
   num = inference.round_up(settings.progressive_num, mesh.devices.size)
 
@@ -197,12 +200,8 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam."""
-  config_checks.check(config, mode="interpolate")
-  settings = config.eval
-  loaded = inference.load(workdir, config, step=step)
-  mesh = parallel.make_mesh()
-  model, sched = build.make_model(config), build.make_schedule(config)
-  d = config.diffusion
+  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "interpolate")
+  settings, d = config.eval, config.diffusion
   source = split_source(config, settings.bpd_split)
   lams = np.linspace(0.0, 1.0, settings.interp_steps)
   pairs = settings.interp_pairs

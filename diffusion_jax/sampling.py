@@ -5,8 +5,19 @@ draws, for that example, x_T from `fold_in(key, T)` and the noise of the step le
 from `fold_in(key, t)`. Sharding the batch shards the keys with it, so the samples do not depend
 on how many devices share the batch. `model_fn(x, t)` is any callable returning the network's
 output ([B, ...], or twice the channels with a learned variance).
+
+Samplers are chosen by name: `SAMPLERS` maps each name to one function with one signature,
+`f(sched, model_fn, keys, shape, *, num_steps, eta, clip_denoised, mean_type, var_type)`, and
+`sample(name, ...)` checks the settings (`check_sampler`) and calls it. Adding a sampler is one
+such function, one `SAMPLERS` entry, and its tests in tests/test_sampling.py (against a NumPy
+reference, and through `sample`). `check_sampler`'s general limits (num_steps in 0..T with 0 = all
+T, eta >= 0) then apply to it; only a sampler with narrower limits, as ancestral sampling's, adds
+them there.
 """
 from __future__ import annotations
+
+import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -278,3 +289,112 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
   x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
                                       jnp.asarray(previous, jnp.int32)))
   return x0
+
+
+# --- Samplers by name ---------------------------------------------------------------------------
+
+def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int,
+                     eta: float, clip_denoised: bool, mean_type: str,
+                     var_type: str) -> jax.Array:
+  """`p_sample_loop` with the `SAMPLERS` signature.
+
+  Args:
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
+    num_steps: 0 or T: ancestral sampling visits every timestep.
+    eta: must be 0 (ancestral sampling's noise is set by var_type).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  check_sampler("ancestral", num_steps, eta, sched.num_timesteps)
+  return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
+                       clip_denoised=clip_denoised)
+
+
+def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int, eta: float,
+                clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+  """`ddim_sample_loop` with the `SAMPLERS` signature.
+
+  Args:
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
+    num_steps: timesteps to visit, 1..T, spaced by `ddim_timesteps`; 0 = all T.
+    eta: the noise scale, >= 0 (0 = deterministic).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  check_sampler("ddim", num_steps, eta, sched.num_timesteps)
+  return ddim_sample_loop(sched, model_fn, keys, shape,
+                          num_steps=int(num_steps) or sched.num_timesteps, eta=eta,
+                          mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+
+
+SAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+}
+
+
+def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, *,
+                  flag_prefix: str = "") -> None:
+  """Raises ValueError, saying what to set, unless `sample` can run these settings.
+
+  Args:
+    sampler: a name in `SAMPLERS`.
+    num_steps: timesteps to visit, a Python int: 0 = all T; ancestral takes 0 or T only, DDIM
+      1..T.
+    eta: DDIM's noise scale, a Python number >= 0; 0 for ancestral sampling.
+    num_timesteps: T, the schedule's length.
+    flag_prefix: put before the field names in the message ('--config.' for the command line).
+  """
+  field = lambda name: f"{flag_prefix}sample.{name}"
+  names = ", ".join(repr(name) for name in SAMPLERS)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: set {field('sampler')} to one of {names}")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    raise ValueError(f"sample.num_steps={num_steps!r} must be an integer (0 = all T timesteps): "
+                     f"set {field('num_steps')}=N")
+  if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+    raise ValueError(f"sample.eta={eta!r} must be a number (0 = deterministic DDIM): "
+                     f"set {field('eta')}=0.0")
+  if sampler == "ancestral":
+    if num_steps not in (0, num_timesteps):
+      raise ValueError(
+          f"ancestral sampling visits every one of the T timesteps (T={num_timesteps}, got "
+          f"sample.num_steps={num_steps}): set {field('num_steps')}=0, or "
+          f"{field('sampler')}='ddim'")
+    if eta != 0:
+      raise ValueError(
+          f"sample.eta={eta} is DDIM's noise scale, which ancestral sampling does not use: set "
+          f"{field('eta')}=0.0, or {field('sampler')}='ddim'")
+  if not 0 <= num_steps <= num_timesteps:
+    raise ValueError(
+        f"sampler {sampler!r} visits sample.num_steps of the T={num_timesteps} timesteps, got "
+        f"{num_steps}: set {field('num_steps')} to one of 1..{num_timesteps} "
+        f"(0 = all {num_timesteps})")
+  if not eta >= 0:
+    raise ValueError(f"sample.eta={eta} must be >= 0 (0 = deterministic DDIM): set "
+                     f"{field('eta')}=0.0 or more")
+
+
+def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int = 0,
+           eta: float = 0.0, clip_denoised: bool = True, mean_type: str,
+           var_type: str) -> jax.Array:
+  """Samples with the sampler named `sampler`, after `check_sampler`.
+
+  Args:
+    sampler: a name in `SAMPLERS`: 'ancestral' or 'ddim'.
+    sched, model_fn, keys, shape, mean_type, var_type: as in `p_sample_loop`.
+    num_steps: timesteps to visit: 0 = all T; DDIM takes 1..T, spaced by `ddim_timesteps`.
+    eta: DDIM's noise scale (0 = deterministic); must be 0 for ancestral sampling.
+    clip_denoised: clip the x_0 predictions to [-1, 1] at every step.
+
+  Returns:
+    Samples [B, H, W, C], nominally in [-1, 1].
+
+  Raises:
+    ValueError: for settings `check_sampler` refuses.
+  """
+  check_sampler(sampler, num_steps, eta, sched.num_timesteps)
+  return SAMPLERS[sampler](sched, model_fn, keys, shape, num_steps=num_steps, eta=eta,
+                           clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type)

@@ -13,6 +13,7 @@ from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import parallel
+from diffusion_jax import train
 from diffusion_jax import train_step
 
 # orbax abandons the reads of the other arrays when one fails; Python reports each abandoned

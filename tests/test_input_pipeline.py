@@ -5,6 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from diffusion_jax import config_checks
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
 
@@ -157,13 +158,18 @@ def test_tfds_data_dir_in_cloud_storage_is_refused_before_reading():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom", "lsun_church",
-                                  "lsun_cat", "folder", "digits", "test"])
+                                  "lsun_cat", "large_256", "folder", "digits", "test"])
 def test_configs_load_and_reject_unknown_values(name):
   config = load_config(name, "var_type=fixedsmall")
   assert config.diffusion.var_type == "fixedsmall"
-  assert load_config(name, "var_type=learned").diffusion.loss_type == "kl"
-  with pytest.raises(ValueError, match="fixedlarge"):
-    load_config(name, "var_type=big")
+  learned = load_config(name, "var_type=learned,loss_type=kl")
+  assert (learned.diffusion.var_type, learned.diffusion.loss_type) == ("learned", "kl")
+  config_checks.check_diffusion(learned)
+  # A learned variance alone keeps the mse loss, which the checks refuse with what to set.
+  with pytest.raises(config_checks.ConfigError, match=":var_type=learned,loss_type=kl"):
+    config_checks.check_diffusion(load_config(name, "var_type=learned"))
+  with pytest.raises(config_checks.ConfigError, match="fixedlarge"):
+    config_checks.check_diffusion(load_config(name, "var_type=big"))
   with pytest.raises(ValueError, match="allowed keys"):
     load_config(name, "colour=blue")
 
