@@ -8,14 +8,11 @@ Compute dtype: with `dtype=jnp.bfloat16` activations and matmuls/convs run in bf
 parameters stay float32; GroupNorm statistics, the timestep sinusoid and the attention softmax are
 computed in float32, and the output is always float32.
 
-Speed on CPU: the kernel gradients of the large stride-1 3x3 convolutions are computed as nine
-matmuls (`conv3x3_dot_wgrad`) rather than XLA's convolution over the batch; the values and input
-gradients are XLA's. In training, dropout masks come from one key per example
-(`example_dropout`), so the model runs on the whole batch at once.
+In training, dropout masks come from one key per example (`example_dropout`), so the model runs
+on the whole batch at once.
 """
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from typing import Any, Sequence
@@ -35,7 +32,6 @@ __all__ = [
     "space_to_depth",
     "depth_to_space",
     "check_config",
-    "conv3x3_dot_wgrad",
     "example_dropout",
     "count_params",
     "summary",
@@ -62,87 +58,6 @@ def _dense(features: int, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense
                   dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-# On CPU, XLA lowers the kernel gradient of a 3x3 convolution to a convolution over the batch
-# (with layout transposes around it) that runs at under half the speed of the forward pass once
-# B*H*W is large. Nine matrix products, one per kernel tap, do the same sums at close to the
-# machine's matmul speed. Below this many output positions XLA's own gradient is as fast or
-# faster (measured crossover on a 2-core AVX-512 CPU, see docs/performance.md).
-_DOT_WGRAD_MIN_POSITIONS = 8192
-
-
-def _conv_nhwc(x, w, precision):
-  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_dot_wgrad(x_BxHxWxC, w_3x3xCxO, precision=None):
-  """A stride-1 'SAME' 3x3 convolution (NHWC, HWIO) whose kernel gradient is 9 matmuls.
-
-  The value and the input gradient are XLA's; the kernel gradient sums the same products
-  (sum over b, h, w of x_pad[b, h+i, w+j, c] * g[b, h, w, o] for each tap (i, j)) as one
-  [B*H*W, C]^T [B*H*W, O] product per tap, accumulated in float32 (float64 for float64 inputs).
-  """
-  return _conv_nhwc(x_BxHxWxC, w_3x3xCxO, precision)
-
-
-def _conv3x3_fwd(x, w, precision):
-  return _conv_nhwc(x, w, precision), (x, w)
-
-
-def _conv3x3_bwd(precision, res, g_BxHxWxO):
-  x, w = res
-  b, h, wd, c = x.shape
-  o = w.shape[-1]
-  g_x = jax.vjp(lambda x: _conv_nhwc(x, w, precision), x)[1](g_BxHxWxO)[0]
-  x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  g_NxO = g_BxHxWxO.reshape(b * h * wd, o)
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 runs
-  taps = [lax.dot_general(x_pad[:, i:i + h, j:j + wd, :].reshape(b * h * wd, c), g_NxO,
-                          (((0,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=acc_dtype)
-          for i in range(3) for j in range(3)]
-  g_w = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
-  return g_x, g_w
-
-
-conv3x3_dot_wgrad.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-def _varying_axes(x) -> frozenset:
-  """Mesh axes along which `x` differs between devices inside shard_map (empty outside)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                          precision=None, **kwargs):
-  """`lax.conv_general_dilated` for flax's Conv, with the matmul kernel gradient on CPU."""
-  plain = (tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-           and lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and feature_group_count == 1
-           and not kwargs and all(d is None or tuple(d) == (1, 1)
-                                  for d in (lhs_dilation, rhs_dilation)))
-  if (plain and jax.default_backend() == "cpu"
-      and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= _DOT_WGRAD_MIN_POSITIONS
-      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
-    # Under shard_map the kernel is replicated while the activations vary over the mesh; a
-    # custom_vjp must get its cotangents back with the types of its inputs, so mark the kernel
-    # varying first, as XLA's convolution does implicitly (the transpose sums the gradients).
-    extra = tuple(sorted(_varying_axes(lhs) - _varying_axes(rhs)))
-    if extra:
-      rhs = lax.pcast(rhs, extra, to="varying")
-    return conv3x3_dot_wgrad(lhs, rhs, precision)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                  rhs_dilation, dimension_numbers, feature_group_count,
-                                  precision=precision, **kwargs)
-
-
 def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
              stride: int = 1) -> nn.Conv:
   # TF 'SAME' for a 3x3 kernel: (1, 1) at stride 1; at stride 2 on an even size the total pad
@@ -151,8 +66,7 @@ def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
   padding = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
                  kernel_init=_init(scale), bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name,
-                 conv_general_dilated=_conv_general_dilated)
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
