@@ -378,12 +378,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self._manager.reload()
 
-  def restore_config(self, step: int | None = None) -> dict[str, Any]:
-    """The config saved with a checkpoint (default: the latest)."""
-    step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-
 
 def _restore_state_verified(manager, directory: epath.Path, step: int, state_args):
   """Restores the `state` item of `step` as `state_args` asks (all of it or part), with its

@@ -9,16 +9,19 @@ import io
 import json
 import os
 import time
+import uuid
 
 import numpy as np
 from etils import epath
 
 
 def write_atomically(path: epath.Path | str, data: bytes) -> epath.Path:
-  """Writes `data` to PATH.tmp, then renames it to `path` (parents made); returns the path."""
+  """Writes `data` under a temporary name unique to this call, then renames it to `path`
+  (parents made): writers racing for one file (processes caching the same statistics) never
+  read or clobber half a file. Returns the path."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + ".tmp")
+  tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
   tmp.write_bytes(data)
   tmp.replace(path)
   return path

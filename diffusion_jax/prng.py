@@ -86,14 +86,13 @@ def normal_each(keys: jax.Array, sample_shape, dtype=jnp.float32) -> jax.Array:
 
 
 def num_keys(keys: jax.Array) -> int:
-  """Number of keys in a key array: typed keys [B], or raw uint32 keys [B, 2]."""
-  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-    if keys.ndim != 1:
-      raise ValueError(f"keys must be a 1-D key array [B], got shape {keys.shape}")
-    return keys.shape[0]
-  if keys.ndim != 2:
-    raise ValueError(f"keys must be a key array [B] (jax.random.key) or raw keys [B, 2], got "
-                     f"shape {keys.shape}")
+  """Number of keys in a typed key array [B] (`jax.random.key`; raw uint32 data is refused)."""
+  if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    raise ValueError(f"keys must be a key array [B] of typed keys (jax.random.key), got "
+                     f"{keys.dtype} of shape {keys.shape}; wrap raw key data with "
+                     f"jax.random.wrap_key_data")
+  if keys.ndim != 1:
+    raise ValueError(f"keys must be a key array [B] (jax.random.key), got shape {keys.shape}")
   return keys.shape[0]
 
 
@@ -105,7 +104,6 @@ def varying_like_keys(tree, keys: jax.Array):
   varies over the mesh axis; a `lax.scan` carry must have one type throughout. Adding a zero
   derived from the keys gives the initial value the keys' type. Outside shard_map it is a no-op.
   """
-  data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
-  zero = (data.reshape(data.shape[0], -1)[:, 0] * 0).astype(jnp.float32)
+  zero = (jax.random.key_data(keys)[:, 0] * 0).astype(jnp.float32)
   return jax.tree_util.tree_map(
       lambda x: x + zero.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), tree)

@@ -63,7 +63,8 @@ def test_end_to_end_writes_checkpoints_and_metrics(straight):
           "images_per_sec"} <= set(__import__("json").loads(lines[-1]))
   assert int(state["step"]) == 8
   assert list((workdir / "tensorboard").iterdir())
-  saved = checkpoints.Checkpointer(str(workdir / "checkpoints")).restore_config()
+  ckpt_dir = workdir / "checkpoints"
+  saved = checkpoints.read_config(ckpt_dir, checkpoints.select_step(ckpt_dir))
   assert saved["model"]["ch"] == config.model.ch
 
 

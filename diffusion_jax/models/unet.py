@@ -231,29 +231,39 @@ def _res_block_cls(remat: bool):
   return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock
 
 
-class _DownLevel(nn.Module):
+class _Level(nn.Module):
+  """One resolution: res blocks (with attention at `attn_resolutions`), then a resample.
+
+  Going down (`up=False`) it returns every block's output and the downsampled one, the skip
+  connections; going up it concatenates one skip (popped from the end of `skips`) before each
+  of its num_res_blocks + 1 blocks and returns the upsampled output.
+  """
   out_ch: int
   num_res_blocks: int
   attn_resolutions: tuple[int, ...]
-  with_downsample: bool
+  resample: bool
   dropout: float
   dtype: Any
   remat: bool
+  up: bool
 
   @nn.compact
-  def __call__(self, h, temb, train: bool, keys):
+  def __call__(self, h, temb, train: bool, keys, skips: list | None = None):
     block_cls = _res_block_cls(self.remat)
-    hs = []
-    for i in range(self.num_res_blocks):
+    outputs = []
+    for i in range(self.num_res_blocks + int(self.up)):
+      if self.up:
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
                                                                             keys)
       if h.shape[1] in self.attn_resolutions:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
-      hs.append(h)
-    if self.with_downsample:
-      h = _Resample(up=False, dtype=self.dtype, name="downsample")(h)
-      hs.append(h)
-    return hs
+      outputs.append(h)
+    if self.resample:
+      h = _Resample(up=self.up, dtype=self.dtype,
+                    name="upsample" if self.up else "downsample")(h)
+      outputs.append(h)
+    return h if self.up else outputs
 
 
 class _Middle(nn.Module):
@@ -268,31 +278,6 @@ class _Middle(nn.Module):
     h = block_cls(c, self.dropout, self.dtype, name="block_1")(h, temb, train, keys)
     h = AttnBlock(self.dtype, name="attn_1")(h)
     return block_cls(c, self.dropout, self.dtype, name="block_2")(h, temb, train, keys)
-
-
-class _UpLevel(nn.Module):
-  out_ch: int
-  num_res_blocks: int
-  attn_resolutions: tuple[int, ...]
-  with_upsample: bool
-  dropout: float
-  dtype: Any
-  remat: bool
-
-  @nn.compact
-  def __call__(self, h, skips, temb, train: bool, keys):
-    """Consumes `num_res_blocks + 1` skips from the end of `skips` (a list, popped)."""
-    block_cls = _res_block_cls(self.remat)
-    for i in range(self.num_res_blocks + 1):
-      skip = skips.pop()
-      h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
-                                                                            keys)
-      if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
-    if self.with_upsample:
-      h = _Resample(up=True, dtype=self.dtype, name="upsample")(h)
-    return h
 
 
 def check_config(*, image_size: int, ch_mult: Sequence[int], attn_resolutions: Sequence[int],
@@ -393,17 +378,17 @@ class UNet(nn.Module):
 
     hs = [_conv3x3(self.ch, "conv_in", self.dtype)(x)]
     for i, mult in enumerate(self.ch_mult):
-      hs += _DownLevel(self.ch * mult, self.num_res_blocks, attn_res, i != n_levels - 1,
-                       self.dropout, self.dtype, self.remat, name=f"down_{i}")(
-                           hs[-1], temb, train, dropout_keys_B)
+      hs += _Level(self.ch * mult, self.num_res_blocks, attn_res, i != n_levels - 1,
+                   self.dropout, self.dtype, self.remat, up=False, name=f"down_{i}")(
+                       hs[-1], temb, train, dropout_keys_B)
 
     h = _Middle(self.dropout, self.dtype, self.remat, name="mid")(hs[-1], temb, train,
                                                                   dropout_keys_B)
 
     for i in reversed(range(n_levels)):
-      h = _UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, attn_res, i != 0,
-                   self.dropout, self.dtype, self.remat, name=f"up_{i}")(
-                       h, hs, temb, train, dropout_keys_B)
+      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks, attn_res, i != 0,
+                 self.dropout, self.dtype, self.remat, up=True, name=f"up_{i}")(
+                     h, temb, train, dropout_keys_B, hs)
     assert not hs, "every skip connection must be consumed"
 
     h = nn.swish(_group_norm("norm_out", self.dtype)(h))
