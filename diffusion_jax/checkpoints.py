@@ -37,7 +37,6 @@ other corruption with probability 1 - 2^-32.
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from typing import Any
 

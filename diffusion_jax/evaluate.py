@@ -275,9 +275,8 @@ def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: i
     if given:
       ref_mu, ref_sigma = fid.load_statistics(given)
     else:
-      name = (f"{config.data.dataset.replace('/', '_')}_{split}_{config.data.image_size}px_"
-              f"inception{settings.inception_size}"
-              f"{'_first%d' % settings.fid_max_real if settings.fid_max_real > 0 else ''}.npz")
+      name = fid.statistics_file_name(config.data.dataset, split, config.data.image_size,
+                                      settings.inception_size, settings.fid_max_real)
       ref_mu, ref_sigma = fid.cached_statistics(
           stats_dir / name, functools.partial(real_features, split), write=_is_main())
     metrics[f"fid_{split}"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)

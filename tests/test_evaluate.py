@@ -13,6 +13,7 @@ from PIL import Image
 from diffusion_jax import build, checkpoints, config_lib, diffusion, evaluate, inference
 from diffusion_jax import images as images_lib
 from diffusion_jax import parallel, prng
+from tests import checkpoint_fixtures
 
 STEP = 5
 
@@ -31,19 +32,8 @@ def load_config():
 def workdir(tmp_path_factory):
   """A workdir whose checkpoint holds randomized weights (the real init's outputs are ~0)."""
   config = load_config()
-  model = build.make_model(config)
-  params = jax.jit(lambda k: model.init(k, np.zeros((1, 8, 8, 3), np.float32),
-                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(0)
-  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-           for x in leaves]
-  ema = jax.tree_util.tree_unflatten(treedef, noisy)
   path = tmp_path_factory.mktemp("eval")
-  saver = checkpoints.Checkpointer(os.fspath(path / "checkpoints"), async_save=False)
-  saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": ema},
-             config.to_dict())
-  saver.close()
+  ema = checkpoint_fixtures.randomized_checkpoint(config, path, STEP)
   return config, path, ema
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "save_statistics",
     "load_statistics",
     "cached_statistics",
+    "statistics_file_name",
     "frechet_distance",
     "fid_from_features",
     "inception_score",
@@ -97,6 +98,15 @@ def load_statistics(path: str | os.PathLike, dim: int | None = 2048
     sigma_DxD = np.asarray(data["sigma"], np.float64)
   _check_statistics(mu_D, sigma_DxD, dim, f"statistics in {os.fspath(path)}")
   return mu_D, sigma_DxD
+
+
+def statistics_file_name(dataset: str, split: str, image_size: int, inception_size: int,
+                         max_examples: int = 0) -> str:
+  """The cache file name of a split's reference statistics: every setting that changes them
+  (the dataset, split, image size, Inception input size, and a cap on the examples)."""
+  capped = f"_first{max_examples}" if max_examples > 0 else ""
+  return (f"{dataset.replace('/', '_')}_{split}_{image_size}px_inception{inception_size}"
+          f"{capped}.npz")
 
 
 def cached_statistics(path: str | os.PathLike, compute_features: Callable[[], np.ndarray], *,
