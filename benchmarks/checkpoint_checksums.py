@@ -12,17 +12,18 @@ import time
 import jax
 import numpy as np
 
+from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import parallel
-from diffusion_jax import train
+from diffusion_jax import train_step
 
 
 def main(config_path: str, repeats: int = 3) -> None:
   config = config_lib.load_config(config_path)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model, optimizer = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, optimizer, mesh).to_dict()
+  model, optimizer = build.make_model(config), build.make_optimizer(config)
+  abstract = train_step.abstract_state(config, model, optimizer, mesh).to_dict()
   rng = np.random.default_rng(0)
   state = jax.tree_util.tree_map(
       lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype)), abstract)

@@ -2,7 +2,7 @@
 
   python -m diffusion_jax.main --config configs/cifar10.py --workdir runs/cifar10
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=fixedsmall --workdir ...
-  python -m diffusion_jax.main --config configs/cifar10.py:var_type=learned --workdir ...  # kl
+  python -m diffusion_jax.main --config configs/cifar10.py:var_type=learned,loss_type=kl ...
 """
 from diffusion_jax import config_lib
 

@@ -1,96 +1,12 @@
 """Shared defaults: the original's CIFAR-10 recipe (`scripts/run_cifar.py`).
 
 Every other config starts from `get_config()` here and changes what differs. Config arguments
-(`--config configs/cifar10.py:var_type=fixedsmall,loss_type=kl`) are parsed by `parse_arg`.
+(`--config configs/cifar10.py:var_type=fixedsmall,loss_type=kl`) are parsed by
+`config_lib.parse_diffusion_arg`; every value is checked by `diffusion_jax.config_checks`.
 """
 import ml_collections
 
 from diffusion_jax import config_lib
-
-# The diffusion options a config argument may set, with their allowed values.
-from diffusion_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES  # noqa: E402
-_ARG_CHOICES = {"mean_type": MEAN_TYPES, "var_type": VAR_TYPES, "loss_type": LOSS_TYPES}
-
-
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """Parses a config argument `key=value,key=value` against typed defaults.
-
-  Args:
-    arg: the text after the colon in `--config file.py:arg` (None or '' for none).
-    **defaults: every accepted key with its default value (the value's type is kept).
-
-  Returns:
-    a ConfigDict with one entry per default, overridden where `arg` says so.
-
-  Raises:
-    ValueError: for an unknown key, a malformed item or a value not in the allowed set.
-  """
-  out = ml_collections.ConfigDict(dict(defaults))
-  for item in (arg or "").split(","):
-    if not item.strip():
-      continue
-    if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not key=value; allowed keys: "
-                       f"{sorted(defaults)}")
-    key, value = (s.strip() for s in item.split("=", 1))
-    if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; allowed keys: {sorted(defaults)}")
-    default = defaults[key]
-    if isinstance(default, bool):
-      if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config argument {key} must be true or false, got {value!r}")
-      value = value.lower() in ("true", "1")
-    elif default is not None:
-      value = type(default)(value)
-    if key in _ARG_CHOICES and value not in _ARG_CHOICES[key]:
-      raise ValueError(f"{key}={value!r} is not one of {_ARG_CHOICES[key]}")
-    out[key] = value
-  return out
-
-
-def parse_diffusion_arg(arg: str | None, *, var_type: str, **extra) -> ml_collections.ConfigDict:
-  """Parses `mean_type`, `var_type`, `loss_type` (+ `extra` keys) from a config argument.
-
-  A learned variance needs the variational-bound loss, so `var_type=learned` alone also selects
-  `loss_type=kl` (the original's setting for it).
-  """
-  args = parse_arg(arg, mean_type="eps", var_type=var_type, loss_type="mse", **extra)
-  if args.var_type == "learned" and "loss_type=" not in (arg or ""):
-    args.loss_type = "kl"
-  return args
-
-
-def apply_diffusion_args(config: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
-  """Sets the diffusion types parsed by `parse_diffusion_arg` on a config; returns it."""
-  config.diffusion.mean_type = args.mean_type
-  config.diffusion.var_type = args.var_type
-  config.diffusion.loss_type = args.loss_type
-  return config
-
-
-def large_256(arg: str | None, *, dataset: str, random_flip: bool,
-              num_steps: int) -> ml_collections.ConfigDict:
-  """The original's 256x256 recipe (`scripts/run_celebahq.py`, `run_lsun.py`).
-
-  A 114M-parameter U-Net (ch_mult 1,1,2,2,4,4), batch 64, lr 2e-5, no dropout; trained with eps
-  prediction and the mse loss, and sampled with the posterior variance beta_tilde, hence
-  var_type=fixedsmall by default. Config arguments: as `get_config`, plus `block_size=N` (the
-  original's optional space-to-depth).
-  """
-  args = parse_diffusion_arg(arg, var_type="fixedsmall", block_size=1)
-  config = apply_diffusion_args(get_config(), args)
-  config.data.dataset = dataset
-  config.data.image_size = 256
-  config.data.random_flip = random_flip
-  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-  config.model.dropout = 0.0
-  config.model.block_size = args.block_size
-  config.optim.lr = 2e-5
-  config.train.batch_size = 64
-  config.train.num_steps = num_steps
-  config.train.sample_every = 10_000
-  config.sample.num_samples = 16
-  return config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -99,7 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Args:
     arg: optional `mean_type=...,var_type=...,loss_type=...`.
   """
-  args = parse_diffusion_arg(arg, var_type="fixedlarge")
+  args = config_lib.parse_diffusion_arg(arg, var_type="fixedlarge")
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -167,11 +83,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Persistent XLA cache so a restart does not recompile; '' disables, '~' is expanded.
   config.train.compile_cache_dir = "~/.cache/diffusion_jax/xla"
 
+  # How images are sampled: the training grids, every evaluation mode and the notebook sampler.
   config.sample = ml_collections.ConfigDict()
-  config.sample.num_samples = 64   # images in each PNG grid.
-  config.sample.ddim_steps = 0     # 0 = ancestral sampling over all T steps; >0 = DDIM.
-  config.sample.clip_denoised = True
+  config.sample.sampler = "ancestral"  # one of sampling.SAMPLERS: ancestral, ddim.
+  # Timesteps the sampler visits: 0 = all T (ancestral sampling always visits all T); DDIM visits
+  # K in 1..T, evenly spaced.
+  config.sample.num_steps = 0
+  config.sample.eta = 0.0          # DDIM's noise scale (0 = deterministic); ancestral: 0.
+  config.sample.clip_denoised = True  # clip each x_0 prediction to [-1, 1] while sampling.
+  # Images in each training grid, samples/grid_<step>.png (eval.num_samples is the count for
+  # --mode sample and eval).
+  config.sample.num_samples = 64
 
-  # --mode sample / eval / progressive / interpolate (see config_lib.eval_defaults).
-  config.eval = config_lib.eval_defaults()
+  # --mode sample / eval / progressive / interpolate.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256     # images per sampling batch, global (rounded up to the devices).
+  # Images --mode sample draws, and --mode eval draws for FID / Inception Score
+  # (sample.num_samples is the count in each training grid).
+  config.eval.num_samples = 50_000
+  config.eval.seed = 0
+  config.eval.bpd_split = "test"   # split for bits/dim ('' = skip) and for interpolation images.
+  config.eval.bpd_max_examples = 0  # examples of that split for bits/dim; 0 = the whole split.
+  config.eval.bpd_clip_denoised = True  # bits/dim clips the x_0 predictions to [-1, 1].
+  config.eval.fid_splits = ("train", "test")
+  config.eval.fid_stats_dir = ""   # reference statistics cache ('' = WORKDIR/eval/stats).
+  config.eval.fid_stats_train = ""  # TTUR-format .npz (mu, sigma) to use instead of computing them.
+  config.eval.fid_stats_test = ""
+  config.eval.fid_max_real = 0     # real images per split for its statistics; 0 = every one.
+  config.eval.inception_weights = ""  # .npz made by diffusion_jax.metrics.convert_inception.
+  config.eval.inception_size = 299  # input size of the Inception network (pytorch-fid: 299).
+  config.eval.is_splits = 10       # groups of the eval.num_samples images for Inception Score.
+  config.eval.digits_classifier_dir = ""  # dataset 'digits': classifier cache ('' = WORKDIR/eval).
+  config.eval.digits_confidence = 0.9  # probability a digit label needs to count as confident.
+  config.eval.watch = False        # evaluate every new checkpoint until training ends.
+  config.eval.watch_poll_s = 60.0
+  config.eval.watch_timeout_s = 3600.0
+  config.eval.progressive_freq = 50  # --mode progressive: an x_0 prediction every this many steps,
+  config.eval.progressive_num = 8    # for this many samples (one grid row each).
+  config.eval.interp_t = 500       # --mode interpolate: the timestep the two images are mixed at,
+  config.eval.interp_pairs = 4     # for this many pairs of test images (one grid row each),
+  config.eval.interp_steps = 9     # at this many mixing weights from 0 to 1 (images per row).
   return config

@@ -18,9 +18,9 @@ default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  args = default.parse_diffusion_arg(arg, var_type="fixedlarge", num_steps=12_000,
-                                     time_limit_s=0.0)
-  config = default.apply_diffusion_args(default.get_config(), args)
+  args = config_lib.parse_diffusion_arg(arg, var_type="fixedlarge", num_steps=12_000,
+                                        time_limit_s=0.0)
+  config = config_lib.apply_diffusion_args(default.get_config(), args)
   config.diffusion.num_timesteps = 200
   config.diffusion.beta_end = 0.1   # keeps q(x_T | x_0) close to N(0, I) with T = 200.
   config.data.dataset = "digits"
@@ -41,10 +41,10 @@ def get_config(arg=None):
   config.train.log_every = 500
   config.train.checkpoint_every = 1000
   config.train.sample_every = 3000
-  config.sample.num_samples = 64
-  config.sample.ddim_steps = 0    # ancestral sampling over all 200 steps.
-  # --mode sample / eval sized for a CPU: 1,000 samples keep the digits measures' noise near
-  # 10% (docs/digits.md); a few minutes each.
+  config.sample.sampler = "ancestral"  # over all 200 timesteps.
+  config.sample.num_samples = 64  # images in each training grid.
+  # --mode sample / eval sized for a CPU: 1,000 samples (eval.num_samples) keep the digits
+  # measures' noise near 10% (docs/digits.md); a few minutes each.
   config.eval.num_samples = 1000
   config.eval.batch_size = 500
   config.eval.progressive_freq = 20

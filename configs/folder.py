@@ -12,9 +12,9 @@ default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  args = default.parse_diffusion_arg(arg, var_type="fixedlarge", image_dir="", image_size=64,
-                                     batch_size=64, random_flip=True)
-  config = default.apply_diffusion_args(default.get_config(), args)
+  args = config_lib.parse_diffusion_arg(arg, var_type="fixedlarge", image_dir="",
+                                        image_size=64, batch_size=64, random_flip=True)
+  config = config_lib.apply_diffusion_args(default.get_config(), args)
   config.data.dataset = "folder"
   config.data.image_dir = args.image_dir
   config.data.image_size = args.image_size

@@ -1,13 +1,16 @@
 """LSUN church_outdoor 256x256 (`scripts/run_lsun.py`): 114M-parameter U-Net, batch 64, lr 2e-5.
 
 Trained with eps prediction and the mse loss; the original samples with the posterior
-variance beta_tilde, hence var_type=fixedsmall by default. Config arguments as in cifar10.py.
+variance beta_tilde, hence var_type=fixedsmall by default. Config arguments as in large_256.py.
 """
 from diffusion_jax import config_lib
 
-default = config_lib.sibling_module(__file__, "default")
+large_256 = config_lib.sibling_module(__file__, "large_256")
 
 
 def get_config(arg=None):
-  return default.large_256(arg, dataset="lsun/church_outdoor", random_flip=True,
-                           num_steps=1_200_000)
+  config = large_256.get_config(arg)
+  config.data.dataset = "lsun/church_outdoor"
+  config.data.random_flip = True
+  config.train.num_steps = 1_200_000
+  return config

@@ -5,8 +5,8 @@ default = config_lib.sibling_module(__file__, "default")
 
 
 def get_config(arg=None):
-  args = default.parse_diffusion_arg(arg, var_type="fixedlarge")
-  config = default.apply_diffusion_args(default.get_config(), args)
+  args = config_lib.parse_diffusion_arg(arg, var_type="fixedlarge")
+  config = config_lib.apply_diffusion_args(default.get_config(), args)
   config.diffusion.num_timesteps = 100
   config.data.image_size = 8
   config.data.num_workers = 2
@@ -24,7 +24,8 @@ def get_config(arg=None):
   config.train.keep_checkpoints = 2
   config.train.sample_every = 0
   config.train.compile_cache_dir = ""
-  config.sample.num_samples = 8
-  config.sample.ddim_steps = 5
+  config.sample.sampler = "ddim"
+  config.sample.num_steps = 5
+  config.sample.num_samples = 8   # images in each training grid.
   config.eval.interp_t = 50
   return config

@@ -23,13 +23,10 @@ import statistics
 import sys
 import time
 
-# XLA reads its flags once, when the backend starts: everything that must be in XLA_FLAGS is
-# set in `main` before jax is imported, hence the imports inside the functions below.
-
-# XLA flags added for every run unless --no_cpu_flags (CPU-only flags are ignored by GPU and TPU
-# backends). Empty: none of the CPU flags tried (oneDNN, XNNPACK fusions) made the U-Net step
-# faster on the machines measured, see docs/performance.md. Extra flags go in XLA_FLAGS.
-CPU_XLA_FLAGS = ()
+# XLA reads XLA_FLAGS once, when the backend starts, so extra flags go in the environment. None
+# of the CPU flags tried (oneDNN, XNNPACK fusions) made the U-Net step faster on the machines
+# measured (docs/performance.md), so the benchmark adds none. jax is imported inside the
+# functions below so that `--help` answers without loading it.
 
 
 def _parse(argv):
@@ -46,8 +43,6 @@ def _parse(argv):
                       help="length of the timed sampler scan")
   parser.add_argument("--skip", default="",
                       help="comma-separated parts not to run: train, forward, sample")
-  parser.add_argument("--no_cpu_flags", action="store_true",
-                      help="do not add the CPU XLA flags of CPU_XLA_FLAGS")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set model.remat=True (repeatable)")
   parser.add_argument("--profile", default=None, metavar="DIR",
@@ -137,10 +132,11 @@ def run(args) -> dict:
   """Builds, compiles and times everything; returns the result record."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import prng  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
   from diffusion_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models import unet  # pylint: disable=g-import-not-at-top
 
@@ -154,9 +150,9 @@ def run(args) -> dict:
   devices = jax.local_devices()
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(args.batch, len(devices))
-  model = ts.make_model(config)
-  sched = ts.make_schedule(config)
-  optimizer = ts.make_optimizer(config)
+  model = build.make_model(config)
+  sched = build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
   size, channels = config.data.image_size, config.data.channels
   record = dict(
       config=args.config, batch=args.batch, devices=len(devices),
@@ -177,7 +173,7 @@ def run(args) -> dict:
 
   if "train" not in skip:
     step_fn = ts.make_train_step(config, model, sched, optimizer, mesh)
-    run_key = parallel.replicate(ts.train_rng(config), mesh)
+    run_key = ts.train_key(config, mesh)
     start = time.perf_counter()
     compiled = step_fn.lower(state, images, run_key).compile()
     record["compile_train_s"] = time.perf_counter() - start
@@ -204,12 +200,8 @@ def run(args) -> dict:
 
   t_shape = (args.batch,)
   if "forward" not in skip:
-    def forward(params, x, t):
-      return model.apply({"params": params}, x, t, train=False)
-
-    data = P(parallel.DATA_AXIS)
-    forward_fn = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), data, data),
-                                       out_specs=data))
+    forward_fn = parallel.batch_map(lambda params, x, t: build.denoiser(model, params)(x, t),
+                                    mesh, num_batched=2)
     x = parallel.global_batch(
         rng.standard_normal((args.batch, size, size, channels), dtype=np.float32), mesh,
         args.batch)
@@ -227,12 +219,11 @@ def run(args) -> dict:
     # The same per-step work as a full sampling run (one network call, the posterior, fresh
     # noise), over a schedule only `sample_steps` long so the scan is short to time.
     sample_config = config_lib.load_config(args.config, dict(
-        overrides, **{"diffusion.num_timesteps": args.sample_steps,
-                      "sample.ddim_steps": 0}))
-    sample_fn = ts.make_sample_fn(sample_config, model, ts.make_schedule(sample_config), mesh)
-    keys = jax.random.wrap_key_data(parallel.global_batch(
-        np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), args.batch))),
-        mesh, args.batch))
+        overrides, **{"diffusion.num_timesteps": args.sample_steps}))
+    sample_fn = build.make_sample_fn(sample_config, model, build.make_schedule(sample_config),
+                                     mesh, sampler="ancestral", num_steps=0, eta=0.0,
+                                     clip_denoised=True)
+    keys = prng.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)
     start = time.perf_counter()
     compiled_sample = sample_fn.lower(state.params, keys).compile()
     record["compile_sample_s"] = time.perf_counter() - start
@@ -247,9 +238,6 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  if not args.no_cpu_flags and CPU_XLA_FLAGS:
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", "")] + list(CPU_XLA_FLAGS)).strip()
   record = run(args)
   print(json.dumps(record), flush=True)
 

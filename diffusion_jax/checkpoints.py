@@ -37,7 +37,6 @@ other corruption with probability 1 - 2^-32.
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from typing import Any
 
@@ -378,12 +377,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     self._manager.reload()
 
-  def restore_config(self, step: int | None = None) -> dict[str, Any]:
-    """The config saved with a checkpoint (default: the latest)."""
-    step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-
 
 def _restore_state_verified(manager, directory: epath.Path, step: int, state_args):
   """Restores the `state` item of `step` as `state_args` asks (all of it or part), with its
@@ -401,9 +394,40 @@ def _restore_state_verified(manager, directory: epath.Path, step: int, state_arg
 
 
 def complete_steps(directory) -> list[int]:
-  """The steps with a complete (committed) checkpoint in `directory`, read from the files
-  alone (no manager: safe from any thread)."""
-  return sorted(ocp.step.checkpoint_steps(epath.Path(directory)))
+  """The steps with a complete (committed) checkpoint in `directory` (none if it is missing),
+  read from the files alone (no manager: safe from any thread)."""
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  return sorted(ocp.step.checkpoint_steps(directory))
+
+
+def select_step(directory, step: int | None = None) -> int:
+  """`step` if `directory` has a complete checkpoint of it, else (None) the latest step.
+
+  Raises:
+    FileNotFoundError: no checkpoint at all, or none of `step` (naming the steps there).
+  """
+  steps = complete_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (--mode train), or "
+                            "convert the authors' checkpoint with "
+                            "`python -m diffusion_jax.convert_tf_checkpoint`")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; steps there: {steps}")
+  return steps[-1] if step is None else step
+
+
+def read_config(directory, step: int) -> dict[str, Any]:
+  """The config saved with the checkpoint of `step`, as the dict it was saved as."""
+  manager = ocp.CheckpointManager(epath.Path(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers=_item_handlers(partial=True))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+  finally:
+    manager.close()
 
 
 def _all_processes_ok(ok: bool) -> bool:

@@ -1,10 +1,12 @@
-"""Checks of every number in a config, before anything compiles: one rule per field.
+"""Checks of every value in a config, before anything compiles: one rule per field.
 
 A rule names a field, its type and its allowed range; a bound may be another field's name
-("diffusion.num_timesteps"). `check` reports every problem at once in one `ConfigError`, each
-line naming the field, its value, the allowed range and the flag to set. A numeric field added
-to configs/default.py or `config_lib.eval_defaults` needs a line in `RULES` (a test fails until
-it has one).
+("diffusion.num_timesteps"). Beyond the rules, `check` asks the library about the choices it
+owns: the diffusion types (`diffusion.check_types`, via `check_diffusion`) in every mode, and
+the sampler settings (`sampling.check_sampler`) in the modes that sample. It reports every
+problem at once in one `ConfigError`, each line naming the field, its value, what is allowed
+and the flag to set. A numeric field added to configs/default.py needs a line in `RULES` (a test
+fails until it has one).
 """
 from __future__ import annotations
 
@@ -15,10 +17,17 @@ from typing import Any, Callable
 
 import ml_collections
 
-from diffusion_jax import config_lib
+from diffusion_jax import build
+from diffusion_jax import diffusion
+from diffusion_jax import input_pipeline
+from diffusion_jax import parallel
+from diffusion_jax import sampling
 
 MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
 _SAMPLING = ("sample", "eval")
+# Modes that draw samples with the `sample` section's sampler (train: its grids, when
+# train.sample_every > 0).
+_SAMPLER_MODES = ("train",) + _SAMPLING
 
 
 class ConfigError(ValueError):
@@ -31,7 +40,8 @@ class Rule:
 
   Attributes:
     path: the dotted field name, e.g. "optim.lr".
-    kind: "int" (not bool), "float" (a finite int or float, not bool) or "ints" (a tuple of ints).
+    kind: "int" (not bool), "float" (a finite int or float, not bool), "ints" (a tuple of ints),
+      "bool", or "str" (with `choices`).
     low, high: the bounds, a number or another field's dotted name; None = unbounded.
     low_open, high_open: exclude the bound (low < value, value < high).
     choices: the only allowed values, when not a range.
@@ -101,14 +111,16 @@ RULES = (
     Rule("train.heartbeat_timeout_s", "int", 1),
     Rule("train.profile_start", "int", -1, note="-1 = no trace"),
     Rule("train.profile_steps", "int", 1),
+    Rule("sample.sampler", "str", choices=tuple(sampling.SAMPLERS)),
+    Rule("sample.num_steps", "int", 0, _T, modes=_SAMPLER_MODES, note="0 = all T"),
+    Rule("sample.eta", "float", 0, note="0 = deterministic DDIM"),
+    Rule("sample.clip_denoised", "bool"),
     Rule("sample.num_samples", "int", 1),
-    Rule("sample.ddim_steps", "int", 0, _T, modes=("train",), note="0 = ancestral"),
     Rule("eval.batch_size", "int", 1),
     Rule("eval.num_samples", "int", 1),
-    Rule("eval.ddim_steps", "int", 0, _T, modes=_SAMPLING, note="0 = ancestral"),
-    Rule("eval.ddim_eta", "float", 0),
     Rule("eval.seed", "int", 0, 2**32, high_open=True),
     Rule("eval.bpd_max_examples", "int", 0, note="0 = the whole split"),
+    Rule("eval.bpd_clip_denoised", "bool"),
     Rule("eval.fid_max_real", "int", 0, note="0 = the whole split"),
     Rule("eval.inception_size", "int", 75),  # the Inception network's smallest input
     Rule("eval.digits_confidence", "float", 0, 1, low_open=True),
@@ -126,12 +138,10 @@ _MISSING = object()
 
 
 def _get(config, path: str):
-  """A field's value; an `eval` field the config lacks has its `eval_defaults` value."""
+  """A field's value, or _MISSING."""
   node = config
   for name in path.split("."):
     if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
-      if path.startswith("eval."):
-        return config_lib.eval_defaults().get(path.split(".", 1)[1], _MISSING)
       return _MISSING
     node = node[name]
   return node
@@ -154,6 +164,8 @@ def _range_text(rule: Rule, config) -> tuple[str, float | None, float | None]:
   """('>= 1' / 'in [0, 1)' / 'one of 1, 3', low, high) with field bounds resolved."""
   if rule.choices:
     return "one of " + ", ".join(map(str, rule.choices)), None, None
+  if rule.low is None and rule.high is None:
+    return "", None, None
 
   def bound(b):
     if isinstance(b, str):
@@ -185,14 +197,19 @@ def _in_range(value, rule: Rule, low, high) -> bool:
 
 def _problem(rule: Rule, value, config, mode: str) -> str | None:
   """The message for one field, or None when its value is allowed."""
-  what = {"int": "an integer", "float": "a finite number",
-          "ints": "a tuple of integers"}[rule.kind]
-  placeholder = {"int": "N", "float": "X", "ints": "'(N, ...)'"}[rule.kind]
+  what = {"int": "an integer", "float": "a finite number", "ints": "a tuple of integers",
+          "bool": "True or False", "str": "a string" if not rule.choices else ""}[rule.kind]
+  placeholder = {"int": "N", "float": "X", "ints": "'(N, ...)'", "bool": "True|False",
+                 "str": "|".join(map(str, rule.choices))}[rule.kind]
   if rule.kind == "ints":
     ok_type = isinstance(value, (tuple, list)) and all(_is_int(v) for v in value)
     items = list(value) if ok_type else []
   elif rule.kind == "int":
     ok_type, items = _is_int(value), [value]
+  elif rule.kind == "bool":
+    ok_type, items = isinstance(value, bool), []
+  elif rule.kind == "str":
+    ok_type, items = isinstance(value, str), [value]
   else:
     ok_type, items = _is_number(value), [value]
   checked = ((rule.modes is None or mode in rule.modes)
@@ -203,19 +220,100 @@ def _problem(rule: Rule, value, config, mode: str) -> str | None:
   if rule.kind == "ints":
     what += " each"
   note = f" ({rule.note})" if rule.note else ""
-  return (f"{rule.path}={_fmt(value)} must be {what} {text}{note}: "
+  return (f"{rule.path}={_fmt(value)} must be {' '.join(filter(None, (what, text)))}{note}: "
           f"set --config.{rule.path}={placeholder}")
 
 
-def problems(config, mode: str = "train") -> list[str]:
-  """Every rule's complaint about `config` for a run in `mode` (empty: all values allowed).
+# The diffusion types and their allowed values, as diffusion.py defines them.
+_DIFFUSION_TYPES = (("mean_type", diffusion.MEAN_TYPES), ("var_type", diffusion.VAR_TYPES),
+                    ("loss_type", diffusion.LOSS_TYPES))
+
+
+def diffusion_problems(config) -> list[str]:
+  """What `diffusion.check_types` refuses in `config.diffusion`, saying what to set.
 
   Args:
-    config: a full config (configs/*.py); an absent `eval` field takes its default.
+    config: a full config.
+
+  Returns:
+    one message per problem (empty: the types are usable). Each names the flag and the config
+    argument (`--config file.py:key=value`) that set the field.
+  """
+  out, known = [], {}
+  for name, allowed in _DIFFUSION_TYPES:
+    value = _get(config, f"diffusion.{name}")
+    if value is _MISSING:
+      continue
+    try:
+      diffusion.check_types(**{name: value})
+    except (TypeError, ValueError):
+      out.append(f"diffusion.{name}={_fmt(value)} must be one of {', '.join(allowed)}: set "
+                 f"--config.diffusion.{name}={'|'.join(allowed)}, or the config argument "
+                 f":{name}={'|'.join(allowed)}")
+      continue
+    known[name] = value
+  if "var_type" in known and "loss_type" in known:
+    try:
+      diffusion.check_types(var_type=known["var_type"], loss_type=known["loss_type"])
+    except ValueError:
+      var_type, loss_type = known["var_type"], known["loss_type"]
+      fixed = "|".join(v for v in diffusion.VAR_TYPES if v != var_type)
+      out.append(
+          f"diffusion.loss_type={_fmt(loss_type)} cannot train diffusion.var_type="
+          f"{_fmt(var_type)}: set --config.diffusion.loss_type=kl (or the config argument "
+          f":var_type={var_type},loss_type=kl), or keep loss_type={loss_type} with "
+          f"--config.diffusion.var_type={fixed} (config argument :var_type={fixed})")
+  return out
+
+
+def check_diffusion(config) -> None:
+  """Raises ConfigError, saying what to set, for diffusion types the library cannot use:
+  an unknown mean_type, var_type or loss_type, or the mse loss with a learned variance."""
+  raise_if_any(diffusion_problems(config))
+
+
+def _draws_samples(config, mode: str) -> bool:
+  if mode != "train":
+    return mode in _SAMPLER_MODES
+  every = _get(config, "train.sample_every")
+  return _is_number(every) and every > 0
+
+
+def sampler_problems(config, mode: str = "sample") -> list[str]:
+  """What `sampling.check_sampler` refuses in `config.sample`, for a mode that samples.
+
+  Args:
+    config: a full config.
+    mode: the --mode of the run; train samples only when train.sample_every > 0, and
+      progressive / interpolate always sample ancestrally, so only the train, sample and eval
+      modes use the sampler.
+
+  Returns:
+    a list with the one message, or empty.
+  """
+  if not _draws_samples(config, mode):
+    return []
+  sampler, num_steps, eta, num_timesteps = (
+      _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta", _T))
+  if _MISSING in (sampler, num_steps, eta) or not _is_int(num_timesteps):
+    return []
+  try:
+    sampling.check_sampler(sampler, num_steps, eta, num_timesteps, flag_prefix="--config.")
+  except ValueError as e:
+    return [str(e)]
+  return []
+
+
+def problems(config, mode: str = "train") -> list[str]:
+  """Every complaint about `config` for a run in `mode` (empty: all values allowed).
+
+  Args:
+    config: a full config (configs/*.py; a config saved by an older version after
+      `config_lib.upgrade`).
     mode: the --mode of the run: which fields' cross-field ranges matter.
 
   Returns:
-    one message per bad field, in `RULES` order.
+    one message per bad field, in `RULES` order, then the diffusion types' and the sampler's.
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -226,6 +324,11 @@ def problems(config, mode: str = "train") -> list[str]:
       message = _problem(rule, value, config, mode)
       if message:
         out.append(message)
+  out += diffusion_problems(config)
+  # The sampler's own limits, once its fields and T have the right types and ranges.
+  if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=", _T + "="))
+             for m in out):
+    out += sampler_problems(config, mode)
   return out
 
 
@@ -238,5 +341,24 @@ def raise_if_any(messages: list[str]) -> None:
 
 
 def check(config, mode: str = "train") -> None:
-  """Raises ConfigError naming every field whose value `mode` cannot use (see `RULES`)."""
+  """Raises ConfigError naming every field whose value `mode` cannot use: `RULES`, the diffusion
+  types (`check_diffusion`) and, where `mode` samples, the sampler (`sampler_problems`)."""
   raise_if_any(problems(config, mode))
+
+
+def check_training(config, num_devices: int) -> None:
+  """Raises ConfigError, before anything compiles, with what to change for a training run on
+  `num_devices` devices: every problem of `check(config, 'train')`, then the dataset, the
+  U-Net's geometry and dtype, and the split of the batch over devices and micro-batches, all
+  reported at once (the latter only once every value is in its range)."""
+  check(config, "train")
+  messages = []
+  for check_one, args in ((input_pipeline.check_data_config, (config.data,)),
+                          (build.check_model, (config,)),
+                          (parallel.check_batch_size, (config.train.batch_size, num_devices,
+                                                       config.optim.grad_accum_steps))):
+    try:
+      check_one(*args)
+    except ValueError as e:
+      messages.append(str(e))
+  raise_if_any(messages)

@@ -26,6 +26,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
+from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax.models import unet
 
@@ -109,13 +110,11 @@ def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
 
 def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   """Converts a TF checkpoint to `out/checkpoints/<step>`; returns (step, had EMA shadows)."""
-  # Deferred: train imports the data stack, which the mapping above does not need.
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
   out_dir = epath.Path(out) / "checkpoints"
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out directory")
   reader, prefix = _open_reader(checkpoint)
-  model = train.make_model(config)
+  model = build.make_model(config)
   size, channels = config.data.image_size, config.data.channels
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.key(0), np.zeros((1, size, size, channels), np.float32),

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import likelihood
-from diffusion_jax import rng
+from diffusion_jax import prng
 from diffusion_jax.schedules import Schedule
 
 MEAN_TYPES = ("eps", "xstart", "xprev")
@@ -265,13 +265,13 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
     BpdResult(total_bpd [B], terms_bpd [B, T], prior_bpd [B], mse [B, T]).
   """
   check_types(mean_type=mean_type, var_type=var_type)
-  batch = rng.num_keys(keys)
+  batch = prng.num_keys(keys)
   if batch != x_start.shape[0]:
     raise ValueError(f"need one key per example: {batch} keys for a batch of {x_start.shape[0]}")
 
   def body(_, t):
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    noise = rng.normal_each(rng.fold_in_each(keys, t), x_start.shape[1:], x_start.dtype)
+    noise = prng.normal_each(prng.fold_in_each(keys, t), x_start.shape[1:], x_start.dtype)
     x_t = q_sample(sched, x_start, t_b, noise)
     terms, pred_xstart = vb_terms_bpd(sched, model_fn(x_t, t_b), x_start, x_t, t_b,
                                       mean_type=mean_type, var_type=var_type,

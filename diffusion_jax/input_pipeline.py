@@ -25,7 +25,7 @@ import concurrent.futures
 import functools
 import queue
 import threading
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -328,9 +328,3 @@ class BatchIterator:
     if self._pool is not None:
       self._pool.shutdown(wait=False, cancel_futures=True)
 
-
-def host_rows(row_ranges: Sequence[tuple[int, int]]) -> slice:
-  """The single contiguous slice covering the given (start, stop) row ranges."""
-  # Kept here for callers of the pipeline; the implementation lives with the mesh helpers.
-  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
-  return parallel.contiguous_rows(row_ranges)

@@ -29,8 +29,9 @@ from diffusion_jax import workdir_lock
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "digits.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Training config file (configs/*.py[:argument]).",
-    lock_config=True)
+    "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]); default: "
+    "configs/digits.py, or for sample/eval/progressive/interpolate the config saved with the "
+    "checkpoint.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
 _MODE = flags.DEFINE_enum(
@@ -46,29 +47,60 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 
 
-def _train(config):
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
-  if not _WORKDIR.value:
-    raise app.UsageError("--mode train needs --workdir")
-  train.train_and_evaluate(config, _WORKDIR.value)
+_EVALUATION_MODES = ("sample", "eval", "progressive", "interpolate")
 
 
-def _summary(config):
-  from diffusion_jax import train  # pylint: disable=g-import-not-at-top
-  print(train.summary(config))
+def _overrides() -> dict:
+  """The `--config.a.b=value` flags given on the command line, {dotted name: value}."""
+  return {name[len("config."):]: flags.FLAGS[name].value for name in flags.FLAGS
+          if name.startswith("config.") and flags.FLAGS[name].present}
 
 
-def _evaluation(name):
-  def run(config):
-    from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
-    if not _WORKDIR.value:
-      raise app.UsageError(f"--mode {name} needs --workdir (the training workdir)")
-    getattr(evaluate, f"run_{name}")(config, _WORKDIR.value, step=_STEP.value)
-  return run
+def _evaluation_config(mode: str, workdir: str):
+  """The config of an evaluation mode: --config when given, else the one saved with the
+  checkpoint (upgraded when an older version wrote it), with the --config.a.b overrides on top."""
+  if flags.FLAGS["config"].present:
+    return _CONFIG.value
+  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
+  config = inference.saved_config(workdir, _STEP.value)
+  try:
+    config = config_lib.apply_overrides(config, _overrides())
+  except KeyError as e:
+    raise config_checks.ConfigError(e.args[0]) from e
+  config_checks.check(config, mode=mode)
+  return config
 
 
-MODES = {"train": _train, "summary": _summary,
-         **{name: _evaluation(name) for name in ("sample", "eval", "progressive", "interpolate")}}
+def _dispatch(mode: str, config, workdir: str | None) -> None:
+  """Runs one mode; every mode but summary needs --workdir."""
+  if mode == "summary":
+    from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+    try:
+      build.check_model(config)
+    except ValueError as e:
+      raise config_checks.ConfigError(str(e)) from e
+    print(build.model_summary(config))
+    return
+  if not workdir:
+    what = "" if mode == "train" else " (the training workdir)"
+    raise app.UsageError(f"--mode {mode} needs --workdir{what}")
+  if mode == "train":
+    from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir)
+    return
+  from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = _evaluation_config(mode, workdir)
+  if mode == "sample":
+    evaluate.run_sample(config, workdir, step=_STEP.value)
+  elif mode == "eval":
+    evaluate.run_eval(config, workdir, step=_STEP.value)
+  elif mode == "progressive":
+    evaluate.run_progressive(config, workdir, step=_STEP.value)
+  elif mode == "interpolate":
+    evaluate.run_interpolate(config, workdir, step=_STEP.value)
+  else:
+    raise app.UsageError(f"unknown --mode {mode}")
 
 
 # Mistakes in what was asked for: reported in one line, without a traceback, with exit code 2.
@@ -217,12 +249,17 @@ def _run(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _quiet_library_logs()
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
-  if _MODE.value != "summary":
-    config_checks.check(_CONFIG.value, mode=_MODE.value)  # before waiting for other processes
+  mode = _MODE.value
+  config = _CONFIG.value
+  # Before waiting for other processes. An evaluation mode without --config checks the config
+  # saved with the checkpoint instead, once it is read.
+  if mode not in _EVALUATION_MODES or flags.FLAGS["config"].present:
+    config_checks.check(config, mode=mode)
+  if mode != "summary":
     parallel.initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        heartbeat_timeout_s=_CONFIG.value.train.heartbeat_timeout_s)
-  MODES[_MODE.value](_CONFIG.value)
+        heartbeat_timeout_s=config.train.heartbeat_timeout_s)
+  _dispatch(mode, config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

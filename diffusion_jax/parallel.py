@@ -274,24 +274,17 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, global_batch_size: int) -> 
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows, shape)
 
 
-def index_keys(seed: int, stream: int, indices: np.ndarray) -> np.ndarray:
-  """Raw key data uint32 [n, 2]: fold_in(fold_in(key(seed), stream), index) per index.
+def batch_map(fn: Callable, mesh: Mesh, num_batched: int = 1) -> Callable:
+  """`fn(replicated, *batched)` run on every device for its rows, as one jitted program.
 
-  An example's key depends only on its global index, never on the batch or device count.
+  The first argument (parameters, say) is replicated; the `num_batched` other arguments and
+  every output are split along `data`, rows with rows.
+
+  Returns:
+    the jitted f(replicated, *batched) taking and returning global arrays.
   """
-  base = jax.random.fold_in(jax.random.key(seed), stream)
-  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jax.numpy.asarray(indices, np.uint32))
-  return np.asarray(jax.random.key_data(keys))
-
-
-def sharded_index_keys(seed: int, stream: int, indices: np.ndarray, mesh: Mesh) -> jax.Array:
-  """`index_keys` of a global batch of example indices, split over the mesh like a batch.
-
-  Each process computes only its own rows' keys.
-  """
-  rows = host_rows(mesh, len(indices))
-  local = index_keys(seed, stream, np.asarray(indices)[rows])
-  return jax.random.wrap_key_data(global_batch(local, mesh, len(indices)))
+  in_specs = (P(),) + (P(DATA_AXIS),) * num_batched
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA_AXIS)))
 
 
 def replicate(tree, mesh: Mesh):

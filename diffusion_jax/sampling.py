@@ -5,28 +5,39 @@ draws, for that example, x_T from `fold_in(key, T)` and the noise of the step le
 from `fold_in(key, t)`. Sharding the batch shards the keys with it, so the samples do not depend
 on how many devices share the batch. `model_fn(x, t)` is any callable returning the network's
 output ([B, ...], or twice the channels with a learned variance).
+
+Samplers are chosen by name: `SAMPLERS` maps each name to one function with one signature,
+`f(sched, model_fn, keys, shape, *, num_steps, eta, clip_denoised, mean_type, var_type)`, and
+`sample(name, ...)` checks the settings (`check_sampler`) and calls it. Adding a sampler is one
+such function, one `SAMPLERS` entry, and its tests in tests/test_sampling.py (against a NumPy
+reference, and through `sample`). `check_sampler`'s general limits (num_steps in 0..T with 0 = all
+T, eta >= 0) then apply to it; only a sampler with narrower limits, as ancestral sampling's, adds
+them there.
 """
 from __future__ import annotations
+
+import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
-from diffusion_jax import rng
+from diffusion_jax import prng
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedules import Schedule
 
 
 def _check_keys(keys, shape):
   shape = tuple(int(d) for d in shape)
-  if rng.num_keys(keys) != shape[0]:
-    raise ValueError(f"need one key per example: {rng.num_keys(keys)} keys for shape {shape}")
+  if prng.num_keys(keys) != shape[0]:
+    raise ValueError(f"need one key per example: {prng.num_keys(keys)} keys for shape {shape}")
   return shape
 
 
 def _initial_noise(keys, shape, num_timesteps):
-  return rng.normal_each(rng.fold_in_each(keys, num_timesteps), shape[1:])
+  return prng.normal_each(prng.fold_in_each(keys, num_timesteps), shape[1:])
 
 
 def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str, var_type: str,
@@ -68,7 +79,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
     x, extra_ = carry
     step, t = step_and_t
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    noise = rng.normal_each(rng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
     if shared_noise_key is not None:
       shared = jax.random.normal(jax.random.fold_in(shared_noise_key, t), x.shape[1:], x.dtype)
       noise = jnp.where(step < shared_steps, jnp.broadcast_to(shared, x.shape), noise)
@@ -79,7 +90,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
 
   timesteps = jnp.asarray(timesteps, dtype=jnp.int32)
   steps = jnp.arange(timesteps.shape[0], dtype=jnp.int32)
-  return jax.lax.scan(body, rng.varying_like_keys((x_init, extra), keys), (steps, timesteps))
+  return jax.lax.scan(body, prng.varying_like_keys((x_init, extra), keys), (steps, timesteps))
 
 
 def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type: str,
@@ -201,8 +212,8 @@ def interpolate(sched: Schedule, model_fn: ModelFn, x1, x2, lam, t: int, keys, *
   if not 0 <= t < num_timesteps:
     raise ValueError(f"t must be in [0, {num_timesteps}), got {t}")
   t_b = jnp.full((shape[0],), t, dtype=jnp.int32)
-  noise1 = rng.normal_each(rng.fold_in_each(keys, num_timesteps + 1), shape[1:], x1.dtype)
-  noise2 = rng.normal_each(rng.fold_in_each(keys, num_timesteps + 2), shape[1:], x1.dtype)
+  noise1 = prng.normal_each(prng.fold_in_each(keys, num_timesteps + 1), shape[1:], x1.dtype)
+  noise2 = prng.normal_each(prng.fold_in_each(keys, num_timesteps + 2), shape[1:], x1.dtype)
   xt1 = diffusion.q_sample(sched, x1, t_b, noise1)
   xt2 = diffusion.q_sample(sched, x2, t_b, noise2)
   lam = jnp.asarray(lam, x1.dtype)
@@ -269,7 +280,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
     alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
              * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
-    noise = rng.normal_each(rng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
               + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
               + sigma * noise)
@@ -278,3 +289,112 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
   x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
                                       jnp.asarray(previous, jnp.int32)))
   return x0
+
+
+# --- Samplers by name ---------------------------------------------------------------------------
+
+def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int,
+                     eta: float, clip_denoised: bool, mean_type: str,
+                     var_type: str) -> jax.Array:
+  """`p_sample_loop` with the `SAMPLERS` signature.
+
+  Args:
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
+    num_steps: 0 or T: ancestral sampling visits every timestep.
+    eta: must be 0 (ancestral sampling's noise is set by var_type).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  check_sampler("ancestral", num_steps, eta, sched.num_timesteps)
+  return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
+                       clip_denoised=clip_denoised)
+
+
+def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int, eta: float,
+                clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+  """`ddim_sample_loop` with the `SAMPLERS` signature.
+
+  Args:
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
+    num_steps: timesteps to visit, 1..T, spaced by `ddim_timesteps`; 0 = all T.
+    eta: the noise scale, >= 0 (0 = deterministic).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  check_sampler("ddim", num_steps, eta, sched.num_timesteps)
+  return ddim_sample_loop(sched, model_fn, keys, shape,
+                          num_steps=int(num_steps) or sched.num_timesteps, eta=eta,
+                          mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+
+
+SAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+}
+
+
+def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, *,
+                  flag_prefix: str = "") -> None:
+  """Raises ValueError, saying what to set, unless `sample` can run these settings.
+
+  Args:
+    sampler: a name in `SAMPLERS`.
+    num_steps: timesteps to visit, a Python int: 0 = all T; ancestral takes 0 or T only, DDIM
+      1..T.
+    eta: DDIM's noise scale, a Python number >= 0; 0 for ancestral sampling.
+    num_timesteps: T, the schedule's length.
+    flag_prefix: put before the field names in the message ('--config.' for the command line).
+  """
+  field = lambda name: f"{flag_prefix}sample.{name}"
+  names = ", ".join(repr(name) for name in SAMPLERS)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}: set {field('sampler')} to one of {names}")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    raise ValueError(f"sample.num_steps={num_steps!r} must be an integer (0 = all T timesteps): "
+                     f"set {field('num_steps')}=N")
+  if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+    raise ValueError(f"sample.eta={eta!r} must be a number (0 = deterministic DDIM): "
+                     f"set {field('eta')}=0.0")
+  if sampler == "ancestral":
+    if num_steps not in (0, num_timesteps):
+      raise ValueError(
+          f"ancestral sampling visits every one of the T timesteps (T={num_timesteps}, got "
+          f"sample.num_steps={num_steps}): set {field('num_steps')}=0, or "
+          f"{field('sampler')}='ddim'")
+    if eta != 0:
+      raise ValueError(
+          f"sample.eta={eta} is DDIM's noise scale, which ancestral sampling does not use: set "
+          f"{field('eta')}=0.0, or {field('sampler')}='ddim'")
+  if not 0 <= num_steps <= num_timesteps:
+    raise ValueError(
+        f"sampler {sampler!r} visits sample.num_steps of the T={num_timesteps} timesteps, got "
+        f"{num_steps}: set {field('num_steps')} to one of 1..{num_timesteps} "
+        f"(0 = all {num_timesteps})")
+  if not eta >= 0:
+    raise ValueError(f"sample.eta={eta} must be >= 0 (0 = deterministic DDIM): set "
+                     f"{field('eta')}=0.0 or more")
+
+
+def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int = 0,
+           eta: float = 0.0, clip_denoised: bool = True, mean_type: str,
+           var_type: str) -> jax.Array:
+  """Samples with the sampler named `sampler`, after `check_sampler`.
+
+  Args:
+    sampler: a name in `SAMPLERS`: 'ancestral' or 'ddim'.
+    sched, model_fn, keys, shape, mean_type, var_type: as in `p_sample_loop`.
+    num_steps: timesteps to visit: 0 = all T; DDIM takes 1..T, spaced by `ddim_timesteps`.
+    eta: DDIM's noise scale (0 = deterministic); must be 0 for ancestral sampling.
+    clip_denoised: clip the x_0 predictions to [-1, 1] at every step.
+
+  Returns:
+    Samples [B, H, W, C], nominally in [-1, 1].
+
+  Raises:
+    ValueError: for settings `check_sampler` refuses.
+  """
+  check_sampler(sampler, num_steps, eta, sched.num_timesteps)
+  return SAMPLERS[sampler](sched, model_fn, keys, shape, num_steps=num_steps, eta=eta,
+                           clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type)

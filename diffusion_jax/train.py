@@ -1,9 +1,8 @@
-"""DDPM training on every device of every host: state, step, loop.
+"""The training loop: restore or create the state, then step, log, checkpoint and sample
+until `train.num_steps`, on every device of every host.
 
-The step is one pure per-device function, `train_step`, mapped over the 1-D `data` mesh with
-`jax.shard_map`, compiled once with the state donated. Every random number of an example (its
-timestep, its noise, its dropout masks) comes from the run's key folded with the step and then
-with the example's row in the global batch, so 1 device and 8 compute the same losses.
+The step itself is `train_step.py`'s; the model, schedule and optimizer come from `build`;
+batches from `input_pipeline`; checkpoints from `checkpoints`; stopping from `stopping`.
 
 Differences from the original (`diffusion_tf/tpu_utils/tpu_utils.py`, `diffusion_tf/utils.py`):
   * Gradient clipping: the original clips each TPU core's gradient to grad_clip / num_cores
@@ -18,10 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import signal
-import sys
 import time
 
 import jax
@@ -29,322 +25,23 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_checks
-from diffusion_jax import diffusion
+from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import outputs
 from diffusion_jax import parallel
+from diffusion_jax import prng
+from diffusion_jax import stopping
+from diffusion_jax import train_step
 from diffusion_jax import workdir_lock
-from diffusion_jax.progress import format_duration
 from diffusion_jax.models import unet
-# The pure step pieces live in train_step.py (importable without TensorFlow); re-exported here.
-from diffusion_jax.train_step import (  # pylint: disable=unused-import
-    DTYPES, TrainState, _DROPOUT_STREAM, _NOISE_STREAM, _T_STREAM, abstract_state,
-    create_state, diffusion_kwargs, example_keys, init_state, learning_rate_schedule, loss_fn,
-    make_model, make_optimizer, make_sample_fn, make_schedule, make_train_step, train_rng,
-    train_step)
-
-# Folded into key(seed) for the in-training sample grids (2 is the training steps' key,
-# `train_rng`; evaluate.py uses 11-14).
-_GRID_STREAM = 3
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks before anything compiles.
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int,
-                    workdir: str | None = None) -> None:
-  """Raises ConfigError (a ValueError) or PermissionError with what to change, before anything
-  compiles: every number's type and range (`config_checks.RULES`), then the dataset, the
-  diffusion types, the U-Net's geometry and the batch split, each problem reported at once."""
-  config_checks.check(config, mode="train")
-  problems = []
-
-  def collect(check, *args, **kwargs):
-    try:
-      check(*args, **kwargs)
-    except ValueError as e:
-      problems.append(str(e))
-
-  collect(input_pipeline.check_data_config, config.data)
-  collect(diffusion.check_types, **diffusion_kwargs(config))
-  if config.model.dtype not in DTYPES:
-    problems.append(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "
-                    f"--config.model.dtype={' or '.join(DTYPES)}")
-  collect(_check_unet, config)
-  collect(parallel.check_batch_size, config.train.batch_size, num_devices,
-          config.optim.grad_accum_steps)
-  config_checks.raise_if_any(problems)
-  if workdir is not None:
-    check_workdir(workdir)
-
-
-def _check_unet(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError unless the config's U-Net fits its image size."""
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
-
-
-def check_workdir(workdir: str) -> None:
-  """Raises PermissionError unless a file can be created in `workdir` (made if missing)."""
-  path = epath.Path(workdir)
-  probe = path / f".write_test_{os.getpid()}"
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except
-    raise PermissionError(f"cannot write to --workdir {workdir!r} ({type(e).__name__}: {e}); "
-                          f"pass a directory you can write to") from e
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Output: console, TensorBoard, metrics.jsonl, PNG grids.
-
-def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2, cols: int | None = None) -> np.ndarray:
-  """uint8 images -> one uint8 grid image, `pad` black pixels apart, filled row by row.
-
-  `cols` images per row; by default as square as possible.
-  """
-  n, h, w, c = images_NxHxWxC.shape
-  cols = int(math.ceil(math.sqrt(n))) if cols is None else cols
-  rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-  for i, image in enumerate(images_NxHxWxC):
-    r, col = divmod(i, cols)
-    top, left = pad + r * (h + pad), pad + col * (w + pad)
-    grid[top:top + h, left:left + w] = image
-  return grid
-
-
-def to_uint8(images) -> np.ndarray:
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
-      np.uint8)
-
-
-def save_png(image_HxWxC: np.ndarray, path: epath.Path, upscale: int = 1) -> None:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  pil = Image.fromarray(image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC)
-  if upscale > 1:
-    pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.Resampling.NEAREST)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    pil.save(f, format="PNG")
-
-
-class _EventWriter:
-  """TensorBoard scalars and images written with the `tensorboard` package alone.
-
-  Used when clu's writer is unavailable (clu.metric_writers imports TensorFlow).
-  """
-
-  def __init__(self, logdir: str):
-    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
-    epath.Path(logdir).mkdir(parents=True, exist_ok=True)
-    self._writer = event_file_writer.EventFileWriter(logdir)
-
-  def _add(self, step, values):
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                           summary=summary_pb2.Summary(value=values)))
-
-  def write_scalars(self, step, scalars):
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                     for k, v in scalars.items()])
-
-  def write_images(self, step, images):
-    import io  # pylint: disable=g-import-not-at-top
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    values = []
-    for tag, image in images.items():
-      image = np.asarray(image)
-      if image.ndim == 4:
-        image = image[0]
-      buf = io.BytesIO()
-      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
-          height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
-          encoded_image_string=buf.getvalue())))
-    self._add(step, values)
-
-  def flush(self):
-    self._writer.flush()
-
-  def close(self):
-    self._writer.close()
-
-
-class MetricsLog:
-  """TensorBoard (clu when it can be imported) plus WORKDIR/metrics.jsonl; process 0 only."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.enabled = enabled
-    self._writer = None
-    if not enabled:
-      return
-    logdir = str(epath.Path(workdir) / "tensorboard")
-    try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._writer = metric_writers.SummaryWriter(logdir)
-    except ImportError:
-      self._writer = _EventWriter(logdir)
-    self._jsonl = epath.Path(workdir) / "metrics.jsonl"
-
-  def scalars(self, step: int, values: dict[str, float]) -> None:
-    if not self.enabled:
-      return
-    self._writer.write_scalars(step, values)
-    with self._jsonl.open("a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
-
-  def image(self, step: int, tag: str, image_HxWxC: np.ndarray) -> None:
-    if self.enabled:
-      self._writer.write_images(step, {tag: image_HxWxC[None]})
-
-  def flush(self) -> None:
-    if self.enabled:
-      self._writer.flush()
-
-  def close(self) -> None:
-    if self.enabled:
-      self._writer.close()
+from diffusion_jax.progress import format_duration
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
-
-class _StopRequest:
-  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop after the current step, agreed on
-  by every process; a second SIGINT aborts at once, as users expect of Ctrl-C.
-
-  In a multi-process run it also watches the other processes (`parallel.PeerWatchdog`): when
-  one is lost, this process prints which one and the last checkpoint, and exits with status
-  `parallel.LOST_PROCESS_EXIT_CODE` rather than wait in a collective for the runtime's abort.
-
-  Args:
-    config: the training config (the `train.heartbeat_every_s` and
-      `train.lost_process_timeout_s` of the watchdog); None: no watchdog.
-    checkpoint_dir: where the run's checkpoints go, named when a process is lost.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self, config: ml_collections.ConfigDict | None = None,
-               checkpoint_dir: epath.Path | None = None):
-    self.signal_name: str | None = None  # the first signal this process received
-    self._agreed_reason: str | None = None
-    self._previous = {}
-    self._checkpoint_dir = checkpoint_dir
-    self._watchdog = None
-    if config is not None:
-      self._watchdog = parallel.PeerWatchdog(
-          timeout_s=config.train.lost_process_timeout_s,
-          every_s=config.train.heartbeat_every_s, on_lost=self._lost)
-
-  @property
-  def requested(self) -> bool:
-    return self.signal_name is not None
-
-  @property
-  def reason(self) -> str:
-    """Why the run stops: this process's signal, the time limit, preemption or another's."""
-    return self.signal_name or self._agreed_reason or "a stop request to another process"
-
-  def __enter__(self):
-    for signum in self.SIGNALS:
-      try:
-        previous = signal.signal(signum, self._handle)
-      except ValueError:  # not the main thread (e.g. some notebook kernels): no handler.
-        continue
-      if previous is signal.SIG_IGN:  # e.g. SIGINT of a background job: keep ignoring it
-        signal.signal(signum, previous)
-        continue
-      self._previous[signum] = signal.SIG_DFL if previous is None else previous
-    if self._watchdog is not None:
-      self._watchdog.start()
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    self.signal_name = self.signal_name or name
-    again = ""
-    if signum == signal.SIGINT:
-      signal.signal(signum, self._previous[signum])  # the next Ctrl-C is not caught here
-      again = "; press Ctrl-C again to abort without saving"
-    # os.write, not print: the handler may run in the middle of a print to the same stream.
-    os.write(2, f"{name} received: stopping before the next step{again}\n".encode())
-
-  def _lost(self, process_index: int, why: str) -> None:
-    """Ends this process: another one of the run is gone (runs in the watchdog thread)."""
-    where = "there is no complete checkpoint yet (a restart begins at step 0)"
-    if self._checkpoint_dir is not None:
-      try:
-        steps = checkpoints.complete_steps(self._checkpoint_dir)
-      except Exception:  # pylint: disable=broad-except  # e.g. storage unreachable
-        steps = None
-      if steps is None:
-        where = f"could not list {self._checkpoint_dir}"
-      elif steps:
-        where = (f"the last checkpoint is step {max(steps)}, "
-                 f"{self._checkpoint_dir / str(max(steps))}")
-    code = parallel.LOST_PROCESS_EXIT_CODE
-    message = (f"error: process {process_index} of {jax.process_count()} is lost ({why}); "
-               f"{where}. Process {jax.process_index()} exits with status {code}: start "
-               f"every process of the run again to resume (launch/supervise.sh does)\n")
-    # os.write, not print: the main thread may hold the stream's lock, stuck in a collective.
-    os.write(2, message.encode())
-    os._exit(code)
-
-  def __exit__(self, exc_type, *exc):
-    if self._watchdog is not None:
-      if exc_type is not None and exc_type is not KeyboardInterrupt:
-        # An error may come from a collective with a lost process: wait for the watchdog's
-        # word, so that it is reported as such (and the runtime's abort does not come first).
-        self._watchdog.confirm_peers()
-      self._watchdog.close(failed=exc_type is not None)
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-
-  def should_stop(self, step: int, *, over_time: bool = False, every: int = 1) -> bool:
-    """Whether every process stops after `step`; the same answer on each of them.
-
-    Args:
-      step: the number of steps done.
-      over_time: this process's clock says the time limit has passed.
-      every: with several processes, agree (one collective, which waits for the steps
-        dispatched so far) only when `step` is a multiple of this; a preemption notice is
-        agreed on at every step without a collective.
-
-    Returns:
-      True if any process received SIGTERM/SIGINT or saw the time limit pass (as of the last
-      agreement), or the runtime's preemption notice falls on this step.
-    """
-    if jax.process_count() == 1:
-      if over_time and not self.requested:
-        self._agreed_reason = "time limit"
-      return self.requested or over_time
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    try:
-      if multihost_utils.reached_preemption_sync_point(step):
-        self._agreed_reason = "preemption notice"
-        return True
-    except Exception:  # pylint: disable=broad-except  # no preemption service
-      pass
-    if step % every:
-      return False
-    # Every process must agree: stop when any of them was asked to or is over time.
-    flags = multihost_utils.process_allgather(np.asarray([self.requested, over_time]))
-    requested, over = np.asarray(flags).reshape(-1, 2).any(axis=0)
-    if over and not self.requested:
-      self._agreed_reason = "time limit"
-    return bool(requested or over)
-
 
 @dataclasses.dataclass
 class _Pending:
@@ -372,7 +69,7 @@ def _set_compile_cache(config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices=None) -> TrainState:
+                       devices=None) -> train_step.TrainState:
   """Trains until `train.num_steps`, resuming from WORKDIR/checkpoints when possible.
 
   Args:
@@ -398,18 +95,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   others with status `parallel.LOST_PROCESS_EXIT_CODE` after `train.lost_process_timeout_s`.
   """
   mesh = parallel.make_mesh(devices)
-  validate_config(config, mesh.devices.size, workdir)  # before the watchdog starts, too
+  config_checks.check_training(config, mesh.devices.size)  # before the watchdog starts, too
+  outputs.check_workdir(workdir)
   lock = workdir_lock.hold_for_run(workdir, is_main=jax.process_index() == 0,
                                    multi_process=jax.process_count() > 1)
   try:
-    with _StopRequest(config, epath.Path(workdir) / "checkpoints") as stop:
+    with stopping.StopRequest(config, epath.Path(workdir) / "checkpoints") as stop:
       return _train(config, workdir, mesh, stop)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
+def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.TrainState:
   """`train_and_evaluate` with the workdir locked and its stop request installed."""
   num_devices = mesh.devices.size
   _set_compile_cache(config)
@@ -418,20 +116,20 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
   global_batch = config.train.batch_size
   num_steps = config.train.num_steps
 
-  model = make_model(config)
-  sched = make_schedule(config)
-  optimizer = make_optimizer(config)
+  model = build.make_model(config)
+  sched = build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
   source = input_pipeline.make_source(config.data)
   ckpt = checkpoints.Checkpointer(str(workdir_path / "checkpoints"),
                                   keep=config.train.keep_checkpoints)
 
-  abstract = abstract_state(config, model, optimizer, mesh)
+  abstract = train_step.abstract_state(config, model, optimizer, mesh)
   restored, start_step = ckpt.restore_latest(abstract.to_dict())
   if restored is not None:
-    state = TrainState(**restored)
+    state = train_step.TrainState(**restored)
     print(f"Resumed from {ckpt.directory}/{start_step}", flush=True)
   else:
-    state = create_state(config, model, optimizer, mesh)
+    state = train_step.create_state(config, model, optimizer, mesh)
   if is_main:
     print(f"{num_devices} devices on {jax.process_count()} host(s); global batch "
           f"{global_batch}; {unet.count_params(state.params):,} parameters; "
@@ -447,8 +145,8 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
 
   if stopped_before_training():
     return state
-  rng = parallel.replicate(train_rng(config), mesh)
-  p_train_step = make_train_step(config, model, sched, optimizer, mesh)
+  rng = train_step.train_key(config, mesh)
+  p_train_step = train_step.make_train_step(config, model, sched, optimizer, mesh)
   if start_step < num_steps:
     # Compiled now rather than on the first call, so that a stop requested while it compiles
     # (minutes for the large models) ends the run before any step.
@@ -458,10 +156,11 @@ def _train(config, workdir, mesh, stop: _StopRequest) -> TrainState:
     p_train_step = p_train_step.lower(state, images_spec, rng).compile()
     if stopped_before_training():
       return state
-  sample_fn = make_sample_fn(config, model, sched, mesh) if config.train.sample_every else None
-  log = MetricsLog(workdir, enabled=is_main)
+  sample_fn = (build.make_sample_fn(config, model, sched, mesh, **build.sampler_kwargs(config))
+               if config.train.sample_every else None)
+  log = outputs.MetricsLog(workdir, enabled=is_main)
   config_dict = json.loads(config.to_json_best_effort())
-  lr_fn = learning_rate_schedule(config)
+  lr_fn = build.learning_rate_schedule(config)
 
   rows = parallel.host_rows(mesh, global_batch)
   batches = input_pipeline.BatchIterator(
@@ -554,27 +253,17 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
   num_devices = mesh.devices.size
   n = config.sample.num_samples
   padded = -(-n // num_devices) * num_devices
-  # Sample i's key depends only on i, as in `--mode sample`: the grid is the same whatever the
-  # number of devices (the padding rows are dropped).
-  keys = parallel.sharded_index_keys(config.seed, _GRID_STREAM, np.arange(padded), mesh)
+  # Sample i's key depends only on i: the grid is the same whatever the number of devices (the
+  # padding rows are dropped).
+  keys = prng.sharded_example_keys(config.seed, prng.RunStream.GRID, np.arange(padded), mesh)
   t0 = time.time()
   images = parallel.fetch(sample_fn(ema_params, keys))[:n]
-  grid = image_grid(to_uint8(images))
+  grid = images_lib.image_grid(images_lib.to_uint8(images))
   if jax.process_index() == 0:
-    upscale = max(1, 128 // config.data.image_size)
-    save_png(grid, workdir_path / "samples" / f"grid_{step}.png", upscale=upscale)
+    path = workdir_path / "samples" / f"grid_{step}.png"
+    outputs.write_atomically(path, images_lib.encode_png(
+        grid, upscale=images_lib.grid_upscale(config.data.image_size)))
     log.image(step, "samples/ema", grid)
     log.flush()
-    print(f"Wrote {workdir_path / 'samples' / f'grid_{step}.png'} ({n} EMA samples in "
-          f"{time.time() - t0:.1f} s)", flush=True)
+    print(f"Wrote {path} ({n} EMA samples in {time.time() - t0:.1f} s)", flush=True)
   return images
-
-
-def summary(config: ml_collections.ConfigDict) -> str:
-  """The U-Net's parameter table (no compile); ends with `total params: N`."""
-  config_checks.check(config, mode="summary")
-  try:
-    _check_unet(config)
-  except ValueError as e:
-    raise config_checks.ConfigError(str(e)) from e
-  return unet.summary(make_model(config), config.data.image_size, config.data.channels)

@@ -9,10 +9,12 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import parallel
 from diffusion_jax import train
+from diffusion_jax import train_step
 
 # orbax abandons the reads of the other arrays when one fails; Python reports each abandoned
 # coroutine as unraisable (the command line keeps them off the console, see test_main.py).
@@ -53,8 +55,8 @@ def data_file(step_dir: pathlib.Path) -> pathlib.Path:
 
 
 def restore_latest(config, directory):
-  model, optimizer = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, optimizer, parallel.make_mesh())
+  model, optimizer = build.make_model(config), build.make_optimizer(config)
+  abstract = train_step.abstract_state(config, model, optimizer, parallel.make_mesh())
   return checkpoints.Checkpointer(str(directory)).restore_latest(abstract.to_dict())
 
 

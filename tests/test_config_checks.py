@@ -5,15 +5,14 @@ import pytest
 
 from diffusion_jax import config_checks
 from diffusion_jax import config_lib
-from diffusion_jax import evaluate
-from diffusion_jax import train
+
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parent.parent / "configs")
                  .glob("*.py"))
 
 
-def load_config(name="test"):
-  return config_lib.load_config(f"configs/{name}.py")
+def load_config(name="test", arg=None, overrides=None):
+  return config_lib.load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""), overrides)
 
 
 def numeric_leaves(tree, prefix=""):
@@ -32,7 +31,6 @@ def numeric_leaves(tree, prefix=""):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_numeric_field_has_a_rule(name):
   tree = load_config(name).to_dict()
-  tree["eval"] = dict(config_lib.eval_defaults().to_dict(), **tree.get("eval", {}))
   ruled = {rule.path for rule in config_checks.RULES}
   missing = sorted(set(numeric_leaves(tree)) - ruled)
   assert not missing, f"add a Rule to config_checks.RULES for {missing}"
@@ -57,13 +55,15 @@ def test_shipped_configs_pass(name, mode):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_pass_training_checks(name):
-  train.validate_config(load_config(name), 8)
+  config_checks.check_training(load_config(name), 8)
 
 
 @pytest.mark.parametrize("field,value", [
     ("optim.warmup_steps", 0), ("optim.grad_clip", 0.0), ("optim.ema_decay", 0.0),
     ("optim.b1", 0.0), ("train.sample_every", 0), ("train.time_limit_s", 0.0),
-    ("train.profile_start", -1), ("sample.ddim_steps", 0), ("sample.ddim_steps", 100),
+    ("train.profile_start", -1), ("sample.num_steps", 0), ("sample.num_steps", 100),
+    ("sample.eta", 0.0), ("sample.eta", 2.0), ("sample.clip_denoised", False),
+    ("eval.bpd_clip_denoised", False),
     ("diffusion.beta_start", 0.02), ("data.channels", 1), ("seed", 2**32 - 1),
 ])
 def test_edge_values_pass(field, value):
@@ -84,7 +84,7 @@ def test_unused_betas_are_not_checked():
     config_checks.check(config, "train")
 
 
-# Refused by training (train.validate_config, hence train_and_evaluate before compiling).
+# Refused by training (config_checks.check_training, hence train_and_evaluate before compiling).
 TRAIN_REFUSED = [
     ("seed", -1), ("seed", 2**32),
     ("data.image_size", 0), ("data.channels", 2), ("data.num_workers", 0), ("data.prefetch", 0),
@@ -103,7 +103,8 @@ TRAIN_REFUSED = [
     ("train.stop_check_every", 0), ("train.heartbeat_every_s", 0.0),
     ("train.lost_process_timeout_s", 1.0), ("train.lost_process_timeout_s", 100.0),
     ("train.heartbeat_timeout_s", 0),
-    ("sample.num_samples", 0), ("sample.ddim_steps", -1), ("sample.ddim_steps", 101),
+    ("sample.num_samples", 0), ("sample.num_steps", -1), ("sample.num_steps", 101),
+    ("sample.eta", -0.5),
 ]
 
 
@@ -113,32 +114,33 @@ def test_training_refuses(field, value):
   section, key = field.rsplit(".", 1) if "." in field else (None, field)
   (config[section] if section else config)[key] = value
   with pytest.raises(config_checks.ConfigError) as info:
-    train.validate_config(config, 8)
+    config_checks.check_training(config, 8)
   message = str(info.value)
   assert f"{field}={value}" in message and f"set --config.{field}=" in message
 
 
-# Refused by the evaluation mode that uses the field, before it reads a checkpoint.
+# Refused by the evaluation mode that uses the field (its driver checks before reading a
+# checkpoint).
 EVAL_REFUSED = [
-    ("sample", "batch_size", 0), ("sample", "num_samples", 0), ("sample", "ddim_steps", -1),
-    ("sample", "ddim_steps", 101), ("sample", "ddim_eta", -0.5), ("sample", "seed", -1),
-    ("eval", "bpd_max_examples", -1), ("eval", "fid_max_real", -1),
-    ("eval", "inception_size", 74), ("eval", "is_splits", 0), ("eval", "is_splits", 51),
-    ("eval", "watch_poll_s", 0.0), ("eval", "watch_timeout_s", 0.0),
-    ("progressive", "progressive_freq", 0), ("progressive", "progressive_freq", 101),
-    ("progressive", "progressive_num", 0),
-    ("interpolate", "interp_t", -1), ("interpolate", "interp_t", 100),
-    ("interpolate", "interp_pairs", 0), ("interpolate", "interp_steps", 1),
+    ("sample", "eval.batch_size", 0), ("sample", "eval.num_samples", 0),
+    ("sample", "sample.num_steps", -1), ("sample", "sample.num_steps", 101),
+    ("sample", "sample.eta", -0.5), ("eval", "sample.num_steps", 101), ("sample", "eval.seed", -1),
+    ("eval", "eval.bpd_max_examples", -1), ("eval", "eval.fid_max_real", -1),
+    ("eval", "eval.inception_size", 74), ("eval", "eval.is_splits", 0),
+    ("eval", "eval.is_splits", 51), ("eval", "eval.watch_poll_s", 0.0),
+    ("eval", "eval.watch_timeout_s", 0.0),
+    ("progressive", "eval.progressive_freq", 0), ("progressive", "eval.progressive_freq", 101),
+    ("progressive", "eval.progressive_num", 0),
+    ("interpolate", "eval.interp_t", -1), ("interpolate", "eval.interp_t", 100),
+    ("interpolate", "eval.interp_pairs", 0), ("interpolate", "eval.interp_steps", 1),
 ]
 
 
-@pytest.mark.parametrize("mode,key,value", EVAL_REFUSED)
-def test_evaluation_modes_refuse(mode, key, value, tmp_path):
-  config = load_config()
-  config.eval.num_samples = 50
-  config.eval[key] = value
-  with pytest.raises(config_checks.ConfigError, match=f"eval.{key}={value} must be"):
-    getattr(evaluate, f"run_{mode}")(config, str(tmp_path / "no_run"))
+@pytest.mark.parametrize("mode,field,value", EVAL_REFUSED)
+def test_evaluation_modes_refuse(mode, field, value):
+  config = load_config(overrides={"eval.num_samples": 50, field: value})
+  with pytest.raises(config_checks.ConfigError, match=f"{field}={value} must be"):
+    config_checks.check(config, mode)
 
 
 def test_a_cross_field_range_is_checked_only_where_it_is_used():
@@ -170,7 +172,7 @@ def test_messages_name_field_value_range_and_flag_and_are_collected():
   config.train.log_every = 0
   config.optim.b2 = 1.0
   with pytest.raises(config_checks.ConfigError) as info:
-    train.validate_config(config, 8)
+    config_checks.check_training(config, 8)
   lines = str(info.value).splitlines()
   assert lines[0] == "2 config problems:"
   assert lines[1].strip() == ("optim.b2=1.0 must be a finite number in [0, 1): "
@@ -184,9 +186,96 @@ def test_structural_problems_are_collected_too():
   config.data.dataset = "imagenet"
   config.model.dtype = "float16"
   with pytest.raises(config_checks.ConfigError, match="(?s)imagenet.*float16"):
-    train.validate_config(config, 8)
+    config_checks.check_training(config, 8)
 
 
 def test_unknown_mode():
   with pytest.raises(ValueError, match="unknown mode"):
     config_checks.check(load_config(), "fit")
+
+
+# --- The sampler ---------------------------------------------------------------------------------
+
+def test_the_sampler_is_checked_in_the_modes_that_sample():
+  config = load_config(overrides={"sample.sampler": "ancestral", "sample.num_steps": 5})
+  for mode in ("summary", "progressive", "interpolate", "train"):  # train: sample_every = 0
+    config_checks.check(config, mode)
+  want = (r"ancestral sampling visits every one of the T timesteps \(T=100, got "
+          r"sample.num_steps=5\): set --config.sample.num_steps=0, or "
+          r"--config.sample.sampler='ddim'")
+  for mode in ("sample", "eval"):
+    with pytest.raises(config_checks.ConfigError, match=want):
+      config_checks.check(config, mode)
+  config.train.sample_every = 3
+  with pytest.raises(config_checks.ConfigError, match=want):
+    config_checks.check(config, "train")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"sample.eta": 0.5, "sample.sampler": "ancestral", "sample.num_steps": 0},
+     r"sample.eta=0.5 is DDIM's noise scale.*set --config.sample.eta=0.0, or "
+     r"--config.sample.sampler='ddim'"),
+    ({"sample.sampler": "plms"},
+     r"^sample.sampler='plms' must be one of ancestral, ddim: "
+     r"set --config.sample.sampler=ancestral\|ddim$"),
+    ({"sample.num_steps": 101},
+     r"^sample.num_steps=101 must be an integer in \[0, diffusion.num_timesteps=100\] "
+     r"\(0 = all T\): set --config.sample.num_steps=N$"),
+])
+def test_sampler_settings_are_refused_once_with_what_to_set(overrides, match):
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.check(load_config(overrides=overrides), "sample")
+
+
+def test_ddim_and_ancestral_settings_pass():
+  for overrides in ({"sample.sampler": "ddim", "sample.num_steps": 0, "sample.eta": 1.0},
+                    {"sample.sampler": "ddim", "sample.num_steps": 100},
+                    {"sample.sampler": "ancestral", "sample.num_steps": 100}):
+    for mode in config_checks.MODES:
+      config_checks.check(load_config(overrides=overrides), mode)
+
+
+def test_bools():
+  tree = load_config().to_dict()
+  tree["eval"]["bpd_clip_denoised"] = 0
+  tree["sample"]["clip_denoised"] = "yes"
+  assert config_checks.problems(tree, "progressive") == [
+      "sample.clip_denoised='yes' must be True or False: "
+      "set --config.sample.clip_denoised=True|False",
+      "eval.bpd_clip_denoised=0 must be True or False: "
+      "set --config.eval.bpd_clip_denoised=True|False"]
+
+
+# --- The diffusion types -------------------------------------------------------------------------
+
+LEARNED_NEEDS_KL = (r"diffusion.loss_type='mse' cannot train diffusion.var_type='learned': "
+                    r"set --config.diffusion.loss_type=kl \(or the config argument "
+                    r":var_type=learned,loss_type=kl\)")
+
+
+@pytest.mark.parametrize("how", ["config argument", "flag"])
+def test_a_learned_variance_needs_kl_however_it_is_set(how):
+  config = (load_config("cifar10", "var_type=learned") if how == "config argument"
+            else load_config("cifar10", overrides={"diffusion.var_type": "learned"}))
+  assert config.diffusion.loss_type == "mse"  # nothing changes it silently
+  with pytest.raises(config_checks.ConfigError, match=LEARNED_NEEDS_KL):
+    config_checks.check_diffusion(config)
+  for mode in config_checks.MODES:
+    with pytest.raises(config_checks.ConfigError, match=LEARNED_NEEDS_KL):
+      config_checks.check(config, mode)
+  config.diffusion.loss_type = "kl"
+  config_checks.check_diffusion(config)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("mean_type", "v", "eps|xstart|xprev"), ("var_type", "big", "fixedlarge|fixedsmall|learned"),
+    ("loss_type", "l1", "mse|kl"),
+])
+def test_unknown_diffusion_types_say_both_spellings(field, value, allowed):
+  want = (f"diffusion.{field}='{value}' must be one of {allowed.replace('|', ', ')}: set "
+          f"--config.diffusion.{field}={allowed}, or the config argument :{field}={allowed}")
+  for config in (load_config("test", f"{field}={value}"),
+                 load_config("test", overrides={f"diffusion.{field}": value})):
+    with pytest.raises(config_checks.ConfigError) as info:
+      config_checks.check_diffusion(config)
+    assert str(info.value) == want

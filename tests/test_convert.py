@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import tensorflow as tf  # the 'test' extra installs tensorflow-cpu
 
-from diffusion_jax import checkpoints, config_lib, convert_tf_checkpoint, train
+from diffusion_jax import build, checkpoints, config_lib, convert_tf_checkpoint
 from diffusion_jax.models import unet
 
 
 
 def original_variables(config, seed):
   """Values for every variable the original's unet.py creates for this config, by TF name."""
-  model = train.make_model(config)
+  model = build.make_model(config)
   size, channels = config.data.image_size, config.data.channels
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, size, size, channels), np.float32),
@@ -64,7 +64,7 @@ def test_every_variable_lands_in_place_and_the_model_agrees(config, tmp_path):
     np.testing.assert_array_equal(ema_value, raw[name] + 1.0)
 
   # The converted model computes what a model given the same values directly computes.
-  model = train.make_model(config)
+  model = build.make_model(config)
   direct = {}
   for name, value in raw.items():
     node = direct

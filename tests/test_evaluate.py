@@ -10,7 +10,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from diffusion_jax import checkpoints, config_lib, diffusion, evaluate, parallel, train
+from diffusion_jax import build, checkpoints, config_lib, diffusion, evaluate, inference
+from diffusion_jax import images as images_lib
+from diffusion_jax import parallel, prng
+from tests import checkpoint_fixtures
 
 STEP = 5
 
@@ -18,9 +21,10 @@ STEP = 5
 def load_config():
   config = config_lib.load_config("configs/test.py")
   config.diffusion.num_timesteps = 20
-  config.eval = dict(batch_size=8, num_samples=10, ddim_steps=4, seed=3, bpd_max_examples=10,
-                     progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
-                     interp_steps=3)
+  config.eval.update(dict(batch_size=8, num_samples=10, seed=3, bpd_max_examples=10,
+                          progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
+                          interp_steps=3))
+  config.sample.update(dict(sampler="ddim", num_steps=4))
   return config
 
 
@@ -28,19 +32,8 @@ def load_config():
 def workdir(tmp_path_factory):
   """A workdir whose checkpoint holds randomized weights (the real init's outputs are ~0)."""
   config = load_config()
-  model = train.make_model(config)
-  params = jax.jit(lambda k: model.init(k, np.zeros((1, 8, 8, 3), np.float32),
-                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(0)
-  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-           for x in leaves]
-  ema = jax.tree_util.tree_unflatten(treedef, noisy)
   path = tmp_path_factory.mktemp("eval")
-  saver = checkpoints.Checkpointer(os.fspath(path / "checkpoints"), async_save=False)
-  saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": ema},
-             config.to_dict())
-  saver.close()
+  ema = checkpoint_fixtures.randomized_checkpoint(config, path, STEP)
   return config, path, ema
 
 
@@ -62,22 +55,24 @@ def test_sample_mode_writes_this_process_share_and_is_device_count_independent(w
   assert not list(out_dir.glob("*.tmp"))
 
   # The same examples drawn on one device equal those drawn on eight (to float rounding).
-  one = evaluate.Sampler(evaluate.load(os.fspath(path), config),
-                         mesh=parallel.make_mesh(jax.devices()[:1]))
-  first8 = one.sample_batch(np.arange(8), seed=3, ddim_steps=4)
-  eight = evaluate.Sampler(evaluate.load(os.fspath(path), config))
-  np.testing.assert_allclose(eight.sample_batch(np.arange(8), seed=3, ddim_steps=4), first8,
-                             atol=1e-5)
-  np.testing.assert_array_equal(train.to_uint8(first8), images[:8])
+  one = inference.Sampler(inference.load(os.fspath(path), config),
+                          mesh=parallel.make_mesh(jax.devices()[:1]))
+  first8 = one.sample_batch(np.arange(8), seed=3)
+  eight = inference.Sampler(inference.load(os.fspath(path), config))
+  np.testing.assert_allclose(eight.sample_batch(np.arange(8), seed=3), first8, atol=1e-5)
+  np.testing.assert_array_equal(images_lib.to_uint8(first8), images[:8])
+  # Settings given by name replace the config's: ancestral sampling is another chain.
+  ancestral = one.sample_batch(np.arange(8), seed=3, sampler="ancestral", num_steps=0)
+  assert np.abs(ancestral - first8).max() > 0.1
 
 
 def test_notebook_api_reads_the_saved_config(workdir):
   config, path, ema = workdir
-  loaded = evaluate.load(os.fspath(path))  # config from the checkpoint
+  loaded = inference.load(os.fspath(path))  # config from the checkpoint
   assert loaded.step == STEP and loaded.config.model.ch == config.model.ch
   np.testing.assert_array_equal(loaded.params["conv_in"]["kernel"], ema["conv_in"]["kernel"])
-  sampler = evaluate.Sampler.from_workdir(os.fspath(path), config)
-  images = sampler.sample(3, seed=1, ddim_steps=2)
+  sampler = inference.Sampler.from_workdir(os.fspath(path), config)
+  images = sampler.sample(3, seed=1, num_steps=2)
   assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
 
 
@@ -93,8 +88,10 @@ def test_bits_per_dim_is_an_exact_average_over_the_split(workdir, capsys):
   assert got["num_examples"] == 10
   assert "bits/dim (test): 10/10 images (" in capsys.readouterr().out
   # Independently: all 10 examples in one batch on one device, with the same per-example keys.
-  model, sched = train.make_model(config), train.make_schedule(config)
-  keys = jax.random.wrap_key_data(parallel.index_keys(3, evaluate._BPD_STREAM, np.arange(10)))
+  model, sched = build.make_model(config), build.make_schedule(config)
+  # The stream written out, independently of prng.py: BPD = 12, then each example's index.
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 12), i))(
+      np.arange(10))
   direct = diffusion.calc_bpd_loop(
       sched, lambda x, t: model.apply({"params": ema}, x, t, train=False), images, keys,
       mean_type="eps", var_type="fixedlarge")
@@ -103,16 +100,22 @@ def test_bits_per_dim_is_an_exact_average_over_the_split(workdir, capsys):
   assert got["terms_bpd"] + got["prior_bpd"] == pytest.approx(got["bpd"], rel=1e-6)
 
 
-def test_sharded_index_keys_do_not_depend_on_the_mesh():
+def test_sharded_example_keys_do_not_depend_on_the_mesh():
   indices = np.arange(16)
-  want = parallel.index_keys(5, 3, indices)
+  grid = prng.RunStream.GRID
+  base = jax.random.fold_in(jax.random.key(5), 3)  # GRID = 3, written out
+  want = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, int(i))))
+                   for i in indices])
+  data = lambda keys: np.asarray(jax.random.key_data(keys))
   for n in (1, 8):
-    keys = parallel.sharded_index_keys(5, 3, indices, parallel.make_mesh(jax.devices()[:n]))
-    np.testing.assert_array_equal(np.asarray(jax.random.key_data(keys)), want)
+    keys = prng.sharded_example_keys(5, grid, indices, parallel.make_mesh(jax.devices()[:n]))
+    np.testing.assert_array_equal(data(keys), want)
   # Each row folds its own index: a sub-range has the same keys as those rows of the whole.
-  np.testing.assert_array_equal(parallel.index_keys(5, 3, indices[4:9]), want[4:9])
+  np.testing.assert_array_equal(data(prng.example_keys(prng.run_key(5, grid), indices[4:9])),
+                                want[4:9])
   assert len({tuple(k) for k in want}) == len(want)
-  assert not np.array_equal(parallel.index_keys(5, 4, indices), want)
+  assert not np.array_equal(
+      data(prng.example_keys(prng.run_key(5, prng.RunStream.SAMPLE), indices)), want)
 
 
 def test_progressive_and_interpolate_grids(workdir):
@@ -130,9 +133,9 @@ def test_progressive_and_interpolate_grids(workdir):
 def test_missing_checkpoints_are_reported(workdir, tmp_path):
   config, path, _ = workdir
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
-    evaluate.load(os.fspath(tmp_path), config)
+    inference.load(os.fspath(tmp_path), config)
   with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 .* steps there: \[5\]"):
-    evaluate.load(os.fspath(path), config, step=7)
+    inference.load(os.fspath(path), config, step=7)
 
 
 @pytest.fixture(scope="module")
@@ -199,26 +202,49 @@ def test_eval_errors(workdir, tmp_path):
     fid.load_statistics(bad)
 
 
-def test_command_line_sample_mode(workdir):
+def test_command_line_sample_mode_uses_the_saved_config_without_config(workdir):
   import subprocess
   import sys
   config, path, _ = workdir
   root = pathlib.Path(__file__).resolve().parent.parent
-  base = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
-          "--config.diffusion.num_timesteps=20", f"--workdir={path}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run(base + ["--mode", "sample", "--config.eval.num_samples=3",
-                               "--config.eval.ddim_steps=2", "--config.eval.batch_size=2",
-                               f"--step={STEP}"],
+  # No --config: the checkpoint's own (8x8 RGB, T = 20); the default, digits, would not load.
+  out = subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--mode", "sample",
+                        f"--workdir={path}", "--config.eval.num_samples=3",
+                        "--config.sample.num_steps=2", "--config.eval.batch_size=2",
+                        f"--step={STEP}"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   with np.load(path / "samples" / str(STEP) / "samples_0.npz") as f:
     assert f["images"].shape == (3, 8, 8, 3)
-  bad = subprocess.run(base + ["--mode", "sample", "--step=99"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--config",
+                        "configs/test.py", "--mode", "sample", f"--workdir={path}", "--step=99"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0
   assert "no checkpoint for step 99" in bad.stderr
+
+
+def test_a_checkpoint_saved_with_the_previous_config_layout_samples_the_same(
+    workdir, tmp_path, capsys):
+  """A config saved by the layout with `ddim_steps` (tests/golden/config_saved_v0.json, what
+  configs/test.py saved then) is upgraded with one message and gives the same samples as
+  today's config with the same settings."""
+  config, path, ema = workdir
+  saved = json.loads((pathlib.Path(__file__).resolve().parent / "golden" /
+                      "config_saved_v0.json").read_text())
+  saved["diffusion"]["num_timesteps"] = 20
+  saved["eval"].update(batch_size=8, num_samples=10, seed=3, ddim_steps=4, ddim_eta=0.0)
+  saver = checkpoints.Checkpointer(os.fspath(tmp_path / "checkpoints"), async_save=False)
+  saver.save(STEP, {"step": np.int32(STEP), "params": ema, "ema_params": ema}, saved)
+  saver.close()
+  upgraded = inference.saved_config(os.fspath(tmp_path))
+  assert "upgraded" in capsys.readouterr().out
+  assert (upgraded.sample.sampler, upgraded.sample.num_steps) == ("ddim", 4)
+  old_dir = evaluate.run_sample(upgraded, os.fspath(tmp_path))
+  new_dir = evaluate.run_sample(config, os.fspath(path))
+  with np.load(old_dir / "samples_0.npz") as old, np.load(new_dir / "samples_0.npz") as new:
+    np.testing.assert_array_equal(old["images"], new["images"])
 
 
 def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(tmp_path):
@@ -227,7 +253,7 @@ def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(t
   config.model.ch_mult = (1,)
   config.eval.update(dict(batch_size=8, num_samples=16, bpd_max_examples=16, seed=1))
   assert not config.eval.inception_weights
-  model = train.make_model(config)
+  model = build.make_model(config)
   size = config.data.image_size
   params = jax.jit(lambda k: model.init(k, np.zeros((1, size, size, 1), np.float32),
                                         np.zeros((1,), np.int32))["params"])(jax.random.key(0))

@@ -22,12 +22,12 @@ import json
 import os
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoints, config_lib, evaluate, parallel, train
+from diffusion_jax import config_lib, evaluate, parallel, train
+from tests import checkpoint_fixtures
 
 GOLDEN_PATH = pathlib.Path(__file__).resolve().parent / "golden" / "drivers.npz"
 STEP = 7
@@ -51,24 +51,6 @@ def _png(path) -> np.ndarray:
   return np.asarray(Image.open(path))
 
 
-def _randomized_workdir(config, path: pathlib.Path):
-  """A checkpoint at STEP whose EMA weights are the init plus N(0, 0.05^2) noise (the real
-  init's output layer is zero, which would make every sample independent of the model)."""
-  model = train.make_model(config)
-  params = jax.jit(lambda k: model.init(k, np.zeros((1, 8, 8, 1), np.float32),
-                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  rng = np.random.default_rng(0)
-  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-           for x in leaves]
-  ema = jax.tree_util.tree_unflatten(treedef, noisy)
-  saver = checkpoints.Checkpointer(os.fspath(path / "checkpoints"), async_save=False)
-  saver.save(STEP, {"step": np.int32(STEP), "params": params, "ema_params": ema},
-             config.to_dict())
-  saver.close()
-  return ema
-
-
 def produce(tmp: pathlib.Path) -> dict[str, np.ndarray]:
   """Runs every driver on fixed seeds; returns the values the golden file pins."""
   out = {}
@@ -82,12 +64,12 @@ def produce(tmp: pathlib.Path) -> dict[str, np.ndarray]:
   out["train_grid"] = _png(train_dir / "samples" / "grid_6.png")  # DDIM, 5 steps
 
   eval_dir = tmp / "eval"
-  ema = _randomized_workdir(config, eval_dir)
-  config.eval.ddim_steps = 0
+  ema = checkpoint_fixtures.randomized_checkpoint(config, eval_dir, STEP)
+  config.sample.update(dict(sampler="ancestral", num_steps=0))
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ancestral"] = f["images"]
-  config.eval.ddim_steps, config.eval.ddim_eta = 4, 0.5
+  config.sample.update(dict(sampler="ddim", num_steps=4, eta=0.5))
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ddim_eta"] = f["images"]

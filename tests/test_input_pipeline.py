@@ -5,8 +5,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from diffusion_jax import config_checks
 from diffusion_jax import config_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import parallel
 
 
 
@@ -24,7 +26,7 @@ def test_indices_cover_each_epoch_once_and_depend_only_on_seed_and_step():
   assert not np.array_equal(input_pipeline.example_indices(1, 0, batch, n), first_epoch[:4])
 
 
-def test_host_rows_are_slices_of_the_global_batch():
+def test_row_slices_concatenate_to_the_global_batch():
   full = input_pipeline.example_indices(3, 7, 8, 100)
   parts = [input_pipeline.example_indices(3, 7, 8, 100, slice(i, i + 4)) for i in (0, 4)]
   np.testing.assert_array_equal(np.concatenate(parts), full)
@@ -33,6 +35,14 @@ def test_host_rows_are_slices_of_the_global_batch():
   whole = input_pipeline.load_batch(source, rows=slice(0, 8), **kwargs)
   halves = [input_pipeline.load_batch(source, rows=slice(i, i + 4), **kwargs) for i in (0, 4)]
   np.testing.assert_array_equal(np.concatenate(halves), whole)
+
+
+def test_contiguous_rows_merges_device_ranges_or_says_they_are_not_contiguous():
+  # A host's devices hold adjacent row ranges, in any order; replicated devices repeat one.
+  assert parallel.contiguous_rows([(8, 12), (4, 8), (4, 8)]) == slice(4, 12)
+  assert parallel.contiguous_rows([(0, 16)]) == slice(0, 16)
+  with pytest.raises(ValueError, match="not contiguous"):
+    parallel.contiguous_rows([(0, 4), (8, 12)])
 
 
 def test_flips_mirror_exactly_the_drawn_rows():
@@ -157,13 +167,18 @@ def test_tfds_data_dir_in_cloud_storage_is_refused_before_reading():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom", "lsun_church",
-                                  "lsun_cat", "folder", "digits", "test"])
+                                  "lsun_cat", "large_256", "folder", "digits", "test"])
 def test_configs_load_and_reject_unknown_values(name):
   config = load_config(name, "var_type=fixedsmall")
   assert config.diffusion.var_type == "fixedsmall"
-  assert load_config(name, "var_type=learned").diffusion.loss_type == "kl"
-  with pytest.raises(ValueError, match="fixedlarge"):
-    load_config(name, "var_type=big")
+  learned = load_config(name, "var_type=learned,loss_type=kl")
+  assert (learned.diffusion.var_type, learned.diffusion.loss_type) == ("learned", "kl")
+  config_checks.check_diffusion(learned)
+  # A learned variance alone keeps the mse loss, which the checks refuse with what to set.
+  with pytest.raises(config_checks.ConfigError, match=":var_type=learned,loss_type=kl"):
+    config_checks.check_diffusion(load_config(name, "var_type=learned"))
+  with pytest.raises(config_checks.ConfigError, match="fixedlarge"):
+    config_checks.check_diffusion(load_config(name, "var_type=big"))
   with pytest.raises(ValueError, match="allowed keys"):
     load_config(name, "colour=blue")
 

@@ -240,7 +240,8 @@ def test_command_line_digits_run_writes_grid_and_profile(tmp_path):
   cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/digits.py",
          f"--workdir={workdir}", "--config.train.num_steps=4", "--config.train.log_every=2",
          "--config.train.sample_every=4", "--config.sample.num_samples=4",
-         "--config.sample.ddim_steps=2", "--config.train.profile_start=1",
+         "--config.sample.sampler=ddim", "--config.sample.num_steps=2",
+         "--config.train.profile_start=1",
          "--config.train.profile_steps=1", f"--config.train.compile_cache_dir={CACHE}"]
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -276,7 +277,7 @@ def test_command_line_reports_config_errors():
     (["--config=configs/test.py", "--config.optim.lrr=1"],
      "error: --config.optim.lrr: the config has no field 'optim.lrr'; did you mean "
      "--config.optim.lr?"),
-    (["--config=configs/test.py:var_type=big"], "var_type='big' is not one of"),
+    (["--config=configs/test.py:var_type=big"], "diffusion.var_type='big' must be one of"),
     (["--config=configs/test.py", "--config.train.num_steps=1.5"],
      "error: flag --config.train.num_steps=1.5: invalid literal for int()"),
     (["--config=configs/test.py", "--workdir=/dev/null/run"], "error: cannot write to --workdir"),
@@ -301,9 +302,9 @@ def test_command_line_keyboard_interrupt_exits_130_without_a_traceback():
       from absl import app
       from diffusion_jax import main
 
-      def interrupted(config):
+      def interrupted(mode, config, workdir):
         raise KeyboardInterrupt
-      main.MODES["summary"] = interrupted
+      main._dispatch = interrupted
       sys.argv = ["main", "--config=configs/test.py", "--mode=summary"]
       app.run(main.main, flags_parser=main.parse_flags)
   """)

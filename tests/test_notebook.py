@@ -25,7 +25,7 @@ def test_notebook_runs_on_cpu(tmp_path):
       f"WORKDIR = {str(tmp_path / 'run')!r}",
       f"OVERRIDES = {json.dumps(TINY)}",
       "NUM_SAMPLES = 4",
-      "DDIM_STEPS = 3",
+      "SAMPLER = dict(sampler=\"ddim\", num_steps=3)",
   ])
   client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})

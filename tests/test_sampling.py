@@ -1,4 +1,5 @@
 """Samplers against NumPy step-by-step references, across devices, and on Gaussian data."""
+import inspect
 import math
 
 import jax
@@ -333,3 +334,137 @@ def test_sampler_errors(sched):
   with pytest.raises(ValueError, match=r"keys must be a key array \[B\]"):
     sampling.p_sample_loop(sched, model_fn, jnp.zeros((4,), jnp.uint32), (4, 2, 2, 1),
                            mean_type="eps", var_type="fixedlarge")
+
+
+# --- Samplers by name --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, num_steps, eta, clip, direct", [
+    ("ancestral", 0, 0.0, True, lambda s, m, k, kw: sampling.p_sample_loop(s, m, k, SHAPE, **kw)),
+    ("ancestral", STEPS, 0.0, False,
+     lambda s, m, k, kw: sampling.p_sample_loop(s, m, k, SHAPE, **kw)),
+    ("ddim", 0, 0.0, True, lambda s, m, k, kw: sampling.ddim_sample_loop(
+        s, m, k, SHAPE, num_steps=STEPS, eta=0.0, **kw)),
+    ("ddim", 7, 0.5, False, lambda s, m, k, kw: sampling.ddim_sample_loop(
+        s, m, k, SHAPE, num_steps=7, eta=0.5, **kw)),
+], ids=["ancestral", "ancestral_T_unclipped", "ddim_all", "ddim_7_eta"])
+def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_steps, eta, clip,
+                                                               direct):
+  model_fn = toy_model("learned")
+  keys = keys_for(SHAPE[0], seed=9)
+  kw = dict(mean_type="eps", var_type="learned", clip_denoised=clip)
+  got = sampling.sample(name, sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta, **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(direct(sched, model_fn, keys, kw)))
+
+
+def test_every_registered_sampler_has_the_one_signature():
+  want = ["sched", "model_fn", "keys", "shape", "num_steps", "eta", "clip_denoised", "mean_type",
+          "var_type"]
+  assert set(sampling.SAMPLERS) == {"ancestral", "ddim"}
+  for name, fn in sampling.SAMPLERS.items():
+    params = inspect.signature(fn).parameters
+    assert list(params) == want, name
+    assert all(params[p].kind == inspect.Parameter.KEYWORD_ONLY for p in want[4:]), name
+
+
+@pytest.mark.parametrize("sampler, num_steps, eta", [
+    ("ancestral", 0, 0.0), ("ancestral", STEPS, 0.0), ("ddim", 0, 0.0), ("ddim", 1, 0.0),
+    ("ddim", STEPS, 1.0), ("ddim", 5, 0.3),
+])
+def test_check_sampler_accepts(sampler, num_steps, eta):
+  sampling.check_sampler(sampler, num_steps, eta, STEPS)
+
+
+@pytest.mark.parametrize("sampler, num_steps, eta, match", [
+    ("plms", 0, 0.0, r"unknown sampler 'plms': set sample.sampler to one of 'ancestral', 'ddim'"),
+    ("ancestral", 5, 0.0, r"ancestral sampling visits every one of the T timesteps .*set "
+                          r"sample.num_steps=0, or sample.sampler='ddim'"),
+    ("ancestral", -1, 0.0, r"set sample.num_steps=0, or sample.sampler='ddim'"),
+    ("ancestral", 0, 0.5, r"sample.eta=0.5 is DDIM's noise scale.*set sample.eta=0.0, or "
+                          r"sample.sampler='ddim'"),
+    ("ddim", STEPS + 1, 0.0, r"got 41: set sample.num_steps to one of 1..40 \(0 = all 40\)"),
+    ("ddim", -1, 0.0, r"got -1: set sample.num_steps to one of 1..40"),
+    ("ddim", 4, -0.5, r"sample.eta=-0.5 must be >= 0.*set sample.eta=0.0 or more"),
+    ("ddim", 4, float("nan"), r"sample.eta=nan must be >= 0"),
+    ("ddim", 4.0, 0.0, r"sample.num_steps=4.0 must be an integer"),
+    ("ddim", True, 0.0, r"sample.num_steps=True must be an integer"),
+    ("ddim", 4, "0", r"sample.eta='0' must be a number"),
+])
+def test_check_sampler_says_what_to_set(sampler, num_steps, eta, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.check_sampler(sampler, num_steps, eta, STEPS)
+
+
+def test_check_sampler_names_flags_with_a_prefix():
+  with pytest.raises(ValueError, match=r"set --config.sample.num_steps=0, or "
+                                       r"--config.sample.sampler='ddim'"):
+    sampling.check_sampler("ancestral", 3, 0.0, STEPS, flag_prefix="--config.")
+
+
+def test_sample_checks_before_sampling(sched):
+  keys = keys_for(4)
+  with pytest.raises(ValueError, match="ancestral sampling visits every one"):
+    sampling.sample("ancestral", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=10,
+                    mean_type="eps", var_type="fixedlarge")
+  with pytest.raises(ValueError, match="unknown sampler"):
+    sampling.sample("DDIM", sched, toy_model(), keys, (4, 2, 2, 1), mean_type="eps",
+                    var_type="fixedlarge")
+
+
+def overshooting_model(x, t):
+  """An x_0 prediction mostly outside [-1, 1] (its fixed point is 3): clipping changes it."""
+  del t
+  return 1.5 + 0.5 * x
+
+
+def test_progressive_honours_clip_denoised(sched, ref):
+  freq = 10
+  keys = keys_for(4, seed=10)
+  shape = (4,) + SHAPE[1:]
+
+  def run(**kw):
+    return jax.jit(lambda k: sampling.p_sample_loop_progressive(
+        sched, overshooting_model, k, shape, mean_type="xstart", var_type="fixedsmall",
+        include_xstartpred_freq=freq, **kw))(keys)
+
+  default_x0, default_preds = run()
+  clipped_x0, clipped_preds = run(clip_denoised=True)
+  x0, preds = run(clip_denoised=False)
+  np.testing.assert_array_equal(np.asarray(clipped_x0), np.asarray(default_x0))
+  np.testing.assert_array_equal(np.asarray(clipped_preds), np.asarray(default_preds))
+  assert np.abs(np.asarray(clipped_preds)).max() <= 1.0
+  assert np.abs(np.asarray(preds)).max() > 1.5
+  recorded = {}
+  for clip, got_x0, got_preds in ((True, clipped_x0, clipped_preds), (False, x0, preds)):
+    want = ancestral_np(ref, overshooting_model, noise_np(keys, STEPS, shape[1:]),
+                        range(STEPS - 1, -1, -1), keys, "xstart", "fixedsmall", clip=clip,
+                        on_step=lambda t, p: recorded.__setitem__(t, p))
+    np.testing.assert_allclose(np.asarray(got_x0), want, atol=2e-4)
+    for i in range(STEPS // freq):
+      np.testing.assert_allclose(np.asarray(got_preds[:, i]), recorded[i * freq], atol=2e-4)
+
+
+def test_interpolate_honours_clip_denoised(sched, ref):
+  n = 4
+  shape = (n,) + SHAPE[1:]
+  keys = keys_for(n, seed=11)
+  x1, x2 = np.random.default_rng(1).uniform(-1, 1, size=(2,) + shape)
+  lam = np.array([0.0, 0.3, 0.6, 1.0])
+  t_mix = 9
+
+  def run(**kw):
+    return sampling.interpolate(sched, overshooting_model, jnp.asarray(x1, jnp.float32),
+                                jnp.asarray(x2, jnp.float32), jnp.asarray(lam), t_mix, keys,
+                                mean_type="xstart", var_type="fixedsmall", **kw)
+
+  default = run()
+  np.testing.assert_array_equal(np.asarray(run(clip_denoised=True)), np.asarray(default))
+  unclipped = run(clip_denoised=False)
+  assert np.abs(np.asarray(unclipped) - np.asarray(default)).max() > 0.1
+  t = np.full(n, t_mix)
+  xt1 = reference.q_sample(ref, x1, t, noise_np(keys, STEPS + 1, shape[1:]))
+  xt2 = reference.q_sample(ref, x2, t, noise_np(keys, STEPS + 2, shape[1:]))
+  lam_b = lam.reshape(-1, 1, 1, 1)
+  for clip, got in ((True, default), (False, unclipped)):
+    want = ancestral_np(ref, overshooting_model, (1 - lam_b) * xt1 + lam_b * xt2,
+                        range(t_mix, -1, -1), keys, "xstart", "fixedsmall", clip=clip)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)

@@ -9,12 +9,16 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
+from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_checks
 from diffusion_jax import config_lib
+from diffusion_jax import images as images_lib
 from diffusion_jax import input_pipeline
+from diffusion_jax import outputs
 from diffusion_jax import parallel
 from diffusion_jax import train
+from diffusion_jax import train_step
 
 NUM_EXAMPLES = 32
 
@@ -59,7 +63,8 @@ def test_end_to_end_writes_checkpoints_and_metrics(straight):
           "images_per_sec"} <= set(__import__("json").loads(lines[-1]))
   assert int(state["step"]) == 8
   assert list((workdir / "tensorboard").iterdir())
-  saved = checkpoints.Checkpointer(str(workdir / "checkpoints")).restore_config()
+  ckpt_dir = workdir / "checkpoints"
+  saved = checkpoints.read_config(ckpt_dir, checkpoints.select_step(ckpt_dir))
   assert saved["model"]["ch"] == config.model.ch
 
 
@@ -90,8 +95,8 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
   for path in (tmp_path / "checkpoints" / "8" / "state").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
-  model, optimizer = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, optimizer, parallel.make_mesh())
+  model, optimizer = build.make_model(config), build.make_optimizer(config)
+  abstract = train_step.abstract_state(config, model, optimizer, parallel.make_mesh())
   ckpt = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
   state, step = ckpt.restore_latest(abstract.to_dict())
   assert step == 4 and int(state["step"]) == 4
@@ -103,8 +108,8 @@ def test_changed_parameter_shapes_are_refused(straight):
   _, workdir, _ = straight
   config = load_config()
   config.model.ch = 64
-  model, optimizer = train.make_model(config), train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, optimizer, parallel.make_mesh())
+  model, optimizer = build.make_model(config), build.make_optimizer(config)
+  abstract = train_step.abstract_state(config, model, optimizer, parallel.make_mesh())
   ckpt = checkpoints.Checkpointer(str(workdir / "checkpoints"))
   with pytest.raises(ValueError, match="parameter shapes"):
     ckpt.restore_latest(abstract.to_dict())
@@ -120,11 +125,11 @@ def _fixed_batch(config, batch_size):
 def _run_steps(config, devices, images, num_steps):
   """`num_steps` steps of the sharded step on a fixed batch; returns (params, metrics per step)."""
   mesh = parallel.make_mesh(devices)
-  model, sched = train.make_model(config), train.make_schedule(config)
-  optimizer = train.make_optimizer(config)
-  state = train.create_state(config, model, optimizer, mesh)
-  step_fn = train.make_train_step(config, model, sched, optimizer, mesh)
-  rng = parallel.replicate(train.train_rng(config), mesh)
+  model, sched = build.make_model(config), build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
+  state = train_step.create_state(config, model, optimizer, mesh)
+  step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
+  rng = train_step.train_key(config, mesh)
   history = []
   for _ in range(num_steps):
     batch = parallel.global_batch(images, mesh, images.shape[0])
@@ -136,18 +141,20 @@ def _run_steps(config, devices, images, num_steps):
 def _reference_steps(config, images, num_steps):
   """The same steps computed plainly on one device, without shard_map: the gradient of the
   mean loss over the whole batch, its global norm in float64, then optax's update."""
-  model, sched = train.make_model(config), train.make_schedule(config)
-  optimizer = train.make_optimizer(config)
-  params = train.init_state(config, model, optimizer,
+  model, sched = build.make_model(config), build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
+  params = train_step.init_state(config, model, optimizer,
                             jax.random.fold_in(jax.random.key(config.seed), 1)).params
   opt_state = optimizer.init(params)
-  rng = jax.random.wrap_key_data(train.train_rng(config))
+  # The streams written out, independently of prng.py: TRAIN = 2, then the step, then the row.
+  rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(
-      train.loss_fn, model=model, sched=sched, diffusion_kw=train.diffusion_kwargs(config))))
+      train_step.loss_fn, model=model, sched=sched, diffusion_kw=build.diffusion_kwargs(config))))
   positions = np.arange(images.shape[0])
   history = []
   for step in range(num_steps):
-    loss, grads = loss_and_grad(params, images, train.example_keys(rng, step, positions))
+    keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(rng, step), p))(positions)
+    loss, grads = loss_and_grad(params, images, keys)
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
                        for g in jax.tree_util.tree_leaves(grads)))
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -244,7 +251,7 @@ def test_config_errors_before_compiling(field, value, match):
   section, key = field.split(".")
   config[section][key] = value
   with pytest.raises(ValueError, match=match):
-    train.validate_config(config, 8)
+    config_checks.check_training(config, 8)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -274,25 +281,25 @@ def test_learned_variance_needs_kl():
   config = load_config()
   config.diffusion.var_type = "learned"
   with pytest.raises(ValueError):
-    train.validate_config(config, 8)
+    config_checks.check_training(config, 8)
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(PermissionError, match="cannot write to --workdir"):
-    train.validate_config(load_config(), 8, str(blocker / "run"))
+    outputs.check_workdir(str(blocker / "run"))
 
 
 def test_image_grid():
   images = np.full((5, 4, 4, 1), 255, np.uint8)
-  grid = train.image_grid(images, pad=1)
+  grid = images_lib.image_grid(images, pad=1)
   assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 1)
   assert grid.sum() == 5 * 16 * 255
 
 
 def test_tensorboard_writer_without_tensorflow(tmp_path):
-  writer = train._EventWriter(str(tmp_path))  # pylint: disable=protected-access
+  writer = outputs._EventWriter(str(tmp_path))  # pylint: disable=protected-access
   writer.write_scalars(1, {"loss": 0.5})
   writer.write_images(1, {"samples": np.zeros((1, 4, 4, 1), np.uint8)})
   writer.close()
@@ -307,17 +314,17 @@ def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
   config = load_config()
   config.model.dtype = "bfloat16"
   mesh = parallel.make_mesh()
-  model, sched = train.make_model(config), train.make_schedule(config)
-  optimizer = train.make_optimizer(config)
-  abstract = train.abstract_state(config, model, optimizer, mesh)
-  step_fn = train.make_train_step(config, model, sched, optimizer, mesh)
+  model, sched = build.make_model(config), build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
+  abstract = train_step.abstract_state(config, model, optimizer, mesh)
+  step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
   images = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
-  rng = jax.ShapeDtypeStruct((2,), np.uint32)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
   new_state, metrics = jax.eval_shape(step_fn, abstract, images, rng)  # traces, no compile
   assert {x.dtype for x in jax.tree_util.tree_leaves(new_state.params)} == {np.dtype("float32")}
   assert metrics["loss"].dtype == np.float32
   cifar = load_config("cifar10")
-  model, optimizer = train.make_model(cifar), train.make_optimizer(cifar)
-  full = train.abstract_state(cifar, model, optimizer, mesh)
+  model, optimizer = build.make_model(cifar), build.make_optimizer(cifar)
+  full = train_step.abstract_state(cifar, model, optimizer, mesh)
   from diffusion_jax.models import unet
   assert unet.count_params(full.params) == unet.count_params(full.ema_params) == 35_746_307

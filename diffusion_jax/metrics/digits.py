@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import uuid
 import warnings
 
 import numpy as np
@@ -53,6 +52,7 @@ from etils import epath
 from PIL import Image
 
 from diffusion_jax import input_pipeline
+from diffusion_jax import outputs
 from diffusion_jax.metrics import fid
 
 NATIVE_SIZE = 8
@@ -198,14 +198,10 @@ def load_classifier(cache_dir, settings: ClassifierSettings = ClassifierSettings
     with path.open("rb") as f, np.load(f) as data:
       return Classifier(*(data[field.name] for field in dataclasses.fields(Classifier)))
   classifier = from_sklearn(fit_sklearn(settings))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # A unique temporary name, renamed when complete: processes training at once (each gets the
-  # same weights) never read or clobber half a file.
-  tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
-  with tmp.open("wb") as f:
-    np.savez(f, settings=json.dumps(dataclasses.asdict(settings)),
-             **dataclasses.asdict(classifier))
-  tmp.replace(path)
+  # Written atomically: processes training it at once (each gets the same weights) never read
+  # or clobber half a file.
+  outputs.write_npz(path, settings=json.dumps(dataclasses.asdict(settings)),
+                    **dataclasses.asdict(classifier))
   return classifier
 
 

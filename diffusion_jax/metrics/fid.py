@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Callable
 
 import numpy as np
 import scipy.linalg
 import scipy.special
+from etils import epath
+
+from diffusion_jax import outputs
 
 __all__ = [
     "compute_statistics",
     "save_statistics",
     "load_statistics",
+    "cached_statistics",
+    "statistics_file_name",
     "frechet_distance",
     "fid_from_features",
     "inception_score",
@@ -58,7 +64,7 @@ def _check_statistics(mu, sigma, dim, what) -> None:
 
 
 def save_statistics(path: str | os.PathLike, mu_D, sigma_DxD) -> None:
-  """Writes statistics as a TTUR-format .npz (arrays `mu` and `sigma`, float64).
+  """Writes statistics as a TTUR-format .npz (arrays `mu` and `sigma`, float64), atomically.
 
   Args:
     path: output file.
@@ -67,7 +73,7 @@ def save_statistics(path: str | os.PathLike, mu_D, sigma_DxD) -> None:
   """
   mu_D, sigma_DxD = np.asarray(mu_D, np.float64), np.asarray(sigma_DxD, np.float64)
   _check_statistics(mu_D, sigma_DxD, None, "statistics")
-  np.savez(path, mu=mu_D, sigma=sigma_DxD)
+  outputs.write_npz(path, mu=mu_D, sigma=sigma_DxD)
 
 
 def load_statistics(path: str | os.PathLike, dim: int | None = 2048
@@ -91,6 +97,35 @@ def load_statistics(path: str | os.PathLike, dim: int | None = 2048
     mu_D = np.asarray(data["mu"], np.float64)
     sigma_DxD = np.asarray(data["sigma"], np.float64)
   _check_statistics(mu_D, sigma_DxD, dim, f"statistics in {os.fspath(path)}")
+  return mu_D, sigma_DxD
+
+
+def statistics_file_name(dataset: str, split: str, image_size: int, inception_size: int,
+                         max_examples: int = 0) -> str:
+  """The cache file name of a split's reference statistics: every setting that changes them
+  (the dataset, split, image size, Inception input size, and a cap on the examples)."""
+  capped = f"_first{max_examples}" if max_examples > 0 else ""
+  return (f"{dataset.replace('/', '_')}_{split}_{image_size}px_inception{inception_size}"
+          f"{capped}.npz")
+
+
+def cached_statistics(path: str | os.PathLike, compute_features: Callable[[], np.ndarray], *,
+                      write: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Reference statistics from a cache file, computed and cached when it is missing.
+
+  Args:
+    path: the cache .npz (TTUR format).
+    compute_features: returns the features [N, D] of the reference images when called.
+    write: save computed statistics to `path` (false on all processes but one).
+
+  Returns:
+    (mu_D, sigma_DxD) float64.
+  """
+  if epath.Path(path).exists():
+    return load_statistics(path)
+  mu_D, sigma_DxD = compute_statistics(compute_features())
+  if write:
+    save_statistics(path, mu_D, sigma_DxD)
   return mu_D, sigma_DxD
 
 

@@ -8,14 +8,11 @@ Compute dtype: with `dtype=jnp.bfloat16` activations and matmuls/convs run in bf
 parameters stay float32; GroupNorm statistics, the timestep sinusoid and the attention softmax are
 computed in float32, and the output is always float32.
 
-Speed on CPU: the kernel gradients of the large stride-1 3x3 convolutions are computed as nine
-matmuls (`conv3x3_dot_wgrad`) rather than XLA's convolution over the batch; the values and input
-gradients are XLA's. In training, dropout masks come from one key per example
-(`example_dropout`), so the model runs on the whole batch at once.
+In training, dropout masks come from one key per example (`example_dropout`), so the model runs
+on the whole batch at once.
 """
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from typing import Any, Sequence
@@ -25,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax import prng
+
 __all__ = [
     "UNet",
     "ResBlock",
@@ -33,7 +32,6 @@ __all__ = [
     "space_to_depth",
     "depth_to_space",
     "check_config",
-    "conv3x3_dot_wgrad",
     "example_dropout",
     "count_params",
     "summary",
@@ -60,87 +58,6 @@ def _dense(features: int, name: str, dtype: Any, scale: float = 1.0) -> nn.Dense
                   dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-# On CPU, XLA lowers the kernel gradient of a 3x3 convolution to a convolution over the batch
-# (with layout transposes around it) that runs at under half the speed of the forward pass once
-# B*H*W is large. Nine matrix products, one per kernel tap, do the same sums at close to the
-# machine's matmul speed. Below this many output positions XLA's own gradient is as fast or
-# faster (measured crossover on a 2-core AVX-512 CPU, see docs/performance.md).
-_DOT_WGRAD_MIN_POSITIONS = 8192
-
-
-def _conv_nhwc(x, w, precision):
-  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                  precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_dot_wgrad(x_BxHxWxC, w_3x3xCxO, precision=None):
-  """A stride-1 'SAME' 3x3 convolution (NHWC, HWIO) whose kernel gradient is 9 matmuls.
-
-  The value and the input gradient are XLA's; the kernel gradient sums the same products
-  (sum over b, h, w of x_pad[b, h+i, w+j, c] * g[b, h, w, o] for each tap (i, j)) as one
-  [B*H*W, C]^T [B*H*W, O] product per tap, accumulated in float32 (float64 for float64 inputs).
-  """
-  return _conv_nhwc(x_BxHxWxC, w_3x3xCxO, precision)
-
-
-def _conv3x3_fwd(x, w, precision):
-  return _conv_nhwc(x, w, precision), (x, w)
-
-
-def _conv3x3_bwd(precision, res, g_BxHxWxO):
-  x, w = res
-  b, h, wd, c = x.shape
-  o = w.shape[-1]
-  g_x = jax.vjp(lambda x: _conv_nhwc(x, w, precision), x)[1](g_BxHxWxO)[0]
-  x_pad = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  g_NxO = g_BxHxWxO.reshape(b * h * wd, o)
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 runs
-  taps = [lax.dot_general(x_pad[:, i:i + h, j:j + wd, :].reshape(b * h * wd, c), g_NxO,
-                          (((0,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=acc_dtype)
-          for i in range(3) for j in range(3)]
-  g_w = jnp.stack(taps).reshape(w.shape).astype(w.dtype)
-  return g_x, g_w
-
-
-conv3x3_dot_wgrad.defvjp(_conv3x3_fwd, _conv3x3_bwd)
-
-
-def _varying_axes(x) -> frozenset:
-  """Mesh axes along which `x` differs between devices inside shard_map (empty outside)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                          precision=None, **kwargs):
-  """`lax.conv_general_dilated` for flax's Conv, with the matmul kernel gradient on CPU."""
-  plain = (tuple(window_strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-           and lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and feature_group_count == 1
-           and not kwargs and all(d is None or tuple(d) == (1, 1)
-                                  for d in (lhs_dilation, rhs_dilation)))
-  if (plain and jax.default_backend() == "cpu"
-      and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= _DOT_WGRAD_MIN_POSITIONS
-      and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-      == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))):
-    # Under shard_map the kernel is replicated while the activations vary over the mesh; a
-    # custom_vjp must get its cotangents back with the types of its inputs, so mark the kernel
-    # varying first, as XLA's convolution does implicitly (the transpose sums the gradients).
-    extra = tuple(sorted(_varying_axes(lhs) - _varying_axes(rhs)))
-    if extra:
-      rhs = lax.pcast(rhs, extra, to="varying")
-    return conv3x3_dot_wgrad(lhs, rhs, precision)
-  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                  rhs_dilation, dimension_numbers, feature_group_count,
-                                  precision=precision, **kwargs)
-
-
 def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
              stride: int = 1) -> nn.Conv:
   # TF 'SAME' for a 3x3 kernel: (1, 1) at stride 1; at stride 2 on an even size the total pad
@@ -149,8 +66,7 @@ def _conv3x3(features: int, name: str, dtype: Any, scale: float = 1.0,
   padding = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding,
                  kernel_init=_init(scale), bias_init=nn.initializers.zeros,
-                 dtype=dtype, param_dtype=jnp.float32, name=name,
-                 conv_general_dilated=_conv_general_dilated)
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
@@ -228,8 +144,8 @@ def depth_to_space(x_BxHxWxD: jax.Array, block_size: int) -> jax.Array:
 def example_dropout(h_BxHxWxC, rate: float, keys_B, site: int):
   """Inverted dropout with one key per example: mask b is bernoulli(fold_in(keys_B[b], site))."""
   keep = 1.0 - rate
-  keep_B = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, site), keep,
-                                                   h_BxHxWxC.shape[1:]))(keys_B)
+  keep_B = jax.vmap(lambda k: jax.random.bernoulli(k, keep, h_BxHxWxC.shape[1:]))(
+      prng.fold_in_each(keys_B, site))
   return lax.select(keep_B, h_BxHxWxC / jnp.asarray(keep, h_BxHxWxC.dtype),
                     jnp.zeros_like(h_BxHxWxC))
 
@@ -315,29 +231,39 @@ def _res_block_cls(remat: bool):
   return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock
 
 
-class _DownLevel(nn.Module):
+class _Level(nn.Module):
+  """One resolution: res blocks (with attention at `attn_resolutions`), then a resample.
+
+  Going down (`up=False`) it returns every block's output and the downsampled one, the skip
+  connections; going up it concatenates one skip (popped from the end of `skips`) before each
+  of its num_res_blocks + 1 blocks and returns the upsampled output.
+  """
   out_ch: int
   num_res_blocks: int
   attn_resolutions: tuple[int, ...]
-  with_downsample: bool
+  resample: bool
   dropout: float
   dtype: Any
   remat: bool
+  up: bool
 
   @nn.compact
-  def __call__(self, h, temb, train: bool, keys):
+  def __call__(self, h, temb, train: bool, keys, skips: list | None = None):
     block_cls = _res_block_cls(self.remat)
-    hs = []
-    for i in range(self.num_res_blocks):
+    outputs = []
+    for i in range(self.num_res_blocks + int(self.up)):
+      if self.up:
+        h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
                                                                             keys)
       if h.shape[1] in self.attn_resolutions:
         h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
-      hs.append(h)
-    if self.with_downsample:
-      h = _Resample(up=False, dtype=self.dtype, name="downsample")(h)
-      hs.append(h)
-    return hs
+      outputs.append(h)
+    if self.resample:
+      h = _Resample(up=self.up, dtype=self.dtype,
+                    name="upsample" if self.up else "downsample")(h)
+      outputs.append(h)
+    return h if self.up else outputs
 
 
 class _Middle(nn.Module):
@@ -352,31 +278,6 @@ class _Middle(nn.Module):
     h = block_cls(c, self.dropout, self.dtype, name="block_1")(h, temb, train, keys)
     h = AttnBlock(self.dtype, name="attn_1")(h)
     return block_cls(c, self.dropout, self.dtype, name="block_2")(h, temb, train, keys)
-
-
-class _UpLevel(nn.Module):
-  out_ch: int
-  num_res_blocks: int
-  attn_resolutions: tuple[int, ...]
-  with_upsample: bool
-  dropout: float
-  dtype: Any
-  remat: bool
-
-  @nn.compact
-  def __call__(self, h, skips, temb, train: bool, keys):
-    """Consumes `num_res_blocks + 1` skips from the end of `skips` (a list, popped)."""
-    block_cls = _res_block_cls(self.remat)
-    for i in range(self.num_res_blocks + 1):
-      skip = skips.pop()
-      h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-      h = block_cls(self.out_ch, self.dropout, self.dtype, name=f"block_{i}")(h, temb, train,
-                                                                            keys)
-      if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
-    if self.with_upsample:
-      h = _Resample(up=True, dtype=self.dtype, name="upsample")(h)
-    return h
 
 
 def check_config(*, image_size: int, ch_mult: Sequence[int], attn_resolutions: Sequence[int],
@@ -477,17 +378,17 @@ class UNet(nn.Module):
 
     hs = [_conv3x3(self.ch, "conv_in", self.dtype)(x)]
     for i, mult in enumerate(self.ch_mult):
-      hs += _DownLevel(self.ch * mult, self.num_res_blocks, attn_res, i != n_levels - 1,
-                       self.dropout, self.dtype, self.remat, name=f"down_{i}")(
-                           hs[-1], temb, train, dropout_keys_B)
+      hs += _Level(self.ch * mult, self.num_res_blocks, attn_res, i != n_levels - 1,
+                   self.dropout, self.dtype, self.remat, up=False, name=f"down_{i}")(
+                       hs[-1], temb, train, dropout_keys_B)
 
     h = _Middle(self.dropout, self.dtype, self.remat, name="mid")(hs[-1], temb, train,
                                                                   dropout_keys_B)
 
     for i in reversed(range(n_levels)):
-      h = _UpLevel(self.ch * self.ch_mult[i], self.num_res_blocks, attn_res, i != 0,
-                   self.dropout, self.dtype, self.remat, name=f"up_{i}")(
-                       h, hs, temb, train, dropout_keys_B)
+      h = _Level(self.ch * self.ch_mult[i], self.num_res_blocks, attn_res, i != 0,
+                 self.dropout, self.dtype, self.remat, up=True, name=f"up_{i}")(
+                     h, temb, train, dropout_keys_B, hs)
     assert not hs, "every skip connection must be consumed"
 
     h = nn.swish(_group_norm("norm_out", self.dtype)(h))

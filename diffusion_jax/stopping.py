@@ -1,0 +1,147 @@
+"""Stopping a training run cleanly: signals, the time limit, preemption and lost processes.
+
+`StopRequest` turns SIGTERM and SIGINT into a request to stop after the current step that
+every process agrees on, and in a multi-process run watches the other processes
+(`parallel.PeerWatchdog`), ending this one with a clear message when one is lost.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from diffusion_jax import checkpoints
+from diffusion_jax import parallel
+
+
+class StopRequest:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop after the current step, agreed on
+  by every process; a second SIGINT aborts at once, as users expect of Ctrl-C.
+
+  In a multi-process run it also watches the other processes (`parallel.PeerWatchdog`): when
+  one is lost, this process prints which one and the last checkpoint, and exits with status
+  `parallel.LOST_PROCESS_EXIT_CODE` rather than wait in a collective for the runtime's abort.
+
+  Args:
+    config: the training config (the `train.heartbeat_every_s` and
+      `train.lost_process_timeout_s` of the watchdog); None: no watchdog.
+    checkpoint_dir: where the run's checkpoints go, named when a process is lost.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, config: ml_collections.ConfigDict | None = None,
+               checkpoint_dir: epath.Path | None = None):
+    self.signal_name: str | None = None  # the first signal this process received
+    self._agreed_reason: str | None = None
+    self._previous = {}
+    self._checkpoint_dir = checkpoint_dir
+    self._watchdog = None
+    if config is not None:
+      self._watchdog = parallel.PeerWatchdog(
+          timeout_s=config.train.lost_process_timeout_s,
+          every_s=config.train.heartbeat_every_s, on_lost=self._lost)
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  @property
+  def reason(self) -> str:
+    """Why the run stops: this process's signal, the time limit, preemption or another's."""
+    return self.signal_name or self._agreed_reason or "a stop request to another process"
+
+  def __enter__(self):
+    for signum in self.SIGNALS:
+      try:
+        previous = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread (e.g. some notebook kernels): no handler.
+        continue
+      if previous is signal.SIG_IGN:  # e.g. SIGINT of a background job: keep ignoring it
+        signal.signal(signum, previous)
+        continue
+      self._previous[signum] = signal.SIG_DFL if previous is None else previous
+    if self._watchdog is not None:
+      self._watchdog.start()
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    self.signal_name = self.signal_name or name
+    again = ""
+    if signum == signal.SIGINT:
+      signal.signal(signum, self._previous[signum])  # the next Ctrl-C is not caught here
+      again = "; press Ctrl-C again to abort without saving"
+    # os.write, not print: the handler may run in the middle of a print to the same stream.
+    os.write(2, f"{name} received: stopping before the next step{again}\n".encode())
+
+  def _lost(self, process_index: int, why: str) -> None:
+    """Ends this process: another one of the run is gone (runs in the watchdog thread)."""
+    where = "there is no complete checkpoint yet (a restart begins at step 0)"
+    if self._checkpoint_dir is not None:
+      try:
+        steps = checkpoints.complete_steps(self._checkpoint_dir)
+      except Exception:  # pylint: disable=broad-except  # e.g. storage unreachable
+        steps = None
+      if steps is None:
+        where = f"could not list {self._checkpoint_dir}"
+      elif steps:
+        where = (f"the last checkpoint is step {max(steps)}, "
+                 f"{self._checkpoint_dir / str(max(steps))}")
+    code = parallel.LOST_PROCESS_EXIT_CODE
+    message = (f"error: process {process_index} of {jax.process_count()} is lost ({why}); "
+               f"{where}. Process {jax.process_index()} exits with status {code}: start "
+               f"every process of the run again to resume (launch/supervise.sh does)\n")
+    # os.write, not print: the main thread may hold the stream's lock, stuck in a collective.
+    os.write(2, message.encode())
+    os._exit(code)
+
+  def __exit__(self, exc_type, *exc):
+    if self._watchdog is not None:
+      if exc_type is not None and exc_type is not KeyboardInterrupt:
+        # An error may come from a collective with a lost process: wait for the watchdog's
+        # word, so that it is reported as such (and the runtime's abort does not come first).
+        self._watchdog.confirm_peers()
+      self._watchdog.close(failed=exc_type is not None)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+  def should_stop(self, step: int, *, over_time: bool = False, every: int = 1) -> bool:
+    """Whether every process stops after `step`; the same answer on each of them.
+
+    Args:
+      step: the number of steps done.
+      over_time: this process's clock says the time limit has passed.
+      every: with several processes, agree (one collective, which waits for the steps
+        dispatched so far) only when `step` is a multiple of this; a preemption notice is
+        agreed on at every step without a collective.
+
+    Returns:
+      True if any process received SIGTERM/SIGINT or saw the time limit pass (as of the last
+      agreement), or the runtime's preemption notice falls on this step.
+    """
+    if jax.process_count() == 1:
+      if over_time and not self.requested:
+        self._agreed_reason = "time limit"
+      return self.requested or over_time
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    try:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self._agreed_reason = "preemption notice"
+        return True
+    except Exception:  # pylint: disable=broad-except  # no preemption service
+      pass
+    if step % every:
+      return False
+    # Every process must agree: stop when any of them was asked to or is over time.
+    flags = multihost_utils.process_allgather(np.asarray([self.requested, over_time]))
+    requested, over = np.asarray(flags).reshape(-1, 2).any(axis=0)
+    if over and not self.requested:
+      self._agreed_reason = "time limit"
+    return bool(requested or over)

@@ -1,0 +1,28 @@
+"""Checkpoints for the evaluation tests, built without training."""
+import os
+
+import jax
+import numpy as np
+
+from diffusion_jax import build
+from diffusion_jax import checkpoints
+
+
+def randomized_checkpoint(config, workdir, step: int):
+  """Saves WORKDIR/checkpoints/<step> whose EMA weights are the init plus N(0, 0.05^2) noise
+  (the real init's output layer is zero, which would make every sample independent of the
+  model), with `config`; returns the EMA parameters."""
+  model = build.make_model(config)
+  size, channels = config.data.image_size, config.data.channels
+  params = jax.jit(lambda k: model.init(k, np.zeros((1, size, size, channels), np.float32),
+                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.default_rng(0)
+  noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+           for x in leaves]
+  ema = jax.tree_util.tree_unflatten(treedef, noisy)
+  saver = checkpoints.Checkpointer(os.fspath(workdir / "checkpoints"), async_save=False)
+  saver.save(step, {"step": np.int32(step), "params": params, "ema_params": ema},
+             config.to_dict())
+  saver.close()
+  return ema
