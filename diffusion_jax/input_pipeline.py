@@ -303,7 +303,7 @@ _NUM_STEPS = sys.maxsize
 
 
 class _StepBatch:
-  """Step -> this host's rows of that step's batch (a class, so worker processes can unpickle it)."""
+  """Step -> this host's rows of that step's batch (a class: worker processes unpickle it)."""
 
   def __init__(self, source, seed: int, global_batch: int, rows: slice, random_flip: bool):
     self.source = source
