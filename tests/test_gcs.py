@@ -9,9 +9,8 @@ TensorStore. Both are pointed at an in-process `gcp-storage-emulator` (in-memory
     makes epath use fsspec's gcsfs instead, which honours STORAGE_EMULATOR_HOST.
   * TensorStore reads TENSORSTORE_GCS_HTTP_URL; GOOGLE_AUTH_TOKEN_FOR_TESTING spares it the
     search for credentials (and the metadata server, which GCE_METADATA_ROOT points nowhere).
-  * TensorBoard's event files are written by TensorFlow's own summary writer (through clu),
-    which has no endpoint setting either: the runs here replace clu's writer by its logging one.
-    `test_tensorboard_events_on_gs` records what happens without that replacement.
+  * TensorBoard's event files (tensorboardX) and metrics.jsonl go through epath too; object
+    stores cannot append, so both are rewritten whole (`outputs.MetricsLog`).
 """
 import json
 import os
@@ -24,21 +23,14 @@ import threading
 import numpy as np
 import pytest
 
-emulator_server = pytest.importorskip(
-    "gcp_storage_emulator.server",
-    reason="needs the Cloud Storage emulator: pip install -e .[test]")
-pytest.importorskip("gcsfs", reason="needs gcsfs (epath's gs:// backend without TensorFlow): "
-                    "pip install -e .[test]")
+from gcp_storage_emulator import server as emulator_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "diffusion-test"
 
-# Runs `python -m diffusion_jax.main ARGS` with TensorBoard's writer replaced (see the module
-# docstring): TensorFlow's GCS client cannot be pointed at the emulator.
-_MAIN_WITHOUT_TENSORBOARD = textwrap.dedent("""
+# Runs `python -m diffusion_jax.main ARGS` (as `-m` would, from `-c`).
+_MAIN = textwrap.dedent("""
     import runpy, sys
-    from clu import metric_writers
-    metric_writers.SummaryWriter = lambda logdir: metric_writers.LoggingWriter()
     sys.argv = ["diffusion_jax.main"] + sys.argv[1:]
     runpy.run_module("diffusion_jax.main", run_name="__main__", alter_sys=True)
 """)
@@ -115,7 +107,7 @@ def gcs_env(emulator, tmp_path_factory):
   return env
 
 
-def _run(env, args, *, code=_MAIN_WITHOUT_TENSORBOARD, timeout=300):
+def _run(env, args, *, code=_MAIN, timeout=300):
   result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
   assert result.returncode == 0, (
@@ -140,6 +132,8 @@ def _read(env, path: str, *, binary=False):
 def test_train_eval_watch_and_sample_on_a_gs_workdir(gcs_env):
   workdir = f"gs://{BUCKET}/run"
   _run(gcs_env, [*TINY, "--workdir", workdir])
+  logged = [json.loads(line) for line in _read(gcs_env, f"{workdir}/metrics.jsonl").splitlines()]
+  assert [m["step"] for m in logged] == [2, 4]
 
   out = _run(gcs_env, ["--mode", "eval", "--workdir", workdir, "--config.eval.watch=True",
                        "--config.eval.num_samples=8", "--config.eval.batch_size=8",
@@ -201,9 +195,6 @@ def test_inception_weights_and_fid_statistics_from_gs(gcs_env):
   assert _run(gcs_env, [], code=code).strip().endswith("ok")
 
 
-@pytest.mark.xfail(reason="TensorBoard's writer (clu -> tf.summary) uses TensorFlow's GCS client, "
-                   "which cannot be pointed at the emulator; and gcsfs has no append, so "
-                   "metrics.jsonl keeps only its last line", strict=False)
 def test_tensorboard_events_and_metrics_log_on_gs(gcs_env):
   code = textwrap.dedent("""
       from etils import epath
@@ -212,9 +203,13 @@ def test_tensorboard_events_and_metrics_log_on_gs(gcs_env):
       log.scalars(1, {"loss": 1.0})
       log.scalars(2, {"loss": 0.5})
       log.close()
+      again = outputs.MetricsLog("gs://BUCKET/log", enabled=True)  # a restart keeps the lines
+      again.scalars(3, {"loss": 0.25})
+      again.close()
       lines = epath.Path("gs://BUCKET/log/metrics.jsonl").read_text().splitlines()
-      assert len(lines) == 2, lines
-      assert list(epath.Path("gs://BUCKET/log/tensorboard").iterdir())
+      assert len(lines) == 3, lines
+      files = list(epath.Path("gs://BUCKET/log/tensorboard").iterdir())
+      assert len(files) == 2 and all(f.read_bytes() for f in files), files
       print("ok")
   """).replace("BUCKET", BUCKET)
   assert _run(gcs_env, [], code=code).strip().endswith("ok")
