@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
