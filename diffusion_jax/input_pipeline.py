@@ -12,6 +12,10 @@ would have, and nothing but the step needs storing. Each host reads only its own
 `[row_start, row_stop)` of every global batch (the rows its devices hold) and hands them, as
 uint8, to `parallel.global_batch`; conversion to [-1, 1] (x / 127.5 - 1) happens on device.
 
+The batches are a grain `MapDataset` indexed by step (`batch_dataset`); `BatchIterator` starts it
+at the resumed step by slicing and lets grain's prefetch threads (or worker processes) prepare the
+next batches, which grain returns in step order, so timing never changes what a step sees.
+
 Sources (all random access, no TensorFlow needed):
   * tfds datasets through `tfds.data_source` (ArrayRecord files): `cifar10`, `celeb_a_hq/256`,
     `lsun/bedroom`, `lsun/church_outdoor`, `lsun/cat`;
@@ -21,12 +25,12 @@ Sources (all random access, no TensorFlow needed):
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import queue
-import threading
+import sys
 from typing import Iterator
 
+from absl import flags
+import grain
 import numpy as np
 from PIL import Image
 
@@ -268,63 +272,134 @@ def flip_mask(seed: int, step: int, global_batch: int) -> np.ndarray:
 
 
 def load_batch(source, *, seed: int, step: int, global_batch: int, rows: slice,
-               random_flip: bool, pool: concurrent.futures.Executor | None = None
-               ) -> np.ndarray:
-  """This host's rows of the global batch of step `step`, uint8 [rows, H, W, C]."""
+               random_flip: bool) -> np.ndarray:
+  """This host's rows of the global batch of step `step`.
+
+  Args:
+    source: random access images (`len()`, `source[i] -> uint8 [H, W, C]`).
+    seed: the run's seed.
+    step: the training step (0-based).
+    global_batch: examples per step over all hosts.
+    rows: this host's rows of the global batch.
+    random_flip: whether to mirror the rows `flip_mask` draws.
+
+  Returns:
+    uint8 [len(rows), H, W, C].
+  """
   indices = example_indices(seed, step, global_batch, len(source), rows)
-  fetch = pool.map if pool is not None else map
-  images = np.stack(list(fetch(source.__getitem__, indices)))
+  images = np.stack([source[i] for i in indices])
   if random_flip:
     flips = flip_mask(seed, step, global_batch)[rows]
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
   return images
 
 
-class BatchIterator:
-  """Prefetching iterator over this host's rows of the batches of steps start, start+1, ...
+# How the batches are prepared ahead: grain's prefetch threads in this process, or grain's worker
+# processes (`mp_prefetch`), each preparing every num_workers-th batch.
+PARALLELISM = ("threads", "processes")
 
-  Yields `(step, uint8 [rows, H, W, C])`. Batches are prepared ahead by a background thread
-  (examples decoded by `num_workers` threads); the content never depends on timing.
+# The step datasets have no end; a MapDataset needs a length, and this one is never reached.
+_NUM_STEPS = sys.maxsize
+
+
+class _StepBatch:
+  """Step -> this host's rows of that step's batch (a class: worker processes unpickle it)."""
+
+  def __init__(self, source, seed: int, global_batch: int, rows: slice, random_flip: bool):
+    self.source = source
+    self.kwargs = dict(seed=seed, global_batch=global_batch, rows=rows, random_flip=random_flip)
+
+  def __call__(self, step: int) -> np.ndarray:
+    return load_batch(self.source, step=int(step), **self.kwargs)
+
+
+def batch_dataset(source, *, seed: int, global_batch: int, rows: slice,
+                  random_flip: bool) -> grain.MapDataset:
+  """The training batches as a grain dataset: element `s` is `load_batch(..., step=s)`.
+
+  Nothing depends on the number of hosts: every host builds the same steps and reads its own
+  `rows` of each, so the hosts' rows together are the global batch of one host.
+
+  Args:
+    source: random access images (`len()`, `source[i] -> uint8 [H, W, C]`).
+    seed: the run's seed.
+    global_batch: examples per step over all hosts.
+    rows: this host's rows of every global batch.
+    random_flip: whether to mirror the rows `flip_mask` draws.
+
+  Returns:
+    a `grain.MapDataset` of uint8 [len(rows), H, W, C], indexed by step, of (practically)
+    unbounded length; start at step k with `dataset[k:]`.
+  """
+  return grain.MapDataset.range(_NUM_STEPS).map(
+      _StepBatch(source, seed, global_batch, rows, random_flip))
+
+
+def check_parallelism(parallelism: str) -> None:
+  """Raises ValueError naming the allowed ways of preparing batches ahead."""
+  if parallelism not in PARALLELISM:
+    raise ValueError(f"unknown parallelism {parallelism!r}; allowed: {', '.join(PARALLELISM)}")
+
+
+class BatchIterator:
+  """This host's rows of the batches of steps start, start+1, ..., prepared ahead by grain.
+
+  Yields `(step, uint8 [rows, H, W, C])`. The batch of step `s` is `load_batch(..., step=s)`
+  whatever the number of workers or the timing: grain prepares `num_workers` batches at once
+  (each batch decoded in one worker) and hands them back in step order.
   """
 
   def __init__(self, source, *, seed: int, start_step: int, global_batch: int,
-               rows: slice, random_flip: bool, num_workers: int = 8, prefetch: int = 2):
-    self._kwargs = dict(seed=seed, global_batch=global_batch, rows=rows,
-                        random_flip=random_flip)
-    self._source = source
-    self._pool = (concurrent.futures.ThreadPoolExecutor(num_workers)
-                  if num_workers > 1 and not isinstance(source, ArraySource) else None)
-    self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(start_step,), daemon=True)
-    self._thread.start()
+               rows: slice, random_flip: bool, num_workers: int = 8, prefetch: int = 2,
+               parallelism: str = "threads"):
+    """Starts preparing batches from step `start_step`.
 
-  def _produce(self, step: int) -> None:
-    try:
-      while not self._stop.is_set():
-        batch = load_batch(self._source, step=step, pool=self._pool, **self._kwargs)
-        while not self._stop.is_set():
-          try:
-            self._queue.put((step, batch), timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        step += 1
-    except BaseException as e:  # handed to the consumer
-      self._queue.put((None, e))
+    Args:
+      source: random access images (`len()`, `source[i] -> uint8 [H, W, C]`).
+      seed: the run's seed.
+      start_step: the first step yielded (a resumed run's step; nothing before it is read).
+      global_batch: examples per step over all hosts.
+      rows: this host's rows of every global batch.
+      random_flip: whether to mirror the rows `flip_mask` draws.
+      num_workers: batches prepared at once (threads, or worker processes).
+      prefetch: batches held ready; raised to `num_workers` so that no worker waits for room.
+      parallelism: 'threads' (grain's prefetch threads; the default, see docs/performance.md)
+        or 'processes' (grain's `mp_prefetch` worker processes; the source must pickle).
+    """
+    check_parallelism(parallelism)
+    if num_workers < 1 or prefetch < 1:
+      raise ValueError(f"num_workers={num_workers} and prefetch={prefetch}: set both "
+                       "(config.data.num_workers, config.data.prefetch) to 1 or more")
+    steps = batch_dataset(source, seed=seed, global_batch=global_batch, rows=rows,
+                          random_flip=random_flip)[start_step:]
+    buffered = max(prefetch, num_workers)
+    if parallelism == "threads":
+      dataset = steps.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
+                                                        prefetch_buffer_size=buffered))
+    else:
+      # grain's worker processes read absl flags; outside an absl program (a script, a test)
+      # their defaults apply.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      # Each worker reads its own batches one at a time: no threads inside the workers.
+      dataset = steps.to_iter_dataset(
+          grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
+              grain.MultiprocessingOptions(
+                  num_workers=num_workers,
+                  per_worker_buffer_size=max(1, -(-buffered // num_workers))))
+    self._iterator = iter(dataset)
+    self._step = start_step
 
   def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
     return self
 
   def __next__(self) -> tuple[int, np.ndarray]:
-    step, batch = self._queue.get()
-    if step is None:
-      raise batch
+    batch = next(self._iterator)
+    step, self._step = self._step, self._step + 1
     return step, batch
 
   def close(self) -> None:
-    self._stop.set()
-    self._thread.join(timeout=5)
-    if self._pool is not None:
-      self._pool.shutdown(wait=False, cancel_futures=True)
-
+    """Stops the prefetch threads or worker processes."""
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()

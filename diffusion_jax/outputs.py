@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import uuid
 
 import numpy as np
@@ -52,49 +51,51 @@ def check_workdir(workdir: str) -> None:
                           f"pass a directory you can write to") from e
 
 
-class _EventWriter:
-  """TensorBoard scalars and images written with the `tensorboard` package alone.
+class _ObjectStoreRecordFile:
+  """A tensorboardX event file on a `gs://` (or other remote) path, written through epath.
 
-  Used when clu's writer is unavailable (clu.metric_writers imports TensorFlow).
+  Object stores cannot append: the whole file is rewritten at each flush, as tensorboardX's
+  own Google Cloud Storage writer does (which would need the google-cloud-storage client; this
+  one uses the same file access as everything else here).
   """
 
-  def __init__(self, logdir: str):
-    from tensorboard.summary.writer import event_file_writer  # pylint: disable=g-import-not-at-top
-    epath.Path(logdir).mkdir(parents=True, exist_ok=True)
-    self._writer = event_file_writer.EventFileWriter(logdir)
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
 
-  def _add(self, step, values):
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
-    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                           summary=summary_pb2.Summary(value=values)))
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
 
-  def write_scalars(self, step, scalars):
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
-                     for k, v in scalars.items()])
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
 
-  def write_images(self, step, images):
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
-    from diffusion_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-    values = []
-    for tag, image in images.items():
-      image = np.asarray(image)
-      if image.ndim == 4:
-        image = image[0]
-      values.append(summary_pb2.Summary.Value(tag=tag, image=summary_pb2.Summary.Image(
-          height=image.shape[0], width=image.shape[1], colorspace=image.shape[-1],
-          encoded_image_string=images_lib.encode_png(image))))
-    self._add(step, values)
+  def close(self) -> None:
+    self.flush()
 
-  def flush(self):
-    self._writer.flush()
 
-  def close(self):
-    self._writer.close()
+class _ObjectStoreRecordFiles:
+  """tensorboardX's writer factory interface (open, directory_check) for `gs://` paths."""
+
+  def open(self, path: str) -> _ObjectStoreRecordFile:
+    return _ObjectStoreRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no directories to make
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter: TensorBoard event files without TensorFlow."""
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory("gs", _ObjectStoreRecordFiles())
+  # The default file name has a one-second timestamp: a suffix keeps two writers of the same
+  # second (a quick restart, an evaluation beside training) from replacing each other's file.
+  return tensorboardX.SummaryWriter(logdir, flush_secs=30,
+                                    filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
 class MetricsLog:
-  """TensorBoard (clu when it can be imported) plus DIR/metrics.jsonl; inert when disabled
+  """TensorBoard event files (tensorboardX) plus DIR/metrics.jsonl; inert when disabled
   (processes other than 0).
 
   Args:
@@ -107,24 +108,29 @@ class MetricsLog:
     self._writer = None
     if not enabled:
       return
-    tensorboard_dir = str(epath.Path(logdir) / "tensorboard")
-    try:
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._writer = metric_writers.SummaryWriter(tensorboard_dir)
-    except ImportError:
-      self._writer = _EventWriter(tensorboard_dir)
+    self._writer = _summary_writer(os.fspath(epath.Path(logdir) / "tensorboard"))
     self._jsonl = epath.Path(logdir) / "metrics.jsonl"
+    # Object stores (gs://) cannot append: there the log is kept here and rewritten whole.
+    self._rewrite = "://" in os.fspath(logdir)
+    self._text = self._jsonl.read_text() if self._rewrite and self._jsonl.exists() else ""
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._writer.write_scalars(step, values)
-    with self._jsonl.open("a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n")
+    for tag, value in values.items():
+      self._writer.add_scalar(tag, float(value), int(step))
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in values.items()}}) + "\n"
+    if self._rewrite:
+      self._text += line
+      self._jsonl.write_text(self._text)
+    else:
+      with self._jsonl.open("a") as f:
+        f.write(line)
 
   def image(self, step: int, tag: str, image_HxWxC: np.ndarray) -> None:
+    """A uint8 image [H, W, C] (C = 1 or 3)."""
     if self.enabled:
-      self._writer.write_images(step, {tag: image_HxWxC[None]})
+      self._writer.add_image(tag, np.asarray(image_HxWxC), int(step), dataformats="HWC")
 
   def flush(self) -> None:
     if self.enabled:

@@ -1,31 +1,44 @@
-"""Progress lines with a rate and an ETA, for the modes that run for minutes or hours.
+"""Progress with a rate and an ETA, for the modes that run for minutes or hours (tqdm).
 
-  sample: 1024/5000 images (41.3 images/s, ETA 0:01:36, elapsed 0:00:24)
+In a terminal, process 0 shows a live tqdm bar. Elsewhere (a log file, a pod's captured
+output) it prints whole lines instead of a bar's carriage returns, at most every `every_s`
+seconds and always for the first and the last update, formatted by tqdm:
 
-Only process 0 prints; a line goes out at most every `every_s` seconds, and always for the
-first and the last update, so a log file shows steady progress without flooding.
+  sample: 1024/5000 images (41.3 images/s, ETA 01:36, elapsed 00:24)
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
 import jax
+import tqdm
+
+_LINE = ("{desc}: {n_fmt}/{total_fmt} {unit} ({rate_noinv:.3g} {unit}/s, ETA {remaining}, "
+         "elapsed {elapsed})")
 
 
 def format_duration(seconds: float) -> str:
-  """Seconds as h:mm:ss (negative values count as 0)."""
-  seconds = int(max(0, seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+  """Seconds as [h:]mm:ss, as tqdm writes durations (negative values count as 0)."""
+  return tqdm.tqdm.format_interval(max(0.0, seconds))
 
 
 class Progress:
-  """Counts work done towards a known total and prints `label: done/total unit (rate, ETA)`.
+  """Counts work done towards a known total: a live bar in a terminal, lines elsewhere.
 
   Example:
     progress = Progress("sample", total=5000, unit="images")
     for ...:
       progress.update(done)
+
+  Args:
+    label: what is counted, the start of each line.
+    total: the work to do.
+    unit: the unit of the work.
+    every_s: at most one line per this many seconds (when not in a terminal).
+    clock: seconds (for tests).
+    print_fn: where lines go (default: stdout; given, no live bar is drawn).
   """
 
   def __init__(self, label: str, total: int, *, unit: str = "images", every_s: float = 10.0,
@@ -36,19 +49,25 @@ class Progress:
     self._print = print_fn or (lambda line: print(line, flush=True))
     self._start = clock()
     self._last_print: float | None = None
+    self._bar = None
+    if print_fn is None and jax.process_index() == 0 and sys.stdout.isatty():
+      self._bar = tqdm.tqdm(total=self.total, desc=label, unit=f" {unit}", file=sys.stdout,
+                            dynamic_ncols=True)
 
   def line(self, done: int) -> str:
     """The progress line for `done` units of work finished now."""
-    done = min(int(done), self.total)
-    elapsed = self._clock() - self._start
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (self.total - done) / rate if rate > 0 else float("nan")
-    eta_text = format_duration(eta) if rate > 0 else "?"
-    return (f"{self.label}: {done}/{self.total} {self.unit} ({rate:.3g} {self.unit}/s, "
-            f"ETA {eta_text}, elapsed {format_duration(elapsed)})")
+    elapsed = max(self._clock() - self._start, 1e-9)
+    return tqdm.tqdm.format_meter(min(int(done), self.total), self.total, elapsed,
+                                  prefix=self.label, unit=self.unit, bar_format=_LINE)
 
   def update(self, done: int) -> None:
-    """Records that `done` units are finished; prints when a line is due (process 0 only)."""
+    """Records that `done` units are finished; shows it (process 0 only)."""
+    done = min(int(done), self.total)
+    if self._bar is not None:
+      self._bar.update(done - self._bar.n)
+      if done >= self.total:
+        self._bar.close()
+      return
     now = self._clock()
     due = (self._last_print is None or done >= self.total
            or now - self._last_print >= self.every_s)

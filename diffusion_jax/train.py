@@ -15,6 +15,7 @@ Differences from the original (`diffusion_tf/tpu_utils/tpu_utils.py`, `diffusion
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -171,7 +172,8 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
   last_saved = start_step if restored is not None else None
   t_start = time.time()
   t_window, steps_window = time.time(), 0
-  profiling = False
+  profile = contextlib.ExitStack()  # holds the jax.profiler trace while one is recorded
+  profile_end = config.train.profile_start + config.train.profile_steps
   step = start_step
 
   def check_finite_and_log(current_step):
@@ -207,19 +209,19 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
   try:
     while step < num_steps:
       if step == config.train.profile_start and is_main:
-        jax.profiler.start_trace(str(workdir_path / "profile"))
-        profiling = True
+        profile.enter_context(jax.profiler.trace(str(workdir_path / "profile")))
       batch_step, local = next(batches)
       assert batch_step == step, (batch_step, step)
-      images = parallel.global_batch(local, mesh, global_batch)
-      state, metrics = p_train_step(state, images, rng)
+      # Each step is one named step in the trace viewer (and in TensorBoard's profile plugin).
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        images = parallel.global_batch(local, mesh, global_batch)
+        state, metrics = p_train_step(state, images, rng)
       pending.add(step, metrics)
       step += 1
       steps_window += 1
-      if profiling and step >= config.train.profile_start + config.train.profile_steps:
+      if step == profile_end and is_main:
         jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        profiling = False
+        profile.close()  # stops the trace and writes it
 
       over_time = (config.train.time_limit_s > 0
                    and time.time() - t_start > config.train.time_limit_s)
@@ -240,8 +242,7 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
           print(f"Stopping at step {step} ({stop.reason}); checkpoint saved", flush=True)
         break
   finally:
-    if profiling:
-      jax.profiler.stop_trace()
+    profile.close()
     batches.close()
     ckpt.close()
     log.close()

@@ -1,4 +1,7 @@
-"""Input pipeline: determinism by (seed, step), host slicing, sources, errors."""
+"""Input pipeline: determinism by (seed, step), host slicing, grain workers, sources, errors,
+and the input benchmark."""
+
+import json
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ from PIL import Image
 
 from diffusion_jax import config_checks
 from diffusion_jax import config_lib
+from diffusion_jax import input_bench
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
 
@@ -69,6 +73,97 @@ def test_batch_iterator_resumes_at_any_step():
   for (s1, b1), (s2, b2) in zip(straight[6:], resumed):
     assert s1 == s2
     np.testing.assert_array_equal(b1, b2)
+
+
+def _numbered_source(n=40):
+  # Every pixel differs between examples and between mirrored columns, so any wrong example,
+  # row or flip shows.
+  images = np.arange(n * 2 * 3, dtype=np.uint8).reshape(n, 2, 3, 1)
+  return input_pipeline.ArraySource(images)
+
+
+def test_batch_dataset_element_s_is_the_batch_of_step_s():
+  source = _numbered_source()
+  kwargs = dict(seed=4, global_batch=8, rows=slice(2, 6), random_flip=True)
+  dataset = input_pipeline.batch_dataset(source, **kwargs)
+  resumed = dataset[7:]
+  for step in (0, 5, 7, 12):
+    want = input_pipeline.load_batch(source, step=step, **kwargs)
+    np.testing.assert_array_equal(dataset[step], want)
+  np.testing.assert_array_equal(resumed[3], input_pipeline.load_batch(source, step=10, **kwargs))
+
+
+@pytest.mark.parametrize("rows", [slice(0, 8), slice(0, 4), slice(4, 8), slice(2, 6)])
+def test_grain_iterator_yields_load_batch_whatever_the_workers(rows):
+  source = _numbered_source()
+  kwargs = dict(seed=2, global_batch=8, rows=rows, random_flip=True)
+  start, count = 5, 7  # steps 5..11 cross the epoch boundary at step 5 (40 examples / 8)
+  want = [input_pipeline.load_batch(source, step=s, **kwargs)
+          for s in range(start, start + count)]
+  for num_workers, prefetch in ((1, 1), (3, 2), (4, 8)):
+    it = input_pipeline.BatchIterator(source, start_step=start, num_workers=num_workers,
+                                      prefetch=prefetch, **kwargs)
+    got = [next(it) for _ in range(count)]
+    it.close()
+    assert [s for s, _ in got] == list(range(start, start + count))
+    for (_, batch), expected in zip(got, want):
+      np.testing.assert_array_equal(batch, expected)
+
+
+def test_hosts_rows_from_grain_make_the_one_host_batch():
+  source = _numbered_source()
+  kwargs = dict(seed=9, start_step=3, global_batch=8, random_flip=True, num_workers=2)
+  one_host = input_pipeline.BatchIterator(source, rows=slice(0, 8), **kwargs)
+  hosts = [input_pipeline.BatchIterator(source, rows=slice(i, i + 2), **kwargs)
+           for i in range(0, 8, 2)]
+  for _ in range(4):
+    step, whole = next(one_host)
+    parts = [next(host) for host in hosts]
+    assert {s for s, _ in parts} == {step}
+    np.testing.assert_array_equal(np.concatenate([b for _, b in parts]), whole)
+  for it in [one_host] + hosts:
+    it.close()
+
+
+def test_grain_worker_processes_yield_the_same_batches():
+  source = _numbered_source()
+  kwargs = dict(seed=2, start_step=4, global_batch=8, rows=slice(2, 6), random_flip=True)
+  it = input_pipeline.BatchIterator(source, num_workers=2, parallelism="processes", **kwargs)
+  got = [next(it) for _ in range(5)]
+  it.close()
+  for step, batch in got:
+    np.testing.assert_array_equal(batch, input_pipeline.load_batch(
+        source, step=step, **{k: v for k, v in kwargs.items() if k != "start_step"}))
+  assert [s for s, _ in got] == list(range(4, 9))
+
+
+def test_batch_iterator_refuses_unknown_parallelism_and_zero_workers():
+  source = _numbered_source()
+  kwargs = dict(seed=0, start_step=0, global_batch=8, rows=slice(0, 8), random_flip=False)
+  with pytest.raises(ValueError, match="allowed: threads, processes"):
+    input_pipeline.BatchIterator(source, parallelism="fibers", **kwargs)
+  with pytest.raises(ValueError, match="config.data.num_workers"):
+    input_pipeline.BatchIterator(source, num_workers=0, **kwargs)
+
+
+def test_input_benchmark_prints_one_json_record_per_case(tmp_path, capsys):
+  argv = ["--num_images", "256", "--cache_dir", str(tmp_path), "--steps", "2", "--warmup", "1",
+          "--workers", "1,2"]
+  records = input_bench.main(argv)
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+  assert [json.loads(l) for l in lines] == records
+  assert [(r["source"], r["num_workers"]) for r in records] == [
+      ("array_record", 1), ("array_record", 2), ("png_folder", 1), ("png_folder", 2)]
+  for record in records:
+    assert record["parallelism"] == "threads" and record["global_batch"] == 128
+    assert record["num_images"] == 256 and record["hosts"] == 1
+    assert record["images_per_s"] > 0 and record["paper_images_per_s"] == 21 * 128
+    assert record["fraction_of_paper"] == pytest.approx(record["images_per_s"] / 2688, abs=1e-3)
+    assert record["cpus"] >= 1 and len(record["load_average"]) == 3 and record["cpu"]
+  # A second run reads the data sets built by the first.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["array_record_256", "png_folder_256"]
+  assert input_bench.main(argv[:4] + ["--sources", "png_folder", "--workers", "1",
+                                      "--steps", "1"])[0]["num_images"] == 256
 
 
 def test_cifar10_through_tfds_data_source_mock():

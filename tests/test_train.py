@@ -298,18 +298,6 @@ def test_image_grid():
   assert grid.sum() == 5 * 16 * 255
 
 
-def test_tensorboard_writer_without_tensorflow(tmp_path):
-  writer = outputs._EventWriter(str(tmp_path))  # pylint: disable=protected-access
-  writer.write_scalars(1, {"loss": 0.5})
-  writer.write_images(1, {"samples": np.zeros((1, 4, 4, 1), np.uint8)})
-  writer.close()
-  from tensorboard.backend.event_processing import event_accumulator
-  events = event_accumulator.EventAccumulator(str(tmp_path))
-  events.Reload()
-  assert events.Scalars("loss")[0].value == 0.5
-  assert events.Tags()["images"] == ["samples"]
-
-
 def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
   config = load_config()
   config.model.dtype = "bfloat16"

@@ -81,7 +81,7 @@ def load_statistics(path: str | os.PathLike, dim: int | None = 2048
   """Reads TTUR-format statistics (e.g. `fid_stats_cifar10_train.npz`).
 
   Args:
-    path: .npz with arrays `mu` [D] and `sigma` [D, D].
+    path: .npz with arrays `mu` [D] and `sigma` [D, D], local or gs://.
     dim: expected D (None to accept any).
 
   Returns:
@@ -90,7 +90,7 @@ def load_statistics(path: str | os.PathLike, dim: int | None = 2048
   Raises:
     ValueError: if the arrays are missing or D differs from `dim`.
   """
-  with np.load(path) as data:
+  with epath.Path(path).open("rb") as f, np.load(f) as data:
     missing = {"mu", "sigma"} - set(data.files)
     if missing:
       raise ValueError(f"{os.fspath(path)} lacks {sorted(missing)}; found {data.files}")

@@ -32,6 +32,7 @@ prefix, and the leaf is renamed (`torch_to_flax_name`):
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -39,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 __all__ = [
@@ -509,9 +511,19 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 
 def save_inception_params(path: str | os.PathLike, variables: Mapping[str, Any]) -> None:
-  """Writes variables as a flat .npz with '/'-joined Flax paths as keys."""
+  """Writes variables as a flat .npz with '/'-joined Flax paths as keys.
+
+  Args:
+    path: the .npz to write, local or gs:// (parents made).
+    variables: {'params': ..., 'batch_stats': ...} nested dicts of arrays.
+  """
   flat = traverse_util.flatten_dict(variables)
-  np.savez(path, **{"/".join(k): np.asarray(v, np.float32) for k, v in flat.items()})
+  # Built in memory: object stores take whole files, not the seeks that zip writing makes.
+  buf = io.BytesIO()
+  np.savez(buf, **{"/".join(k): np.asarray(v, np.float32) for k, v in flat.items()})
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(buf.getvalue())
 
 
 def _missing_weights_message(path) -> str:
@@ -525,7 +537,7 @@ def load_inception_params(path: str | os.PathLike) -> dict:
   """Loads converted FID Inception weights (see the module docstring); NumPy only.
 
   Args:
-    path: the .npz written by `convert_inception`.
+    path: the .npz written by `convert_inception`, local or gs://.
 
   Returns:
     {'params': ..., 'batch_stats': ...} nested dicts of float32 NumPy arrays.
@@ -533,8 +545,9 @@ def load_inception_params(path: str | os.PathLike) -> dict:
   Raises:
     FileNotFoundError: with the download URL and conversion command.
   """
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     raise FileNotFoundError(_missing_weights_message(path))
-  with np.load(path) as data:
+  with path.open("rb") as f, np.load(f) as data:
     flat = {tuple(k.split("/")): np.asarray(data[k], np.float32) for k in data.files}
   return traverse_util.unflatten_dict(flat)
