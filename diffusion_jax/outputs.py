@@ -1,7 +1,8 @@
 """What runs leave in their workdir besides checkpoints: metric logs and whole files.
 
-Every file is written under a temporary name and renamed into place, so a reader (a watcher, a
-restarted run, a user) never sees a partial file under the final name.
+Every file is written whole before it appears under its name (locally: a temporary name renamed
+into place; in an object store, where an upload appears only when complete: in place), so a
+reader (a watcher, a restarted run, a user) never sees a partial file.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ def write_atomically(path: epath.Path | str, data: bytes) -> epath.Path:
   (parents made): writers racing for one file (processes caching the same statistics) never
   read or clobber half a file. Returns the path."""
   path = epath.Path(path)
+  if "://" in os.fspath(path):
+    # An object store (gs://) shows an object only once its upload is complete, and has no
+    # rename (a copy and a delete): write in place.
+    path.write_bytes(data)
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}.tmp"
   tmp.write_bytes(data)
