@@ -105,7 +105,6 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   Returns:
     f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1].
   """
-  sampling.check_sampler(sampler, num_steps, eta, sched.num_timesteps)
   d = config.diffusion
   size, channels = config.data.image_size, config.data.channels
 

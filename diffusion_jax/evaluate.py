@@ -47,7 +47,7 @@ def _is_main() -> bool:
 
 
 def _batch_size(config, mesh) -> int:
-  return inference.round_up(max(1, config.eval.batch_size), mesh.devices.size)
+  return parallel.round_up_to_devices(max(1, config.eval.batch_size), mesh)
 
 
 def _sample_batches(sampler: inference.Sampler, num: int, batch_size: int, *, seed: int,
@@ -180,7 +180,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
   loaded, mesh, model, sched = _chain_setup(config, workdir, step, "progressive")
   settings, d = config.eval, config.diffusion
   size, channels = config.data.image_size, config.data.channels
-  num = inference.round_up(settings.progressive_num, mesh.devices.size)
+  num = parallel.round_up_to_devices(settings.progressive_num, mesh)
 
   def fn(params, keys):
     return sampling.p_sample_loop_progressive(
@@ -213,7 +213,7 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
                  lam=np.tile(lams, pairs).astype(np.float32),
                  pair=np.repeat(np.arange(pairs), len(lams)))
   n = len(columns["lam"])
-  batch = inference.round_up(n, mesh.devices.size)
+  batch = parallel.round_up_to_devices(n, mesh)
   # Padding rows repeat the first ones; they are dropped below.
   columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
 

@@ -78,10 +78,6 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   return Loaded(config, params, got)
 
 
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def local_rows(array: jax.Array) -> np.ndarray:
   """This process's rows of an array split along its first axis, in row order."""
   shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -139,7 +135,7 @@ class Sampler:
   def sample(self, num: int, *, seed: int = 0, batch_size: int | None = None,
              **settings) -> np.ndarray:
     """`num` samples as uint8 [num, H, W, C] (single-process use: a notebook, a script)."""
-    batch = round_up(batch_size or min(num, 256), self.mesh.devices.size)
+    batch = parallel.round_up_to_devices(batch_size or min(num, 256), self.mesh)
     out = [self.sample_batch(np.arange(start, start + batch), seed=seed, **settings)
            for start in range(0, num, batch)]
     return images_lib.to_uint8(np.concatenate(out)[:num])

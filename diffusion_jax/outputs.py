@@ -15,12 +15,17 @@ import numpy as np
 from etils import epath
 
 
+def is_object_store(path) -> bool:
+  """Whether `path` is in an object store (gs://, s3://: no append, no rename) or local."""
+  return "://" in os.fspath(path)
+
+
 def write_atomically(path: epath.Path | str, data: bytes) -> epath.Path:
   """Writes `data` under a temporary name unique to this call, then renames it to `path`
   (parents made): writers racing for one file (processes caching the same statistics) never
   read or clobber half a file. Returns the path."""
   path = epath.Path(path)
-  if "://" in os.fspath(path):
+  if is_object_store(path):
     # An object store (gs://) shows an object only once its upload is complete, and has no
     # rename (a copy and a delete): write in place.
     path.write_bytes(data)
@@ -117,7 +122,7 @@ class MetricsLog:
     self._writer = _summary_writer(os.fspath(epath.Path(logdir) / "tensorboard"))
     self._jsonl = epath.Path(logdir) / "metrics.jsonl"
     # Object stores (gs://) cannot append: there the log is kept here and rewritten whole.
-    self._rewrite = "://" in os.fspath(logdir)
+    self._rewrite = is_object_store(logdir)
     self._text = self._jsonl.read_text() if self._rewrite and self._jsonl.exists() else ""
 
   def scalars(self, step: int, values: dict[str, float]) -> None:

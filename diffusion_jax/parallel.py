@@ -287,6 +287,12 @@ def batch_map(fn: Callable, mesh: Mesh, num_batched: int = 1) -> Callable:
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA_AXIS)))
 
 
+def round_up_to_devices(n: int, mesh: Mesh) -> int:
+  """`n` rounded up to a multiple of the mesh's devices (rows every device can share evenly)."""
+  devices = mesh.devices.size
+  return -(-n // devices) * devices
+
+
 def replicate(tree, mesh: Mesh):
   """Places a pytree of host values (identical on every host) replicated on the mesh."""
   sharding = replicated_sharding(mesh)

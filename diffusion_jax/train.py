@@ -251,9 +251,8 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
 
 def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) -> np.ndarray:
   """Samples `sample.num_samples` images with the EMA weights; writes samples/grid_<step>.png."""
-  num_devices = mesh.devices.size
   n = config.sample.num_samples
-  padded = -(-n // num_devices) * num_devices
+  padded = parallel.round_up_to_devices(n, mesh)
   # Sample i's key depends only on i: the grid is the same whatever the number of devices (the
   # padding rows are dropped).
   keys = prng.sharded_example_keys(config.seed, prng.RunStream.GRID, np.arange(padded), mesh)

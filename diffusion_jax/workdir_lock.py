@@ -29,6 +29,8 @@ import time
 
 from etils import epath
 
+from diffusion_jax import outputs
+
 LOCK_NAME = "run.lock"
 
 
@@ -87,7 +89,7 @@ class WorkdirLock:
   def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_after_s: float = 600.0,
                clock=time.time, print_fn=None):
     self.path = epath.Path(workdir) / LOCK_NAME
-    self.local = _is_local(str(workdir))
+    self.local = not outputs.is_object_store(str(workdir))
     self._heartbeat_s = heartbeat_s
     self._stale_after_s = stale_after_s
     self._clock = clock
@@ -192,10 +194,6 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
-
-
-def _is_local(workdir: str) -> bool:
-  return "://" not in workdir
 
 
 def hold_for_run(workdir: str, *, is_main: bool, multi_process: bool) -> WorkdirLock | None:
