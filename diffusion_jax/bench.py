@@ -1,7 +1,9 @@
-"""Benchmark: compile and step times of training, one forward pass and the sampler.
+"""Benchmark: compile and step times of training, one forward pass and the sampler, and how
+the samplers and the bound scale with the number of diffusion steps T.
 
   python -m diffusion_jax.bench --config configs/cifar10.py --batch 8 --steps 5 --warmup 2
   python -m diffusion_jax.bench --config configs/cifar10.py --batch 128 --dtype bfloat16
+  python -m diffusion_jax.bench --config configs/test.py --batch 8 --scaling 1000,4000
 
 Runs on whatever backend JAX finds, over all local devices (the batch is split along the
 `data` mesh exactly as in training), prints progress lines, then one JSON line last. It builds
@@ -12,6 +14,13 @@ Step times are medians over `--steps` calls after `--warmup` calls, each call sy
 `block_until_ready`; compile times are measured separately (ahead-of-time `lower().compile()`).
 The sampler is timed over a short ancestral `lax.scan` of `--sample_steps` steps and reported
 per step.
+
+`--scaling T1,T2,...` compiles, for each T (the config with `diffusion.num_timesteps` = T), the
+ancestral sampler over all T steps, DDIM over 50 of them (all T when T < 50) and the full bound
+in bits/dim as evaluation runs it, and records each program's compile time, XLA's memory
+analysis and the size of its lowered text. Each is one `lax.scan`, so none of these should grow
+with T beyond the T-long coefficient arrays, which the programs hold as constants. Nothing is
+run there, only compiled (thousands of U-Net calls would take minutes on a CPU).
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -42,13 +52,35 @@ def _parse(argv):
   parser.add_argument("--sample_steps", type=int, default=20,
                       help="length of the timed sampler scan")
   parser.add_argument("--skip", default="",
-                      help="comma-separated parts not to run: train, forward, sample")
+                      help="comma-separated parts not to run: train, forward, sample, scaling")
+  parser.add_argument("--scaling", type=_timesteps_list, default="", metavar="T1,T2,...",
+                      help="numbers of diffusion steps at which to compile (not run) the "
+                           "samplers and the bound, e.g. 1000,4000 (default: none)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set model.remat=True (repeatable)")
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="after timing, trace one more training step into DIR (TensorBoard "
                            "or Perfetto) and print the XLA ops that took the most time")
   return parser.parse_args(argv)
+
+
+def _timesteps_list(text: str) -> list[int]:
+  """'1000,4000' -> [1000, 4000]; argparse reports the ArgumentTypeError before anything runs."""
+  values = []
+  for item in (s.strip() for s in text.split(",")):
+    if not item:
+      continue
+    try:
+      value = int(item)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{item!r} is not a whole number of diffusion steps (want e.g. 1000,4000)") from None
+    if value < 2:
+      raise argparse.ArgumentTypeError(f"T must be at least 2, got {value}")
+    if value in values:
+      raise argparse.ArgumentTypeError(f"T={value} is given twice")
+    values.append(value)
+  return values
 
 
 def profile_summary(trace_dir: str, top: int = 15) -> list[str]:
@@ -115,6 +147,117 @@ def _flops(compiled) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+_MEMORY_FIELDS = (("temp_bytes", "temp_size_in_bytes"),
+                  ("argument_bytes", "argument_size_in_bytes"),
+                  ("output_bytes", "output_size_in_bytes"),
+                  ("generated_code_bytes", "generated_code_size_in_bytes"))
+
+
+def _memory(compiled) -> dict[str, int | None]:
+  """XLA's memory analysis of a compiled program; None where the backend gives none."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    stats = None
+  if isinstance(stats, (list, tuple)):  # older jax: one entry per computation
+    stats = stats[0] if stats else None
+  out = {}
+  for key, attr in _MEMORY_FIELDS:
+    value = getattr(stats, attr, None)
+    out[key] = None if value is None else int(value)
+  return out
+
+
+def _mib(num_bytes: int | None) -> str:
+  return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.2f} MiB"
+
+
+# The literal values of a StableHLO constant: `dense<"0x...">` (hex, for large ones) or
+# `dense<[...]>`. Scalars (`dense<1.0>`) are left alone: they do not depend on T.
+_CONSTANT_VALUES = re.compile(r'dense<(?:"0x[0-9A-Fa-f]*"|\[[^<>]*\])>')
+
+
+def _compile_sizes(fn, *args) -> dict:
+  """Ahead-of-time compile time, memory analysis and lowered text size of `fn(*args)`."""
+  start = time.perf_counter()
+  lowered = fn.lower(*args)
+  compiled = lowered.compile()
+  out = dict(compile_s=time.perf_counter() - start)
+  out.update(_memory(compiled))
+  text = lowered.as_text()
+  # The whole text grows with T by the constant coefficient arrays (about 8 characters per
+  # value); the rest, the program itself, must not grow if the loop is a scan.
+  out.update(hlo_chars=len(text),
+             hlo_chars_without_constants=len(_CONSTANT_VALUES.sub("dense<>", text)))
+  return out
+
+
+def _make_bpd_fn(config, model, sched, mesh):
+  """The full bound as `evaluate.bits_per_dim` compiles it (evaluate.py imports TensorFlow and
+  builds it inline, so it is rebuilt here from the same calls), with x_0 predictions clipped.
+
+  Returns:
+    f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, sum of the terms) in
+    bits/dim, each [n].
+  """
+  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
+  d = config.diffusion
+
+  def bpd(params, images, keys):
+    out = diffusion.calc_bpd_loop(sched, build.denoiser(model, params),
+                                  images_lib.to_float(images), keys, mean_type=d.mean_type,
+                                  var_type=d.var_type, clip_denoised=True)
+    return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
+
+  return parallel.batch_map(bpd, mesh, num_batched=2)
+
+
+def _scaling(args, overrides, model, params, images, mesh) -> dict[str, dict]:
+  """The 'scaling' part: {T: {program: _compile_sizes}} for each T of `--scaling`.
+
+  The programs are those the drivers compile: the ancestral sampler over all T steps, DDIM over
+  50 (or T, if fewer) and the full bound (`_make_bpd_fn`) of `images` (uint8, split over the
+  mesh). Each is compiled, never run.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import prng  # pylint: disable=g-import-not-at-top
+
+  batch = args.batch
+  sample_keys = prng.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(batch), mesh)
+  bpd_keys = prng.sharded_example_keys(0, prng.RunStream.BPD, np.arange(batch), mesh)
+  out = {}
+  for num_timesteps in args.scaling:
+    config = config_lib.load_config(args.config, dict(
+        overrides, **{"diffusion.num_timesteps": num_timesteps}))
+    sched = build.make_schedule(config)
+    ddim_steps = min(50, num_timesteps)
+    programs = {
+        "ancestral": (num_timesteps, build.make_sample_fn(
+            config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
+            clip_denoised=True), (params, sample_keys)),
+        "ddim50": (ddim_steps, build.make_sample_fn(
+            config, model, sched, mesh, sampler="ddim", num_steps=ddim_steps, eta=0.0,
+            clip_denoised=True), (params, sample_keys)),
+        "bpd": (num_timesteps, _make_bpd_fn(config, model, sched, mesh),
+                (params, images, bpd_keys)),
+    }
+    out[str(num_timesteps)] = {}
+    for name, (steps, fn, fn_args) in programs.items():
+      got = dict(steps=steps, **_compile_sizes(fn, *fn_args))
+      out[str(num_timesteps)][name] = got
+      _log(f"T={num_timesteps} {name} ({steps} steps): compiled in {got['compile_s']:.1f} s, "
+           f"temp {_mib(got['temp_bytes'])}, arguments {_mib(got['argument_bytes'])}, output "
+           f"{_mib(got['output_bytes'])}, lowered text {got['hlo_chars']:,} chars "
+           f"({got['hlo_chars_without_constants']:,} without constant values)")
+  return out
 
 
 def _parse_override(text: str):
@@ -233,6 +376,9 @@ def run(args) -> dict:
         max(1, args.steps // 2), min(1, args.warmup))
     record.update(sample_steps=args.sample_steps, sample_step_median_s=loop_s / args.sample_steps)
     _log(f"sample step: {record['sample_step_median_s']:.3f} s median")
+
+  if args.scaling and "scaling" not in skip:
+    record["scaling"] = _scaling(args, overrides, model, state.params, images, mesh)
   return record
 
 

@@ -6,26 +6,39 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "orbax", "etils", "PIL")
 
-# Installed before anything else runs: any import of a blocked package (or its submodules)
-# raises, as it would on a machine with only jax, flax and optax installed.
-_BLOCKER = textwrap.dedent(f"""
-    import runpy, sys
-    from importlib.abc import MetaPathFinder
 
-    class _Block(MetaPathFinder):
-      def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
-          raise ImportError("blocked in this test: " + name)
-        return None
+def _blocker(blocked) -> str:
+  """A script that runs the benchmark with every import of `blocked` packages failing.
 
-    sys.meta_path.insert(0, _Block())
-    sys.argv = ["diffusion_jax.bench"] + sys.argv[1:]
-    runpy.run_module("diffusion_jax.bench", run_name="__main__", alter_sys=True)
-    assert not any(m.split(".")[0] in {BLOCKED!r} for m in sys.modules)
-""")
+  Installed before anything else runs: any import of a blocked package (or its submodules)
+  raises, as it would on a machine without it.
+  """
+  return textwrap.dedent(f"""
+      import runpy, sys
+      from importlib.abc import MetaPathFinder
+
+      class _Block(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in {tuple(blocked)!r}:
+            raise ImportError("blocked in this test: " + name)
+          return None
+
+      sys.meta_path.insert(0, _Block())
+      sys.argv = ["diffusion_jax.bench"] + sys.argv[1:]
+      runpy.run_module("diffusion_jax.bench", run_name="__main__", alter_sys=True)
+      assert not any(m.split(".")[0] in {tuple(blocked)!r} for m in sys.modules)
+  """)
+
+
+# As on a machine with only jax, flax and optax installed.
+_BLOCKER = _blocker(BLOCKED)
+# Schedule fields (15) plus the sampler's timesteps: the most T-long arrays a program holds.
+_T_LONG_ARRAYS = 16
 
 
 def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
@@ -34,7 +47,8 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
-       "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace")],
+       "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace"),
+       "--scaling", "20,80"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -59,3 +73,53 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   ops = lines[lines.index(profile[0]) + 1:]
   shares = [float(l.split()[-1].rstrip("%")) for l in ops if l.endswith("%")]
   assert shares and all(0 < s <= 100 for s in shares) and sum(shares) <= 100.5, ops
+
+  # --scaling: each program compiled at both T; T=20 is shorter than DDIM's 50 steps, so DDIM
+  # visits all 20 there.
+  scaling = record["scaling"]
+  assert set(scaling) == {"20", "80"}, scaling
+  for t, programs in scaling.items():
+    assert set(programs) == {"ancestral", "ddim50", "bpd"}, programs
+    assert programs["ancestral"]["steps"] == programs["bpd"]["steps"] == int(t)
+    assert programs["ddim50"]["steps"] == min(50, int(t))
+    for name, got in programs.items():
+      assert isinstance(got["compile_s"], float) and got["compile_s"] > 0, (t, name)
+      for field in ("temp_bytes", "argument_bytes", "output_bytes", "hlo_chars"):
+        assert isinstance(got[field], int) and got[field] > 0, (t, name, field)
+  grown = 80 - 20
+  for name in ("ancestral", "ddim50", "bpd"):
+    small, large = scaling["20"][name], scaling["80"][name]
+    # Without the literal values of its constants the program text was the same size at both T
+    # (and within 3 characters at T = 1000 and 4000, the digits of scalars such as T - 1): one
+    # scan body, whatever its length. Unrolled, it would grow 4x from 20 to 80 steps.
+    assert large["hlo_chars_without_constants"] <= 1.01 * small["hlo_chars_without_constants"], (
+        name, small, large)
+    # The whole text also holds the T-long arrays as constants: up to 16 characters a value
+    # printed in decimal (8 in hex, as MLIR prints large ones), at most _T_LONG_ARRAYS of them
+    # (6, 3 and 9 in these programs). Measured: +4.1k (ancestral), +2.5k, +7.0k of 170-190k.
+    assert large["hlo_chars"] <= 1.2 * small["hlo_chars"] + grown * _T_LONG_ARRAYS * 16, (
+        name, small, large)
+    # Scratch memory: the samplers' was identical at both T; the bound's grew by its per-t
+    # terms, stacked by the scan, and the scanned timesteps: (B + 1) x 4 bytes a step (+640
+    # bytes here), which twice that allows for any alignment.
+    assert large["temp_bytes"] <= 1.2 * small["temp_bytes"] + grown * (2 + 1) * 4 * 2, (
+        name, small, large)
+    # The coefficient arrays are constants of the program, so the arguments (parameters, keys,
+    # images) were identical; were they passed in, they would add 4 bytes a value.
+    assert large["argument_bytes"] <= small["argument_bytes"] + grown * _T_LONG_ARRAYS * 4, (
+        name, small, large)
+    assert large["output_bytes"] == small["output_bytes"], (name, small, large)
+
+
+@pytest.mark.parametrize("value, message", [("1000,abc", "'abc' is not a whole number"),
+                                            ("1000,1", "T must be at least 2")])
+def test_bench_refuses_a_bad_scaling_list_before_starting_jax(value, message):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # With jax blocked too, getting past the argument parsing would end in an ImportError.
+  proc = subprocess.run(
+      [sys.executable, "-c", _blocker(BLOCKED + ("jax", "jaxlib", "flax")), "--config",
+       "configs/test.py", "--scaling", value],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  assert "argument --scaling" in proc.stderr and message in proc.stderr, proc.stderr
+  assert proc.stdout == "", proc.stdout
