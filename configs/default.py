@@ -50,6 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion.mean_type = args.mean_type
   config.diffusion.var_type = args.var_type
   config.diffusion.loss_type = args.loss_type
+  # How each example's timestep is drawn: 'uniform' (the original) or 'loss_second_moment'
+  # (Improved DDPM: in proportion to the root mean square of each t's last 10 losses, each loss
+  # weighted so the objective's mean is unchanged; uniform until every t has 10).
+  config.diffusion.timestep_sampler = "uniform"
+  # Give the network t * 1000 / T (a float) instead of t (Improved DDPM's models use it).
+  config.diffusion.rescale_timesteps = False
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 2e-4
@@ -86,9 +92,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # How images are sampled: the training grids, every evaluation mode and the notebook sampler.
   config.sample = ml_collections.ConfigDict()
   config.sample.sampler = "ancestral"  # one of sampling.SAMPLERS: ancestral, ddim.
-  # Timesteps the sampler visits: 0 = all T (ancestral sampling always visits all T); DDIM visits
-  # K in 1..T, evenly spaced.
+  # Timesteps the sampler visits: 0 = all T, else K in 1..T, evenly spaced from 0 to T-1
+  # (ancestral sampling over K < T steps runs on the schedule respaced to them).
   config.sample.num_steps = 0
+  # Or the timesteps as Improved DDPM's respacing spec (num_steps 0): 'ddim50' (every 20th step
+  # of 1000 from 0), '50' (50 evenly spaced, rounded), '10,20,30' (counts in equal sections of
+  # T); ancestral sampling then runs on the respaced schedule. '' = none.
+  config.sample.respacing = ""
   config.sample.eta = 0.0          # DDIM's noise scale (0 = deterministic); ancestral: 0.
   config.sample.clip_denoised = True  # clip each x_0 prediction to [-1, 1] while sampling.
   # Images in each training grid, samples/grid_<step>.png (eval.num_samples is the count for

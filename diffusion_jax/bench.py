@@ -16,8 +16,10 @@ The sampler is timed over a short ancestral `lax.scan` of `--sample_steps` steps
 per step.
 
 `--scaling T1,T2,...` compiles, for each T (the config with `diffusion.num_timesteps` = T), the
-ancestral sampler over all T steps, DDIM over 50 of them (all T when T < 50) and the full bound
-in bits/dim as evaluation runs it, and records each program's compile time, XLA's memory
+ancestral sampler over all T steps and over a schedule respaced to 50 of them, DDIM over 50 of
+them (all T when T < 50) and the full bound
+in bits/dim as evaluation runs it (`build.make_bpd_fn`), and records each program's compile
+time, XLA's memory
 analysis and the size of its lowered text. Each is one `lax.scan`, so none of these should grow
 with T beyond the T-long coefficient arrays, which the programs hold as constants. Nothing is
 run there, only compiled (thousands of U-Net calls would take minutes on a CPU).
@@ -194,29 +196,6 @@ def _compile_sizes(fn, *args) -> dict:
   return out
 
 
-def _make_bpd_fn(config, model, sched, mesh):
-  """The full bound as `evaluate.bits_per_dim` compiles it (evaluate.py imports TensorFlow and
-  builds it inline, so it is rebuilt here from the same calls), with x_0 predictions clipped.
-
-  Returns:
-    f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, sum of the terms) in
-    bits/dim, each [n].
-  """
-  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import diffusion  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
-  d = config.diffusion
-
-  def bpd(params, images, keys):
-    out = diffusion.calc_bpd_loop(sched, build.denoiser(model, params),
-                                  images_lib.to_float(images), keys, mean_type=d.mean_type,
-                                  var_type=d.var_type, clip_denoised=True)
-    return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
-
-  return parallel.batch_map(bpd, mesh, num_batched=2)
-
-
 def _scaling(args, overrides, model, params, images, mesh) -> dict[str, dict]:
   """The 'scaling' part: {T: {program: _compile_sizes}} for each T of `--scaling`.
 
@@ -243,10 +222,15 @@ def _scaling(args, overrides, model, params, images, mesh) -> dict[str, dict]:
         "ancestral": (num_timesteps, build.make_sample_fn(
             config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
             clip_denoised=True), (params, sample_keys)),
+        # Improved DDPM's fewer-step sampling: ancestral over a schedule respaced to 50 steps.
+        "ancestral_respaced50": (ddim_steps, build.make_sample_fn(
+            config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
+            clip_denoised=True, respacing=str(ddim_steps)), (params, sample_keys)),
         "ddim50": (ddim_steps, build.make_sample_fn(
             config, model, sched, mesh, sampler="ddim", num_steps=ddim_steps, eta=0.0,
             clip_denoised=True), (params, sample_keys)),
-        "bpd": (num_timesteps, _make_bpd_fn(config, model, sched, mesh),
+        "bpd": (num_timesteps, build.make_bpd_fn(config, model, sched, mesh,
+                                                 clip_denoised=True),
                 (params, images, bpd_keys)),
     }
     out[str(num_timesteps)] = {}

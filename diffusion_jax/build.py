@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from diffusion_jax import diffusion
+from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
 from diffusion_jax import schedules
@@ -26,7 +28,8 @@ def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
   """The U-Net the config describes (2C outputs for a learned variance)."""
   m = config.model
   channels = config.data.channels
-  out_ch = 2 * channels if config.diffusion.var_type == "learned" else channels
+  learned = config.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
+  out_ch = 2 * channels if learned else channels
   return unet.UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                    out_ch=out_ch, dtype=DTYPES[m.dtype], remat=m.remat,
@@ -53,7 +56,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   betas = schedules.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start,
                                       beta_end=d.beta_end,
                                       num_diffusion_timesteps=d.num_timesteps)
-  return schedules.Schedule.from_betas(betas)
+  return schedules.Schedule.from_betas(betas, rescale_timesteps=d.rescale_timesteps)
 
 
 def diffusion_kwargs(config: ml_collections.ConfigDict) -> dict[str, str]:
@@ -80,10 +83,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
-  """The `sample` section as `sampling.sample`'s arguments: sampler, num_steps, eta,
+  """The `sample` section as `sampling.sample`'s arguments: sampler, num_steps, respacing, eta,
   clip_denoised; `overrides` (e.g. sampler='ddim', num_steps=50) replace single ones."""
   s = config.sample
-  out = dict(sampler=s.sampler, num_steps=s.num_steps, eta=s.eta,
+  out = dict(sampler=s.sampler, num_steps=s.num_steps, respacing=s.respacing, eta=s.eta,
              clip_denoised=s.clip_denoised)
   unknown = set(overrides) - set(out)
   if unknown:
@@ -92,15 +95,33 @@ def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, 
   return out
 
 
+def sampler_tag(config: ml_collections.ConfigDict) -> str:
+  """A file-name suffix for the `sample` section's settings, so that results of one checkpoint
+  under different samplers sit side by side: '' for ancestral sampling over all T steps with
+  clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
+  '_ancestral_noclip'."""
+  s = config.sample
+  steps = ("_respaced" + s.respacing if s.respacing else
+           str(s.num_steps) if s.num_steps not in (0, config.diffusion.num_timesteps) else "")
+  parts = [s.sampler + steps] if (s.sampler != "ancestral" or steps) else []
+  if s.eta:
+    parts.append(f"eta{s.eta:g}")
+  if not s.clip_denoised:
+    parts.append("noclip")
+  return "".join("_" + part for part in parts)
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sampler: str,
-                   num_steps: int, eta: float, clip_denoised: bool) -> Callable:
+                   num_steps: int, eta: float, clip_denoised: bool,
+                   respacing: str = "") -> Callable:
   """The sampler as one compiled program over the mesh.
 
   Args:
     config: what to sample (image size, channels, diffusion types).
     model, sched: the U-Net and its schedule.
     mesh: the devices; the keys (and images) are split over its `data` axis.
-    sampler, num_steps, eta, clip_denoised: `sampling.sample`'s settings (`sampler_kwargs`).
+    sampler, num_steps, eta, clip_denoised, respacing: `sampling.sample`'s settings
+      (`sampler_kwargs`).
 
   Returns:
     f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1].
@@ -109,11 +130,37 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   size, channels = config.data.image_size, config.data.channels
 
   def sample(params, keys):
-    return sampling.sample(sampler, sched, denoiser(model, params), keys, (keys.shape[0], size, size, channels),
-                           num_steps=num_steps, eta=eta, clip_denoised=clip_denoised,
+    return sampling.sample(sampler, sched, denoiser(model, params), keys,
+                           (keys.shape[0], size, size, channels), num_steps=num_steps,
+                           respacing=respacing, eta=eta, clip_denoised=clip_denoised,
                            mean_type=d.mean_type, var_type=d.var_type)
 
   return parallel.batch_map(sample, mesh)
+
+
+def make_bpd_fn(config: ml_collections.ConfigDict, model, sched, mesh, *,
+                clip_denoised: bool) -> Callable:
+  """The full variational bound over all T steps as one compiled program over the mesh.
+
+  Args:
+    config: the diffusion types.
+    model, sched: the U-Net and its (full, not respaced) schedule.
+    mesh: the devices; images and keys are split over its `data` axis.
+    clip_denoised: clip the x_0 predictions to [-1, 1] (`eval.bpd_clip_denoised`).
+
+  Returns:
+    f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, sum of the per-t terms),
+    each [n] in bits/dim.
+  """
+  d = config.diffusion
+
+  def bpd(params, images_, keys):
+    out = diffusion.calc_bpd_loop(sched, denoiser(model, params), images.to_float(images_), keys,
+                                  mean_type=d.mean_type, var_type=d.var_type,
+                                  clip_denoised=clip_denoised)
+    return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
+
+  return parallel.batch_map(bpd, mesh, num_batched=2)
 
 
 def denoiser(model, params) -> Callable:

@@ -11,6 +11,8 @@ Layout (what an evaluation driver reads and a TF-checkpoint converter writes):
                                    ema_params: same tree, EMA of params (what samples use)
                                    opt_state:  optax Adam state for params (may be omitted
                                                by a converter: `restore_params` ignores it)
+                                   loss_history: with importance-sampled timesteps only:
+                                               {losses [T, 10], counts [T]}
       config/metadata            the training config as JSON (`config.to_dict()`)
       checksums/metadata         JSON {"algorithm": "crc32", "arrays": {path: crc32}}: the
                                    CRC-32 of every array of `state` as saved (C order, its own
@@ -315,8 +317,21 @@ class Checkpointer:
   def _check_shapes(self, step: int, abstract_state) -> None:
     saved = self._manager.item_metadata(step)[STATE]
     saved_tree = getattr(saved, "tree", saved)
-    want = _leaf_shapes({k: abstract_state[k] for k in ("params",)})
-    have = _leaf_shapes({k: saved_tree[k] for k in ("params",)})
+    # The importance sampler's loss history is in the state only when the config draws its
+    # timesteps by importance; a checkpoint with or without it resumes only with the same choice.
+    history = "loss_history"
+    if (history in abstract_state) != (history in saved_tree):
+      trained = "with" if history in saved_tree else "without"
+      sampler = "loss_second_moment" if history in saved_tree else "uniform"
+      raise ShapeMismatchError(
+          f"the checkpoint at step {step} in {self.directory} was trained {trained} "
+          f"importance-sampled timesteps (a loss history in the state), unlike the current "
+          f"config: set --config.diffusion.timestep_sampler={sampler} to resume it (the config "
+          f"it was trained with is saved in {self.directory}/{step}/config), or use a new "
+          f"--workdir")
+    compared = ("params", history) if history in saved_tree else ("params",)
+    want = _leaf_shapes({k: abstract_state[k] for k in compared})
+    have = _leaf_shapes({k: saved_tree[k] for k in compared})
     if want != have:
       diff = sorted(set(want.items()) ^ set(have.items()))[:6]
       raise ShapeMismatchError(

@@ -22,6 +22,7 @@ from diffusion_jax import diffusion
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
 from diffusion_jax import sampling
+from diffusion_jax import timestep_sampling
 
 MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
 _SAMPLING = ("sample", "eval")
@@ -88,6 +89,8 @@ RULES = (
     Rule("diffusion.beta_end", "float", 0, 1, low_open=True, high_open=True,
          when=_schedule_uses(*_RAMPS, "const")),
     Rule(_T, "int", 2),  # schedules need at least two steps
+    Rule("diffusion.timestep_sampler", "str", choices=timestep_sampling.TIMESTEP_SAMPLERS),
+    Rule("diffusion.rescale_timesteps", "bool"),
     Rule("optim.lr", "float", 0, low_open=True),
     Rule("optim.warmup_steps", "int", 0, note="0 = no warmup"),
     Rule("optim.grad_clip", "float", 0, note="0 = no clipping"),
@@ -113,6 +116,7 @@ RULES = (
     Rule("train.profile_steps", "int", 1),
     Rule("sample.sampler", "str", choices=tuple(sampling.SAMPLERS)),
     Rule("sample.num_steps", "int", 0, _T, modes=_SAMPLER_MODES, note="0 = all T"),
+    Rule("sample.respacing", "str"),
     Rule("sample.eta", "float", 0, note="0 = deterministic DDIM"),
     Rule("sample.clip_denoised", "bool"),
     Rule("sample.num_samples", "int", 1),
@@ -257,12 +261,19 @@ def diffusion_problems(config) -> list[str]:
       diffusion.check_types(var_type=known["var_type"], loss_type=known["loss_type"])
     except ValueError:
       var_type, loss_type = known["var_type"], known["loss_type"]
-      fixed = "|".join(v for v in diffusion.VAR_TYPES if v != var_type)
+      learned = var_type in diffusion.LEARNED_VAR_TYPES
+      # The loss types that can train this variance, and the variances this loss can train.
+      losses = [l for l in diffusion.LOSS_TYPES if l != loss_type and
+                (l != "mse" if learned else l != "hybrid")]
+      var_types = [v for v in diffusion.VAR_TYPES
+                   if (v in diffusion.LEARNED_VAR_TYPES) != learned]
       out.append(
           f"diffusion.loss_type={_fmt(loss_type)} cannot train diffusion.var_type="
-          f"{_fmt(var_type)}: set --config.diffusion.loss_type=kl (or the config argument "
-          f":var_type={var_type},loss_type=kl), or keep loss_type={loss_type} with "
-          f"--config.diffusion.var_type={fixed} (config argument :var_type={fixed})")
+          f"{_fmt(var_type)}: set --config.diffusion.loss_type={'|'.join(losses)} (or the config "
+          f"argument :var_type={var_type},loss_type={'hybrid' if learned else 'mse'}), or keep "
+          f"loss_type={loss_type} "
+          f"with --config.diffusion.var_type={'|'.join(var_types)} (config argument "
+          f":var_type={'|'.join(var_types)})")
   return out
 
 
@@ -293,12 +304,15 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
   """
   if not _draws_samples(config, mode):
     return []
-  sampler, num_steps, eta, num_timesteps = (
-      _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta", _T))
+  sampler, num_steps, eta, respacing, num_timesteps = (
+      _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta",
+                                      "sample.respacing", _T))
   if _MISSING in (sampler, num_steps, eta) or not _is_int(num_timesteps):
     return []
+  respacing = "" if respacing is _MISSING else respacing
   try:
-    sampling.check_sampler(sampler, num_steps, eta, num_timesteps, flag_prefix="--config.")
+    sampling.check_sampler(sampler, num_steps, eta, num_timesteps, respacing=respacing,
+                           flag_prefix="--config.")
   except ValueError as e:
     return [str(e)]
   return []
@@ -326,7 +340,8 @@ def problems(config, mode: str = "train") -> list[str]:
         out.append(message)
   out += diffusion_problems(config)
   # The sampler's own limits, once its fields and T have the right types and ranges.
-  if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=", _T + "="))
+  if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=",
+                            "sample.respacing=", _T + "="))
              for m in out):
     out += sampler_problems(config, mode)
   return out

@@ -2,12 +2,18 @@
 
 Pure functions of a `Schedule` and arrays: randomness comes in as noise arrays or keys, never
 drawn unseen. Images are [B, H, W, C] (any [B, ...] works), timesteps t are int [B] in [0, T).
+The network is called as model_fn(x_t, sched.model_timesteps(t)): a respaced schedule maps its
+entries to the timesteps the model was trained on.
 
 Mean types (what the network predicts): `eps` (the noise), `xstart` (x_0), `xprev` (the mean of
 x_{t-1}). Variance types: `fixedlarge` (beta_t), `fixedsmall` (the posterior variance
 beta_tilde_t), `learned` (the network outputs 2C channels, the second half being the
-log-variance). Loss types: `mse` (unweighted mean squared error against the mean type's target;
-not with `learned`), `kl` (the bound's term for t, in bits/dim).
+log-variance), `learned_range` (2C channels, the second half v interpolating the log-variance
+between log beta_tilde_t and log beta_t: Improved DDPM). Loss types: `mse` (unweighted mean
+squared error against the mean type's target; not with a learned variance), `kl` (the bound's
+term for t, in bits/dim), `rescaled_kl` (that times T), `hybrid` (mse plus the bound's term times
+T / 1000 with the predicted mean held fixed, so the bound trains only the variance: Improved
+DDPM's L_hybrid; a learned variance only).
 """
 from __future__ import annotations
 
@@ -22,8 +28,11 @@ from diffusion_jax import prng
 from diffusion_jax.schedules import Schedule
 
 MEAN_TYPES = ("eps", "xstart", "xprev")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned")
-LOSS_TYPES = ("mse", "kl")
+VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs 2C channels
+LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
+# The terms `training_losses` returns beside 'loss', for each loss type.
+LOSS_TERMS = {"mse": ("mse",), "kl": ("vb",), "rescaled_kl": ("vb",), "hybrid": ("mse", "vb")}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -35,16 +44,22 @@ def _check_choice(name, value, allowed):
 
 def check_types(*, mean_type: str | None = None, var_type: str | None = None,
                 loss_type: str | None = None) -> None:
-  """Raises ValueError for an unknown type, or for the `mse` loss with a `learned` variance."""
+  """Raises ValueError for an unknown type, for the `mse` loss with a learned variance (which it
+  cannot train) or for the `hybrid` loss with a fixed one (nothing for its bound term to train)."""
   if mean_type is not None:
     _check_choice("mean_type", mean_type, MEAN_TYPES)
   if var_type is not None:
     _check_choice("var_type", var_type, VAR_TYPES)
   if loss_type is not None:
     _check_choice("loss_type", loss_type, LOSS_TYPES)
-  if loss_type == "mse" and var_type == "learned":
-    raise ValueError("loss_type 'mse' cannot train a learned variance; use loss_type 'kl' with "
-                     "var_type 'learned', or a fixed var_type (fixedlarge, fixedsmall) with 'mse'.")
+  if loss_type == "mse" and var_type in LEARNED_VAR_TYPES:
+    raise ValueError(f"loss_type 'mse' cannot train a learned variance; use loss_type 'hybrid' "
+                     f"or 'kl' with var_type {var_type!r}, or a fixed var_type (fixedlarge, "
+                     f"fixedsmall) with 'mse'.")
+  if loss_type == "hybrid" and var_type is not None and var_type not in LEARNED_VAR_TYPES:
+    raise ValueError(f"loss_type 'hybrid' trains a learned variance with its bound term; use "
+                     f"var_type 'learned_range' (or 'learned') with it, or loss_type 'mse' with "
+                     f"var_type {var_type!r}.")
 
 
 def extract(coef: jax.Array, t: jax.Array, x_shape) -> jax.Array:
@@ -55,6 +70,12 @@ def extract(coef: jax.Array, t: jax.Array, x_shape) -> jax.Array:
                      f"{tuple(x_shape)}; got {t.shape}")
   out = jnp.take(jnp.asarray(coef), t)
   return out.reshape((x_shape[0],) + (1,) * (len(x_shape) - 1))
+
+
+def call_model(sched: Schedule, model_fn: ModelFn, x_t, t) -> jax.Array:
+  """The network at (x_t, t) for entries t [B] of `sched`:
+  model_fn(x_t, sched.model_timesteps(t))."""
+  return model_fn(x_t, sched.model_timesteps(t))
 
 
 def _check_same_shape(**arrays):
@@ -143,10 +164,10 @@ class MeanVar(NamedTuple):
 def split_model_output(model_output, x_shape, *, var_type: str):
   """Splits a network's output into (mean part, raw log-variance or None), checking its shape."""
   x_shape = tuple(x_shape)
-  if var_type == "learned":
+  if var_type in LEARNED_VAR_TYPES:
     expected = x_shape[:-1] + (2 * x_shape[-1],)
     if tuple(model_output.shape) != expected:
-      raise ValueError(f"with var_type 'learned' the model must output {expected} (twice the "
+      raise ValueError(f"with var_type {var_type!r} the model must output {expected} (twice the "
                        f"channels of x), got {tuple(model_output.shape)}")
     mean_part, log_variance = jnp.split(model_output, 2, axis=-1)
     return mean_part, log_variance
@@ -174,11 +195,14 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
   Args:
     sched: the schedule.
     model_output: the network's output at (x_t, t): shape of x_t, or twice its channels when
-      var_type is 'learned'.
+      var_type is 'learned' or 'learned_range'.
     x_t: [B, ...].
     t: int [B].
     mean_type: 'eps', 'xstart' or 'xprev'.
-    var_type: 'fixedlarge', 'fixedsmall' or 'learned'.
+    var_type: 'fixedlarge', 'fixedsmall', 'learned' (the extra channels are the log-variance) or
+      'learned_range' (they are v, and the log-variance is frac log beta_t + (1 - frac)
+      log beta_tilde_t with frac = (v + 1) / 2, v unclipped, beta_tilde_t's log clipped as the
+      schedule's posterior).
     clip_denoised: clip the x_0 prediction to [-1, 1] (the posterior mean is computed from the
       clipped value, except for 'xprev', whose mean is the output itself).
 
@@ -190,6 +214,11 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
                                                          var_type=var_type)
   if var_type == "learned":
     log_variance = learned_log_variance
+    variance = jnp.exp(log_variance)
+  elif var_type == "learned_range":
+    frac = (learned_log_variance + 1.0) / 2.0
+    log_variance = (frac * extract(sched.log_betas, t, x_t.shape)
+                    + (1.0 - frac) * extract(sched.posterior_log_variance_clipped, t, x_t.shape))
     variance = jnp.exp(log_variance)
   else:
     if var_type == "fixedlarge":
@@ -273,7 +302,8 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
     noise = prng.normal_each(prng.fold_in_each(keys, t), x_start.shape[1:], x_start.dtype)
     x_t = q_sample(sched, x_start, t_b, noise)
-    terms, pred_xstart = vb_terms_bpd(sched, model_fn(x_t, t_b), x_start, x_t, t_b,
+    terms, pred_xstart = vb_terms_bpd(sched, call_model(sched, model_fn, x_t, t_b), x_start,
+                                      x_t, t_b,
                                       mean_type=mean_type, var_type=var_type,
                                       clip_denoised=clip_denoised)
     return None, (terms, likelihood.mean_flat(jnp.square(pred_xstart - x_start)))
@@ -290,34 +320,51 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
 # --- Training ----------------------------------------------------------------------------------
 
 def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, mean_type: str,
-                    var_type: str, loss_type: str) -> jax.Array:
-  """Per-example training losses.
+                    var_type: str, loss_type: str) -> dict[str, jax.Array]:
+  """Per-example training losses and the terms they are made of.
 
   Args:
     sched: the schedule.
-    model_fn: model_fn(x_t [B, ...], t [B]) -> network output.
+    model_fn: model_fn(x_t [B, ...], model timesteps [B]) -> network output.
     x_start: data [B, ...] in [-1, 1].
     t: int [B] timesteps.
     noise: standard normal noise of x_start's shape, which diffuses x_start to x_t.
     mean_type, var_type: as in `p_mean_variance`.
     loss_type: 'mse' (mean over dimensions of the squared error against the noise, x_0 or the
-      posterior mean, as mean_type says) or 'kl' (the bound's term for t, in bits/dim).
+      posterior mean, as mean_type says), 'kl' (the bound's term for t, in bits/dim),
+      'rescaled_kl' (that times T) or 'hybrid' (mse plus the bound's term times T / 1000,
+      computed with the mean part of the output held fixed by a stop-gradient, so that it
+      trains only the variance).
 
   Returns:
-    losses [B].
+    dict of [B] arrays: 'loss' (what to minimize), with 'mse' for mse and hybrid and 'vb' (the
+    bound's term as it enters the loss, rescaled for rescaled_kl and hybrid) for kl,
+    rescaled_kl and hybrid.
   """
   check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
   x_t = q_sample(sched, x_start, t, noise)
-  model_output = model_fn(x_t, t)
-  if loss_type == "kl":
-    losses, _ = vb_terms_bpd(sched, model_output, x_start, x_t, t, mean_type=mean_type,
-                             var_type=var_type, clip_denoised=False)
-    return losses
-  mean_output, _ = split_model_output(model_output, x_start.shape, var_type=var_type)
+  model_output = call_model(sched, model_fn, x_t, t)
+  num_timesteps = sched.num_timesteps
+  if loss_type in ("kl", "rescaled_kl"):
+    vb, _ = vb_terms_bpd(sched, model_output, x_start, x_t, t, mean_type=mean_type,
+                         var_type=var_type, clip_denoised=False)
+    if loss_type == "rescaled_kl":
+      vb = vb * num_timesteps
+    return dict(loss=vb, vb=vb)
+  mean_output, variance_output = split_model_output(model_output, x_start.shape,
+                                                    var_type=var_type)
   if mean_type == "eps":
     target = noise
   elif mean_type == "xstart":
     target = x_start
   else:
     target, _, _ = q_posterior_mean_variance(sched, x_start, x_t, t)
-  return likelihood.mean_flat(jnp.square(target - mean_output))
+  mse = likelihood.mean_flat(jnp.square(target - mean_output))
+  if loss_type == "mse":
+    return dict(loss=mse, mse=mse)
+  # hybrid: the bound's gradient reaches only the variance channels.
+  frozen_output = jnp.concatenate([jax.lax.stop_gradient(mean_output), variance_output], axis=-1)
+  vb, _ = vb_terms_bpd(sched, frozen_output, x_start, x_t, t, mean_type=mean_type,
+                       var_type=var_type, clip_denoised=False)
+  vb = vb * (num_timesteps / 1000.0)
+  return dict(loss=mse + vb, mse=mse, vb=vb)

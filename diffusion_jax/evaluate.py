@@ -2,12 +2,12 @@
 (the latest, or `step`), as the original evaluated, and runs over every device of every host:
 
   sample       `eval.num_samples` samples in global batches sharded over all devices; each
-               process writes its share to WORKDIR/samples/<step>/samples_<process>.npz
+               process writes its share to WORKDIR/samples/<step><tag>/samples_<process>.npz
                (`images` uint8 [n, H, W, C], `index` int64 [n], each image's global example
                index) and process 0 a PNG grid.
   eval         FID against train- and test-set statistics, Inception Score (10 splits) and
-               bits/dim of a split, into WORKDIR/eval/<step>.json and TensorBoard; for one step,
-               or for every new checkpoint while training runs (`eval.watch`). For dataset
+               bits/dim of a split, into WORKDIR/eval/<step><tag>.json and TensorBoard; for one
+               step, or for every new checkpoint while training runs (`eval.watch`). For dataset
                'digits', the measures of metrics/digits.py (a small classifier trained here)
                take the place of FID and IS, so no Inception weights are needed.
   progressive  a grid of the x_0 predictions along the sampling chain.
@@ -31,7 +31,6 @@ from etils import epath
 from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_checks
-from diffusion_jax import diffusion
 from diffusion_jax import images as images_lib
 from diffusion_jax import inference
 from diffusion_jax import input_pipeline
@@ -67,7 +66,8 @@ def _sample_batches(sampler: inference.Sampler, num: int, batch_size: int, *, se
 # --mode sample
 
 def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
-  """`--mode sample`: writes WORKDIR/samples/<step>/samples_<process>.npz and grid.png."""
+  """`--mode sample`: writes WORKDIR/samples/<step><tag>/samples_<process>.npz and grid.png,
+  where <tag> names the sampler settings (`build.sampler_tag`: '' for the original's)."""
   config_checks.check(config, mode="sample")
   sampler = inference.Sampler(inference.load(workdir, config, step=step))
   batch = _batch_size(config, sampler.mesh)
@@ -81,7 +81,7 @@ def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
     images.append(images_lib.to_uint8(inference.local_rows(samples))[keep])
     index.append(mine[keep])
   images, index = np.concatenate(images), np.concatenate(index).astype(np.int64)
-  out_dir = epath.Path(workdir) / "samples" / str(sampler.step)
+  out_dir = epath.Path(workdir) / "samples" / f"{sampler.step}{build.sampler_tag(config)}"
   outputs.write_npz(out_dir / f"samples_{jax.process_index()}.npz", images=images, index=index)
   if _is_main():
     grid = images_lib.image_grid(images[:64])
@@ -131,17 +131,8 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
 
   The x_0 predictions are clipped to [-1, 1] unless `eval.bpd_clip_denoised` is false.
   """
-  model, sched = build.make_model(config), build.make_schedule(config)
-  d = config.diffusion
-
-  def bpd(params_, images, keys):
-    out = diffusion.calc_bpd_loop(sched, build.denoiser(model, params_),
-                                  images_lib.to_float(images), keys, mean_type=d.mean_type,
-                                  var_type=d.var_type,
-                                  clip_denoised=config.eval.bpd_clip_denoised)
-    return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
-
-  fn = parallel.batch_map(bpd, mesh, num_batched=2)
+  fn = build.make_bpd_fn(config, build.make_model(config), build.make_schedule(config), mesh,
+                        clip_denoised=config.eval.bpd_clip_denoised)
   sums = np.zeros(3, np.float64)
   num = 0
   for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples,
@@ -308,8 +299,9 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   """Sample quality and bits/dim of one checkpoint (`loaded`, when given, is that of `step`).
 
   Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
-  'digits' the `digits_*` measures of `digits_metrics`. Writes WORKDIR/eval/<step>.json
-  (atomically) and TensorBoard scalars under WORKDIR/eval.
+  'digits' the `digits_*` measures of `digits_metrics`. Writes WORKDIR/eval/<step><tag>.json
+  (atomically; <tag> names the sampler settings, `build.sampler_tag`, so evaluations of one
+  checkpoint with different samplers are all kept) and TensorBoard scalars under WORKDIR/eval.
 
   Returns:
     the metrics dict.
@@ -336,7 +328,8 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   metrics = {k: (float(v) if not isinstance(v, (int, list)) else v) for k, v in metrics.items()}
   if _is_main():
     eval_dir = epath.Path(workdir) / "eval"
-    outputs.write_json(eval_dir / f"{sampler.step}.json", {"step": sampler.step, **metrics})
+    outputs.write_json(eval_dir / f"{sampler.step}{build.sampler_tag(config)}.json",
+                       {"step": sampler.step, **metrics})
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     log = outputs.MetricsLog(os.fspath(eval_dir), enabled=True)
     log.scalars(sampler.step, {f"eval/{k}": v for k, v in scalars.items()})
@@ -351,8 +344,8 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   """`--mode eval`: one checkpoint, or (eval.watch) every new one until training ends.
 
   Watching polls WORKDIR/checkpoints every `eval.watch_poll_s` seconds, evaluates each step that
-  has no WORKDIR/eval/<step>.json yet, and stops after the step `train.num_steps` or when no new
-  checkpoint arrived for `eval.watch_timeout_s` seconds.
+  has no WORKDIR/eval/<step><tag>.json yet, and stops after the step `train.num_steps` or when no
+  new checkpoint arrived for `eval.watch_timeout_s` seconds.
 
   Returns:
     {step: metrics} of what was evaluated.
@@ -368,7 +361,8 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   while True:
     steps = checkpoints.complete_steps(epath.Path(workdir) / "checkpoints")
     todo = [s for s in steps if s not in done and s not in unusable
-            and not (epath.Path(workdir) / "eval" / f"{s}.json").exists()]
+            and not (epath.Path(workdir) / "eval" / f"{s}{build.sampler_tag(config)}.json"
+                     ).exists()]
     for s in todo:
       try:
         done[s] = evaluate_step(config, workdir, s)

@@ -5,6 +5,7 @@ build on it).
   sampler = inference.Sampler.from_workdir("runs/digits")
   images = sampler.sample(16, seed=0)                             # the config's sampler
   images = sampler.sample(16, sampler="ddim", num_steps=50)       # DDIM over 50 timesteps
+  images = sampler.sample(16, respacing="50")                     # ancestral over 50 (respaced)
 
 Sample i of a seed is drawn from `prng.example_keys(run_key(seed, SAMPLE), [i])`, so the same
 seed gives the same samples whatever the number of devices or hosts (to float rounding).

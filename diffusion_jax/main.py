@@ -201,7 +201,9 @@ def main(argv):
     _exit_with_error(str(e))
   except Exception as e:  # pylint: disable=broad-except
     from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    if not isinstance(e, checkpoints.SaveError):  # e.g. a full disk: one line, no traceback
+    # A full disk, or a workdir whose checkpoint the config cannot resume: one line, no
+    # traceback.
+    if not isinstance(e, (checkpoints.SaveError, checkpoints.ShapeMismatchError)):
       raise
     _exit_with_error(str(e))
 

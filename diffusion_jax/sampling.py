@@ -2,16 +2,20 @@
 
 Randomness is per example. Each sampler takes one PRNG key per example (a key array [B]) and
 draws, for that example, x_T from `fold_in(key, T)` and the noise of the step leaving timestep t
-from `fold_in(key, t)`. Sharding the batch shards the keys with it, so the samples do not depend
-on how many devices share the batch. `model_fn(x, t)` is any callable returning the network's
-output ([B, ...], or twice the channels with a learned variance).
+from `fold_in(key, t)`, with T and t those of the diffusion the model was trained on (also on a
+respaced schedule, so every step count starts from the same x_T). Sharding the batch shards the
+keys with it, so the samples do not depend on how many devices share the batch.
+`model_fn(x, t)` is any callable returning the network's output ([B, ...], or twice the channels
+with a learned variance); it is called with `sched.model_timesteps(t)`.
 
 Samplers are chosen by name: `SAMPLERS` maps each name to one function with one signature,
-`f(sched, model_fn, keys, shape, *, num_steps, eta, clip_denoised, mean_type, var_type)`, and
-`sample(name, ...)` checks the settings (`check_sampler`) and calls it. Adding a sampler is one
-such function, one `SAMPLERS` entry, and its tests in tests/test_sampling.py (against a NumPy
-reference, and through `sample`). `check_sampler`'s general limits (num_steps in 0..T with 0 = all
-T, eta >= 0) then apply to it; only a sampler with narrower limits, as ancestral sampling's, adds
+`f(sched, model_fn, keys, shape, *, timesteps, eta, clip_denoised, mean_type, var_type)`, where
+`timesteps` are the steps to visit, and `sample(name, ...)` checks the settings
+(`check_sampler`), turns a step count or a respacing spec into those timesteps
+(`visited_timesteps`) and calls it. Adding a sampler is one such function, one `SAMPLERS` entry,
+and its tests in tests/test_sampling.py (against a NumPy reference, and through `sample`).
+`check_sampler`'s general limits (num_steps in 0..T with 0 = all T, a respacing spec that parses,
+eta >= 0) then apply to it; only a sampler with narrower limits, as ancestral sampling's, adds
 them there.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from diffusion_jax import diffusion
 from diffusion_jax import prng
+from diffusion_jax import schedules
 from diffusion_jax.diffusion import ModelFn
 from diffusion_jax.schedules import Schedule
 
@@ -36,8 +41,14 @@ def _check_keys(keys, shape):
   return shape
 
 
-def _initial_noise(keys, shape, num_timesteps):
-  return prng.normal_each(prng.fold_in_each(keys, num_timesteps), shape[1:])
+def _initial_noise(keys, shape, sched: Schedule):
+  return prng.normal_each(prng.fold_in_each(keys, sched.base_num_timesteps), shape[1:])
+
+
+def _step_noise(keys, sched: Schedule, t, x):
+  """The noise of the step leaving entry t (a scalar) of `sched`, keyed by its original step."""
+  return prng.normal_each(prng.fold_in_each(keys, sched.original_timesteps(t)), x.shape[1:],
+                          x.dtype)
 
 
 def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str, var_type: str,
@@ -56,7 +67,8 @@ def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str,
   Returns:
     (x_{t-1} [B, ...], pred_xstart [B, ...]).
   """
-  out = diffusion.p_mean_variance(sched, model_fn(x, t), x, t, mean_type=mean_type,
+  out = diffusion.p_mean_variance(sched, diffusion.call_model(sched, model_fn, x, t), x, t,
+                                  mean_type=mean_type,
                                   var_type=var_type, clip_denoised=clip_denoised)
   nonzero = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
@@ -79,7 +91,7 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
     x, extra_ = carry
     step, t = step_and_t
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = _step_noise(keys, sched, t, x)
     if shared_noise_key is not None:
       shared = jax.random.normal(jax.random.fold_in(shared_noise_key, t), x.shape[1:], x.dtype)
       noise = jnp.where(step < shared_steps, jnp.broadcast_to(shared, x.shape), noise)
@@ -98,7 +110,7 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type:
   """Generates samples by ancestral sampling from t = T-1 down to 0.
 
   Args:
-    sched: the schedule.
+    sched: the schedule; a respaced one (`schedules.respace`) samples in its K steps.
     model_fn: model_fn(x, t) -> network output.
     keys: one PRNG key per example, [B].
     shape: the batch shape (B, H, W, C).
@@ -110,7 +122,7 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type:
   """
   shape = _check_keys(keys, shape)
   num_timesteps = sched.num_timesteps
-  x_init = _initial_noise(keys, shape, num_timesteps)
+  x_init = _initial_noise(keys, shape, sched)
   kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
   (x0, _), _ = _ancestral_scan(sched, model_fn, keys, x_init, np.arange(num_timesteps)[::-1],
                                kwargs)
@@ -132,7 +144,7 @@ def p_sample_loop_progressive(sched: Schedule, model_fn: ModelFn, keys, shape, *
   if not 1 <= freq <= num_timesteps:
     raise ValueError(f"include_xstartpred_freq must be in [1, T={num_timesteps}], got {freq}")
   num_recorded = num_timesteps // freq
-  x_init = _initial_noise(keys, shape, num_timesteps)
+  x_init = _initial_noise(keys, shape, sched)
   kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
 
   def keep_prediction(preds, t, pred_xstart):
@@ -177,7 +189,7 @@ def p_sample_loop_trajectory(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     x_init = jnp.broadcast_to(
         jax.random.normal(jax.random.fold_in(shared_key, num_timesteps), shape[1:]), shape)
   else:
-    x_init = _initial_noise(keys, shape, num_timesteps)
+    x_init = _initial_noise(keys, shape, sched)
   kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
   _, images = _ancestral_scan(
       sched, model_fn, keys, x_init, np.arange(num_timesteps)[::-1], kwargs,
@@ -238,10 +250,10 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
 
 
-def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int,
-                     eta: float = 0.0, mean_type: str, var_type: str,
-                     clip_denoised: bool = True) -> jax.Array:
-  """DDIM sampling over `num_steps` evenly spaced timesteps.
+def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
+                     num_steps: int | None = None, timesteps=None, eta: float = 0.0,
+                     mean_type: str, var_type: str, clip_denoised: bool = True) -> jax.Array:
+  """DDIM sampling over a subset of the timesteps.
 
   Each step goes from timestep t to the previous visited timestep s (alpha_bar_s = 1 after the
   last), with sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s):
@@ -252,9 +264,11 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
 
   Args:
     sched, model_fn, keys, shape, mean_type, clip_denoised: as in `p_sample_loop`.
-    num_steps: how many timesteps to visit (at most T).
+    num_steps: how many timesteps to visit (1..T), spaced by `ddim_timesteps`; or
+    timesteps: the timesteps to visit, ascending (e.g. `schedules.space_timesteps(T, 'ddim50')`).
+      Give one of the two.
     eta: the amount of noise, 0 <= eta.
-    var_type: the network's variance type (only 'learned' matters here: its output is split).
+    var_type: the network's variance type (only a learned one matters here: its output is split).
 
   Returns:
     Samples [B, H, W, C].
@@ -262,15 +276,20 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
   diffusion.check_types(mean_type=mean_type, var_type=var_type)
   shape = _check_keys(keys, shape)
   num_timesteps = sched.num_timesteps
-  visited = ddim_timesteps(num_timesteps, num_steps)[::-1]
+  if (num_steps is None) == (timesteps is None):
+    raise ValueError("give ddim_sample_loop one of num_steps and timesteps")
+  if timesteps is None:
+    timesteps = ddim_timesteps(num_timesteps, num_steps)
+  visited = _check_timesteps(timesteps, num_timesteps)[::-1]
   previous = np.append(visited[1:], -1)
-  x_init = _initial_noise(keys, shape, num_timesteps)
+  x_init = _initial_noise(keys, shape, sched)
   batch = shape[0]
 
   def body(x, ts):
     t, t_prev = ts
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    mean_output, _ = diffusion.split_model_output(model_fn(x, t_b), x.shape, var_type=var_type)
+    mean_output, _ = diffusion.split_model_output(diffusion.call_model(sched, model_fn, x, t_b),
+                                                  x.shape, var_type=var_type)
     pred_xstart = diffusion.pred_xstart_from_output(sched, mean_output, x, t_b,
                                                     mean_type=mean_type)
     if clip_denoised:
@@ -280,7 +299,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
     alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
              * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
-    noise = prng.normal_each(prng.fold_in_each(keys, t), x.shape[1:], x.dtype)
+    noise = _step_noise(keys, sched, t, x)
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
               + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
               + sigma * noise)
@@ -291,41 +310,70 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_ste
   return x0
 
 
+def _check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
+  kept = np.asarray(timesteps)
+  if (kept.ndim != 1 or kept.size < 1 or not np.issubdtype(kept.dtype, np.integer)
+      or kept[0] < 0 or kept[-1] >= num_timesteps or np.any(np.diff(kept) <= 0)):
+    raise ValueError(f"timesteps must be ascending, distinct integers in [0, {num_timesteps}), "
+                     f"got {timesteps!r}")
+  return kept
+
+
+def visited_timesteps(num_timesteps: int, num_steps: int = 0, respacing: str = "") -> np.ndarray:
+  """The timesteps a sampler visits, ascending.
+
+  Args:
+    num_timesteps: T.
+    num_steps: 0 (all T) or K in 1..T, spaced by `ddim_timesteps` (used when respacing is '').
+    respacing: a spec of `schedules.space_timesteps` ('ddim50', '50', '10,20,30'), or ''.
+
+  Returns:
+    int array [K].
+  """
+  if respacing:
+    return schedules.space_timesteps(num_timesteps, respacing)
+  if num_steps in (0, num_timesteps):
+    return np.arange(num_timesteps)
+  return ddim_timesteps(num_timesteps, num_steps)
+
+
 # --- Samplers by name ---------------------------------------------------------------------------
 
-def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int,
-                     eta: float, clip_denoised: bool, mean_type: str,
-                     var_type: str) -> jax.Array:
-  """`p_sample_loop` with the `SAMPLERS` signature.
+def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
+                     clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+  """`p_sample_loop` with the `SAMPLERS` signature; fewer steps than T respace the schedule.
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
-    num_steps: 0 or T: ancestral sampling visits every timestep.
+    timesteps: the timesteps to visit, ascending; unless that is all T, the chain runs over
+      `schedules.respace(sched, timesteps)` (at least 2 of them; `sched` must be concrete).
     eta: must be 0 (ancestral sampling's noise is set by var_type).
 
   Returns:
     Samples [B, H, W, C].
   """
-  check_sampler("ancestral", num_steps, eta, sched.num_timesteps)
+  timesteps = _check_timesteps(timesteps, sched.num_timesteps)
+  if eta != 0:
+    raise ValueError(f"eta={eta} is DDIM's; ancestral sampling takes eta=0")
+  if timesteps.size != sched.num_timesteps:
+    sched = schedules.respace(sched, timesteps)
   return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
                        clip_denoised=clip_denoised)
 
 
-def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int, eta: float,
+def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
                 clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
   """`ddim_sample_loop` with the `SAMPLERS` signature.
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
-    num_steps: timesteps to visit, 1..T, spaced by `ddim_timesteps`; 0 = all T.
+    timesteps: the timesteps to visit, ascending.
     eta: the noise scale, >= 0 (0 = deterministic).
 
   Returns:
     Samples [B, H, W, C].
   """
-  check_sampler("ddim", num_steps, eta, sched.num_timesteps)
-  return ddim_sample_loop(sched, model_fn, keys, shape,
-                          num_steps=int(num_steps) or sched.num_timesteps, eta=eta,
+  return ddim_sample_loop(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
                           mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
 
 
@@ -336,15 +384,17 @@ SAMPLERS: dict[str, Callable[..., jax.Array]] = {
 
 
 def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, *,
-                  flag_prefix: str = "") -> None:
+                  respacing: str = "", flag_prefix: str = "") -> None:
   """Raises ValueError, saying what to set, unless `sample` can run these settings.
 
   Args:
     sampler: a name in `SAMPLERS`.
-    num_steps: timesteps to visit, a Python int: 0 = all T; ancestral takes 0 or T only, DDIM
-      1..T.
+    num_steps: timesteps to visit, a Python int: 0 = all T, else 1..T spaced by
+      `ddim_timesteps` (ancestral sampling: 2..T, over the respaced schedule).
     eta: DDIM's noise scale, a Python number >= 0; 0 for ancestral sampling.
     num_timesteps: T, the schedule's length.
+    respacing: '' or a `schedules.space_timesteps` spec, which then sets the timesteps instead
+      of num_steps (which must be 0).
     flag_prefix: put before the field names in the message ('--config.' for the command line).
   """
   field = lambda name: f"{flag_prefix}sample.{name}"
@@ -357,16 +407,13 @@ def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, 
   if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
     raise ValueError(f"sample.eta={eta!r} must be a number (0 = deterministic DDIM): "
                      f"set {field('eta')}=0.0")
-  if sampler == "ancestral":
-    if num_steps not in (0, num_timesteps):
-      raise ValueError(
-          f"ancestral sampling visits every one of the T timesteps (T={num_timesteps}, got "
-          f"sample.num_steps={num_steps}): set {field('num_steps')}=0, or "
-          f"{field('sampler')}='ddim'")
-    if eta != 0:
-      raise ValueError(
-          f"sample.eta={eta} is DDIM's noise scale, which ancestral sampling does not use: set "
-          f"{field('eta')}=0.0, or {field('sampler')}='ddim'")
+  if not isinstance(respacing, str):
+    raise ValueError(f"sample.respacing={respacing!r} must be a string ('' = none, or e.g. "
+                     f"'ddim50', '50', '10,20,30'): set {field('respacing')}=''")
+  if sampler == "ancestral" and eta != 0:
+    raise ValueError(
+        f"sample.eta={eta} is DDIM's noise scale, which ancestral sampling does not use: set "
+        f"{field('eta')}=0.0, or {field('sampler')}='ddim'")
   if not 0 <= num_steps <= num_timesteps:
     raise ValueError(
         f"sampler {sampler!r} visits sample.num_steps of the T={num_timesteps} timesteps, got "
@@ -375,17 +422,38 @@ def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, 
   if not eta >= 0:
     raise ValueError(f"sample.eta={eta} must be >= 0 (0 = deterministic DDIM): set "
                      f"{field('eta')}=0.0 or more")
+  if respacing:
+    if num_steps != 0:
+      raise ValueError(
+          f"sample.respacing={respacing!r} and sample.num_steps={num_steps} both choose the "
+          f"timesteps: set {field('num_steps')}=0 to use the respacing, or "
+          f"{field('respacing')}='' to use the step count")
+    try:
+      kept = schedules.space_timesteps(num_timesteps, respacing)
+    except ValueError as e:
+      raise ValueError(f"{e}: set {field('respacing')} to a spec such as 'ddim50', '50' or "
+                       f"'10,20,30' (steps of T={num_timesteps}), or '' for none") from None
+  else:
+    kept = visited_timesteps(num_timesteps, num_steps) if num_steps else None
+  if sampler == "ancestral" and kept is not None and len(kept) < 2:
+    raise ValueError(
+        f"ancestral sampling over a respaced schedule needs at least 2 steps, got {len(kept)}: "
+        f"set {field('num_steps')} or {field('respacing')} to keep more, or "
+        f"{field('sampler')}='ddim'")
 
 
 def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int = 0,
-           eta: float = 0.0, clip_denoised: bool = True, mean_type: str,
+           respacing: str = "", eta: float = 0.0, clip_denoised: bool = True, mean_type: str,
            var_type: str) -> jax.Array:
   """Samples with the sampler named `sampler`, after `check_sampler`.
 
   Args:
     sampler: a name in `SAMPLERS`: 'ancestral' or 'ddim'.
     sched, model_fn, keys, shape, mean_type, var_type: as in `p_sample_loop`.
-    num_steps: timesteps to visit: 0 = all T; DDIM takes 1..T, spaced by `ddim_timesteps`.
+    num_steps: timesteps to visit: 0 = all T, else 1..T spaced by `ddim_timesteps`.
+    respacing: '' or a spec of `schedules.space_timesteps` ('ddim50', '50', '10,20,30') that
+      chooses the timesteps instead (num_steps 0). Ancestral sampling over fewer than T steps
+      runs on the respaced schedule, which needs `sched` concrete (closed over, not traced).
     eta: DDIM's noise scale (0 = deterministic); must be 0 for ancestral sampling.
     clip_denoised: clip the x_0 predictions to [-1, 1] at every step.
 
@@ -395,6 +463,7 @@ def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num
   Raises:
     ValueError: for settings `check_sampler` refuses.
   """
-  check_sampler(sampler, num_steps, eta, sched.num_timesteps)
-  return SAMPLERS[sampler](sched, model_fn, keys, shape, num_steps=num_steps, eta=eta,
+  check_sampler(sampler, num_steps, eta, sched.num_timesteps, respacing=respacing)
+  timesteps = visited_timesteps(sched.num_timesteps, num_steps, respacing)
+  return SAMPLERS[sampler](sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
                            clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type)

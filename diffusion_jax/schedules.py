@@ -107,8 +107,13 @@ def _coefficients(betas: np.ndarray, posterior_logvar: str) -> dict[str, np.ndar
     sqrt_recip_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod)
     sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod - 1.0)
     log_one_minus_alphas_cumprod = np.log(1.0 - alphas_cumprod)
+    log_alphas = np.log1p(-betas)  # -inf where beta is 1 (the jsd schedule's last step)
   return dict(
       betas=betas,
+      log_betas=np.log(betas),
+      # log(1 - beta) keeps each step's alpha to float32's relative precision even where beta is
+      # tiny or near 1, so `respace` recovers alpha_bar of any stretch of steps in float64.
+      log_alphas=log_alphas,
       alphas_cumprod=alphas_cumprod,
       alphas_cumprod_prev=alphas_cumprod_prev,
       sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
@@ -134,10 +139,19 @@ def _coefficients(betas: np.ndarray, posterior_logvar: str) -> dict[str, np.ndar
 class Schedule:
   """Precomputed diffusion coefficients, each a float32 array [T].
 
-  Build it with `Schedule.from_betas` or `make_schedule`. Being a pytree of arrays, it is passed
-  to jitted and sharded functions as an argument; `num_timesteps` is read from the static shape.
+  Build it with `Schedule.from_betas`, `make_schedule` or `respace`. Being a pytree of arrays, it
+  is passed to jitted and sharded functions as an argument; `num_timesteps` is read from the
+  static shape.
+
+  How the network sees a timestep is part of the schedule: `model_timesteps(t)` is what every
+  function of the math layer passes to the model. A respaced schedule (`respace`) keeps K of the
+  T steps of the diffusion the model was trained on; its entry t is the original timestep
+  `timestep_map[t]`, and the model is called with that. With `rescale_timesteps` the model sees
+  the original timestep times 1000 / T, as a float (Improved DDPM's option).
   """
   betas: jax.Array
+  log_betas: jax.Array
+  log_alphas: jax.Array
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
   sqrt_alphas_cumprod: jax.Array
@@ -152,13 +166,34 @@ class Schedule:
   recip_posterior_mean_coef1: jax.Array
   posterior_mean_coef2_over_coef1: jax.Array
   fixedlarge_log_variance: jax.Array
+  # The original timestep of each entry [K] (int32); None: the entries are the original steps.
+  timestep_map: jax.Array | None = None
+  # The number of steps of the diffusion the model was trained on (T); static.
+  base_num_timesteps: int = dataclasses.field(default=0, metadata=dict(static=True))
+  rescale_timesteps: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  posterior_logvar: str = dataclasses.field(default="repeat_first", metadata=dict(static=True))
 
   @property
   def num_timesteps(self) -> int:
     return int(self.betas.shape[0])
 
+  def original_timesteps(self, t: jax.Array) -> jax.Array:
+    """The timesteps [B] of the trained diffusion that entries t [B] of this schedule are."""
+    if self.timestep_map is None:
+      return t
+    return jnp.take(self.timestep_map, t)
+
+  def model_timesteps(self, t: jax.Array) -> jax.Array:
+    """What the network is given for entries t [B]: the original timesteps, as int32, or as
+    float32 times 1000 / T with `rescale_timesteps`."""
+    t = self.original_timesteps(t)
+    if self.rescale_timesteps:
+      return t.astype(jnp.float32) * (1000.0 / self.base_num_timesteps)
+    return t
+
   @classmethod
-  def from_betas(cls, betas, *, posterior_logvar: str = "repeat_first") -> "Schedule":
+  def from_betas(cls, betas, *, posterior_logvar: str = "repeat_first",
+                 rescale_timesteps: bool = False) -> "Schedule":
     """Precomputes every coefficient from betas.
 
     Args:
@@ -168,6 +203,7 @@ class Schedule:
         the t = 1 value; the default) or "floor" (its first file, `diffusion_utils.py`:
         log(max(variance, 1e-20))). It sets `posterior_log_variance_clipped`, which the posterior
         and the `fixedsmall` variance use.
+      rescale_timesteps: give the model t * 1000 / T (a float) instead of t.
 
     Returns:
       A `Schedule` of float32 arrays.
@@ -177,14 +213,120 @@ class Schedule:
                        f"{', '.join(POSTERIOR_LOGVAR_RULES)}.")
     betas = np.asarray(betas, dtype=np.float64)
     _check_betas(betas)
+    return cls._from_coefficients(betas, posterior_logvar, timestep_map=None,
+                                  base_num_timesteps=betas.shape[0],
+                                  rescale_timesteps=bool(rescale_timesteps))
+
+  @classmethod
+  def _from_coefficients(cls, betas, posterior_logvar, **fields) -> "Schedule":
     coefs = _coefficients(betas, posterior_logvar)
-    return cls(**{name: jnp.asarray(value, dtype=jnp.float32) for name, value in coefs.items()})
+    arrays = {name: jnp.asarray(value, dtype=jnp.float32) for name, value in coefs.items()}
+    return cls(**arrays, posterior_logvar=posterior_logvar, **fields)
 
 
 def make_schedule(kind: str = "linear", *, beta_start: float = 1e-4, beta_end: float = 0.02,
-                  num_diffusion_timesteps: int = 1000,
-                  posterior_logvar: str = "repeat_first") -> Schedule:
+                  num_diffusion_timesteps: int = 1000, posterior_logvar: str = "repeat_first",
+                  rescale_timesteps: bool = False) -> Schedule:
   """`Schedule.from_betas(get_beta_schedule(...))`; the defaults are the paper's schedule."""
   betas = get_beta_schedule(kind, beta_start=beta_start, beta_end=beta_end,
                             num_diffusion_timesteps=num_diffusion_timesteps)
-  return Schedule.from_betas(betas, posterior_logvar=posterior_logvar)
+  return Schedule.from_betas(betas, posterior_logvar=posterior_logvar,
+                             rescale_timesteps=rescale_timesteps)
+
+
+# --- Respacing (Nichol & Dhariwal 2021) ---------------------------------------------------------
+
+def space_timesteps(num_timesteps: int, spec: str) -> np.ndarray:
+  """The timesteps a respacing spec keeps, as Improved DDPM's reference interprets the spec.
+
+  Args:
+    num_timesteps: T of the diffusion to respace.
+    spec: `'ddimN'`: every stride-th step from 0, for the integer stride giving exactly N steps
+      (ddim50 of 1000 keeps 0, 20, ..., 980); `'N'` or `'N1,N2,...'`: T is split into as many
+      equal sections as counts (the first T % sections one step longer), and section i keeps Ni
+      evenly spaced steps from its first to its last, each rounded half to even.
+
+  Returns:
+    int64 array [K] of the kept timesteps, ascending and distinct.
+
+  Raises:
+    ValueError: for a spec that does not parse, keeps no step, or asks a section (or T) for more
+      steps than it has.
+  """
+  T = int(num_timesteps)
+  text = spec.strip() if isinstance(spec, str) else spec
+  if not isinstance(text, str) or not text:
+    raise ValueError(f"respacing spec must be a non-empty string such as 'ddim50', '50' or "
+                     f"'10,20,30', got {spec!r}")
+  if text.startswith("ddim"):
+    count = _spec_int(text[len("ddim"):], spec)
+    if not 1 <= count <= T:
+      raise ValueError(f"respacing {spec!r} asks for {count} steps; T={T} has 1..{T}")
+    for stride in range(1, T + 1):
+      if len(range(0, T, stride)) == count:
+        return np.arange(0, T, stride)
+    raise ValueError(f"respacing {spec!r}: no integer stride keeps exactly {count} of T={T} "
+                     f"steps; use a count such as '{count}' (evenly spaced, rounded) instead")
+  counts = [_spec_int(part, spec) for part in text.split(",")]
+  if any(c < 0 for c in counts) or sum(counts) < 1:
+    raise ValueError(f"respacing {spec!r} must give every section a count >= 0 and keep at "
+                     f"least one step")
+  if sum(counts) > T:
+    raise ValueError(f"respacing {spec!r} keeps {sum(counts)} steps, more than T={T}")
+  size, longer = divmod(T, len(counts))
+  kept, start = [], 0
+  for i, count in enumerate(counts):
+    length = size + (1 if i < longer else 0)
+    if count > length:
+      raise ValueError(f"respacing {spec!r}: section {i} has {length} steps of T={T}, fewer "
+                       f"than the {count} asked of it")
+    # Steps accumulate in floating point and are rounded half to even, as the reference does.
+    stride = (length - 1) / (count - 1) if count > 1 else 1
+    position = 0.0
+    for _ in range(count):
+      kept.append(start + round(position))
+      position += stride
+    start += length
+  return np.unique(np.asarray(kept, dtype=np.int64))
+
+
+def _spec_int(text: str, spec) -> int:
+  try:
+    return int(text.strip())
+  except ValueError:
+    raise ValueError(f"respacing {spec!r} does not parse: use 'ddimN', 'N' or counts per "
+                     f"section such as '10,20,30'") from None
+
+
+def respace(sched: Schedule, timesteps) -> Schedule:
+  """The diffusion over a subset of the steps of `sched`: a schedule of K = len(timesteps)
+  steps whose alpha_bar at step i is `sched`'s at timesteps[i].
+
+  Its betas are 1 - alpha_bar(kept_i) / alpha_bar(kept_{i-1}), computed in float64 from `sched`'s
+  log(1 - beta) (good to float32's relative precision for every beta); every other coefficient
+  follows from them as in `Schedule.from_betas` (with `sched`'s posterior_logvar rule).
+  The model is still called with the original timesteps (`Schedule.model_timesteps`).
+
+  Args:
+    sched: a concrete schedule (not traced); itself possibly respaced.
+    timesteps: ascending, distinct entries of `sched` to keep, e.g. `space_timesteps(T, 'ddim50')`.
+
+  Returns:
+    The respaced `Schedule`.
+  """
+  kept = np.asarray(timesteps)
+  T = sched.num_timesteps
+  if kept.ndim != 1 or kept.size < 1 or not np.issubdtype(kept.dtype, np.integer):
+    raise ValueError(f"timesteps must be a 1-D integer array of kept steps, got {kept!r}")
+  if kept[0] < 0 or kept[-1] >= T or np.any(np.diff(kept) <= 0):
+    raise ValueError(f"timesteps must be ascending and distinct in [0, {T}), got {kept.tolist()}")
+  if isinstance(sched.betas, jax.core.Tracer):
+    raise ValueError("respace needs a concrete schedule: respace it outside jit and pass the "
+                     "respaced schedule in")
+  log_alphas_cumprod = np.cumsum(np.asarray(sched.log_alphas, dtype=np.float64))[kept]
+  betas = -np.expm1(log_alphas_cumprod - np.append(0.0, log_alphas_cumprod[:-1]))
+  if sched.timestep_map is not None:
+    kept = np.asarray(sched.timestep_map)[kept]
+  return Schedule._from_coefficients(
+      betas, sched.posterior_logvar, timestep_map=jnp.asarray(kept, jnp.int32),
+      base_num_timesteps=sched.base_num_timesteps, rescale_timesteps=sched.rescale_timesteps)

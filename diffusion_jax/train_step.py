@@ -24,19 +24,29 @@ from diffusion_jax import diffusion
 from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import prng
+from diffusion_jax import timestep_sampling
 
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step changes. `step` counts completed updates (int32 scalar)."""
+  """Everything a step changes. `step` counts completed updates (int32 scalar).
+
+  `loss_history` is the importance sampler's history of each timestep's last losses
+  (`timestep_sampling.LossHistory` as a dict) with diffusion.timestep_sampler
+  'loss_second_moment', else None (and absent from checkpoints).
+  """
   step: jax.Array
   params: Any
   ema_params: Any
   opt_state: Any
+  loss_history: Any = None
 
   def to_dict(self) -> dict[str, Any]:
-    return dict(step=self.step, params=self.params, ema_params=self.ema_params,
-                opt_state=self.opt_state)
+    out = dict(step=self.step, params=self.params, ema_params=self.ema_params,
+               opt_state=self.opt_state)
+    if self.loss_history is not None:
+      out["loss_history"] = self.loss_history
+    return out
 
 
 def init_state(config, model, optimizer, key) -> TrainState:
@@ -45,17 +55,38 @@ def init_state(config, model, optimizer, key) -> TrainState:
   x = jnp.zeros((1, size, size, channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   params = model.init({"params": key}, x, t, train=False)["params"]
+  history = None
+  timestep_sampling.check_timestep_sampler(config.diffusion.timestep_sampler)
+  if config.diffusion.timestep_sampler == "loss_second_moment":
+    history = timestep_sampling.init_history(config.diffusion.num_timesteps)._asdict()
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.asarray, params),
-                    opt_state=optimizer.init(params))
+                    opt_state=optimizer.init(params), loss_history=history)
 
 
-def loss_fn(params, images_BxHxWxC, keys_B, *, model, sched, diffusion_kw):
-  """Mean training loss of a batch whose randomness comes from per-example keys."""
+def loss_fn(params, images_BxHxWxC, keys_B, loss_history, *, model, sched, diffusion_kw):
+  """Mean training loss of a batch whose randomness comes from per-example keys.
+
+  Args:
+    params: the U-Net's parameters.
+    images_BxHxWxC: uint8 images.
+    keys_B: one typed key per example.
+    loss_history: the importance sampler's history (a dict), or None to draw t uniformly.
+    model, sched, diffusion_kw: fixed parts.
+
+  Returns:
+    (the mean of the (importance-weighted) losses, aux): aux holds 't' and 'losses' [B] (the
+    unweighted per-example losses) and the batch means of the loss's terms ('mse', 'vb').
+  """
   x_start = images.to_float(images_BxHxWxC)
   num_timesteps = sched.num_timesteps
-  t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(
-      prng.fold_in_each(keys_B, prng.ExampleStream.TIMESTEP))
+  timestep_keys = prng.fold_in_each(keys_B, prng.ExampleStream.TIMESTEP)
+  if loss_history is None:
+    t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_timesteps))(timestep_keys)
+    weights_B = None
+  else:
+    t_B, weights_B = timestep_sampling.draw(
+        timestep_keys, timestep_sampling.LossHistory(**loss_history))
   noise = prng.normal_each(prng.fold_in_each(keys_B, prng.ExampleStream.NOISE),
                            x_start.shape[1:])
   if model.dropout > 0:
@@ -66,8 +97,13 @@ def loss_fn(params, images_BxHxWxC, keys_B, *, model, sched, diffusion_kw):
   else:
     def model_fn(x_t, t):
       return model.apply({"params": params}, x_t, t, train=True)
-  losses = diffusion.training_losses(sched, model_fn, x_start, t_B, noise, **diffusion_kw)
-  return jnp.mean(losses)
+  terms = diffusion.training_losses(sched, model_fn, x_start, t_B, noise, **diffusion_kw)
+  losses = terms["loss"]
+  loss = jnp.mean(losses if weights_B is None else losses * weights_B)
+  aux = dict(t=t_B, losses=jax.lax.stop_gradient(losses),
+             terms={name: jax.lax.stop_gradient(jnp.mean(value))
+                    for name, value in terms.items() if name != "loss"})
+  return loss, aux
 
 
 def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimizer,
@@ -83,40 +119,60 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
     grad_accum_steps: split the rows into this many micro-batches, summing gradients.
 
   Returns:
-    (new state, metrics dict of replicated scalars).
+    (new state, metrics dict of replicated scalars: loss, grad_norm, param_norm and the
+    loss's terms, mse and/or vb, as batch means).
   """
   local_batch = images_BxHxWxC.shape[0]
   first_row = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
   positions = first_row + jnp.arange(local_batch)
   keys = prng.example_keys(jax.random.fold_in(rng, state.step), positions)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, sched=sched,
-                                                 diffusion_kw=diffusion_kw))
+                                                 diffusion_kw=diffusion_kw), has_aux=True)
   # Differentiate with respect to a per-device ('varying') copy of the replicated parameters.
   # The gradient with respect to the replicated (unvarying) parameters themselves would come
   # back already summed over the mesh (the transpose of their implicit broadcast), N times the
   # mean; the local gradient is averaged explicitly, once per step, below.
   local_params = jax.lax.pcast(state.params, (parallel.DATA_AXIS,), to="varying")
+  history = state.loss_history
   if grad_accum_steps == 1:
-    loss, grads = grad_fn(local_params, images_BxHxWxC, keys)
+    (loss, aux), grads = grad_fn(local_params, images_BxHxWxC, keys, history)
+    terms, t_B, losses_B = aux["terms"], aux["t"], aux["losses"]
   else:
     micro = local_batch // grad_accum_steps
     micro_images = images_BxHxWxC.reshape((grad_accum_steps, micro) + images_BxHxWxC.shape[1:])
     keys = keys.reshape((grad_accum_steps, micro))
 
     def accumulate(carry, xs):
-      loss_i, grads_i = grad_fn(local_params, *xs)
-      return jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i)), None
+      (loss_i, aux_i), grads_i = grad_fn(local_params, *xs, history)
+      carry = jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i, aux_i["terms"]))
+      return carry, (aux_i["t"], aux_i["losses"])
 
     # The sums differ per device until the pmean below, hence 'varying' along the mesh axis.
+    term_names = diffusion.LOSS_TERMS[diffusion_kw["loss_type"]]
     zeros = jax.lax.pcast((jnp.zeros((), jnp.float32),
-                           jax.tree_util.tree_map(jnp.zeros_like, state.params)),
+                           jax.tree_util.tree_map(jnp.zeros_like, state.params),
+                           {name: jnp.zeros((), jnp.float32) for name in term_names}),
                           (parallel.DATA_AXIS,), to="varying")
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro_images, keys))
-    loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, (loss, grads))
+    (loss, grads, terms), (t_B, losses_B) = jax.lax.scan(accumulate, zeros,
+                                                          (micro_images, keys))
+    loss, grads, terms = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
+                                                (loss, grads, terms))
+    # Micro-batches are consecutive rows: back to this device's row order.
+    t_B, losses_B = t_B.reshape(local_batch), losses_B.reshape(local_batch)
 
   # Every device holds the same number of rows, so the mean of the local means is the mean
   # over the global batch.
-  loss, grads = jax.lax.pmean((loss, grads), parallel.DATA_AXIS)
+  loss, grads, terms = jax.lax.pmean((loss, grads, terms), parallel.DATA_AXIS)
+  if history is not None:
+    # Every device takes the whole global batch's pairs, in row order: one history everywhere.
+    # Each device writes its rows into zeros and the sum gathers them (exactly: one nonzero
+    # term per entry), as a value that is the same on every device, like the state.
+    global_batch = local_batch * jax.lax.axis_size(parallel.DATA_AXIS)
+    gather = lambda x: jax.lax.psum(jnp.zeros((global_batch,), x.dtype).at[positions].set(x),
+                                    parallel.DATA_AXIS)
+    all_t, all_losses = gather(t_B), gather(losses_B)
+    history = timestep_sampling.update(timestep_sampling.LossHistory(**history), all_t,
+                                       all_losses)._asdict()
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -124,8 +180,8 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
   ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
   new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                         opt_state=opt_state)
-  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params))
+                         opt_state=opt_state, loss_history=history)
+  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params), **terms)
   return new_state, metrics
 
 

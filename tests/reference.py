@@ -79,6 +79,13 @@ def x0_from_xprev(c, xt, t, xprev):
 def p_mean_variance(c, out, xt, t, mean_type, var_type, clip):
   if var_type == "learned":
     out, logvar = np.split(out, 2, axis=-1)
+  elif var_type == "learned_range":
+    # Improved DDPM: v in the extra channels moves the log-variance from log beta_tilde (v = -1)
+    # to log beta (v = 1), linearly, without clipping v.
+    out, v = np.split(out, 2, axis=-1)
+    low = bcast(c["post_logvar"], t, xt.ndim)
+    high = bcast(np.log(c["betas"]), t, xt.ndim)
+    logvar = low + (v + 1) / 2 * (high - low)
   elif var_type == "fixedlarge":
     logvar = np.broadcast_to(bcast(c["fixedlarge_logvar"], t, xt.ndim), xt.shape)
   else:
@@ -122,6 +129,30 @@ def vb_term(c, out, x0, xt, t, mean_type, var_type, clip):
   kl = flat_mean(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2)
   nll = -flat_mean(discretized_ll(x0, mean, 0.5 * logvar)) / math.log(2)
   return np.where(t == 0, nll, kl), x0_pred
+
+
+def training_loss(c, out, x0, xt, t, noise, mean_type, var_type, loss_type):
+  """Improved DDPM's losses: the bound's term (kl; times T for rescaled_kl) or the squared error
+  of the mean part (mse; plus the bound's term times T / 1000 for hybrid). Returns a dict."""
+  T = len(c["betas"])
+  vb, _ = vb_term(c, out, x0, xt, t, mean_type, var_type, False)
+  if loss_type == "kl":
+    return dict(loss=vb, vb=vb)
+  if loss_type == "rescaled_kl":
+    return dict(loss=vb * T, vb=vb * T)
+  mean_part = np.split(out, 2, axis=-1)[0] if var_type.startswith("learned") else out
+  target = {"eps": noise, "xstart": x0, "xprev": q_posterior(c, x0, xt, t)[0]}[mean_type]
+  mse = flat_mean((target - mean_part) ** 2)
+  if loss_type == "mse":
+    return dict(loss=mse, mse=mse)
+  return dict(loss=mse + vb * T / 1000, mse=mse, vb=vb * T / 1000)
+
+
+def respaced_betas(betas, kept):
+  """The betas of the diffusion over the kept steps: alpha_bar(kept_i) = original's."""
+  abar = np.cumprod(1 - np.asarray(betas, np.float64))
+  kept_abar = abar[np.asarray(kept)]
+  return 1 - kept_abar / np.concatenate([[1.0], kept_abar[:-1]])
 
 
 def prior_bpd(c, x0):

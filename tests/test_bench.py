@@ -48,7 +48,7 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
        "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace"),
-       "--scaling", "20,80"],
+       "--scaling", "30,60,240"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -74,24 +74,25 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   shares = [float(l.split()[-1].rstrip("%")) for l in ops if l.endswith("%")]
   assert shares and all(0 < s <= 100 for s in shares) and sum(shares) <= 100.5, ops
 
-  # --scaling: each program compiled at both T; T=20 is shorter than DDIM's 50 steps, so DDIM
-  # visits all 20 there.
+  # --scaling: each program compiled at every T; T=30 is shorter than the 50 steps of DDIM and
+  # of the respaced schedule, so both visit all 30 there. 60 and 240 both respace.
   scaling = record["scaling"]
-  assert set(scaling) == {"20", "80"}, scaling
+  assert set(scaling) == {"30", "60", "240"}, scaling
   for t, programs in scaling.items():
-    assert set(programs) == {"ancestral", "ddim50", "bpd"}, programs
+    assert set(programs) == {"ancestral", "ancestral_respaced50", "ddim50", "bpd"}, programs
     assert programs["ancestral"]["steps"] == programs["bpd"]["steps"] == int(t)
-    assert programs["ddim50"]["steps"] == min(50, int(t))
+    assert programs["ddim50"]["steps"] == programs["ancestral_respaced50"]["steps"] == min(
+        50, int(t))
     for name, got in programs.items():
       assert isinstance(got["compile_s"], float) and got["compile_s"] > 0, (t, name)
       for field in ("temp_bytes", "argument_bytes", "output_bytes", "hlo_chars"):
         assert isinstance(got[field], int) and got[field] > 0, (t, name, field)
-  grown = 80 - 20
-  for name in ("ancestral", "ddim50", "bpd"):
-    small, large = scaling["20"][name], scaling["80"][name]
+  grown = 240 - 60
+  for name in ("ancestral", "ancestral_respaced50", "ddim50", "bpd"):
+    small, large = scaling["60"][name], scaling["240"][name]
     # Without the literal values of its constants the program text was the same size at both T
     # (and within 3 characters at T = 1000 and 4000, the digits of scalars such as T - 1): one
-    # scan body, whatever its length. Unrolled, it would grow 4x from 20 to 80 steps.
+    # scan body, whatever its length. Unrolled, it would grow 4x from 60 to 240 steps.
     assert large["hlo_chars_without_constants"] <= 1.01 * small["hlo_chars_without_constants"], (
         name, small, large)
     # The whole text also holds the T-long arrays as constants: up to 16 characters a value
@@ -100,7 +101,7 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
     assert large["hlo_chars"] <= 1.2 * small["hlo_chars"] + grown * _T_LONG_ARRAYS * 16, (
         name, small, large)
     # Scratch memory: the samplers' was identical at both T; the bound's grew by its per-t
-    # terms, stacked by the scan, and the scanned timesteps: (B + 1) x 4 bytes a step (+640
+    # terms, stacked by the scan, and the scanned timesteps: (B + 1) x 4 bytes a step (+2,160
     # bytes here), which twice that allows for any alignment.
     assert large["temp_bytes"] <= 1.2 * small["temp_bytes"] + grown * (2 + 1) * 4 * 2, (
         name, small, large)

@@ -197,11 +197,11 @@ def test_unknown_mode():
 # --- The sampler ---------------------------------------------------------------------------------
 
 def test_the_sampler_is_checked_in_the_modes_that_sample():
-  config = load_config(overrides={"sample.sampler": "ancestral", "sample.num_steps": 5})
+  config = load_config(overrides={"sample.sampler": "ancestral", "sample.num_steps": 1})
   for mode in ("summary", "progressive", "interpolate", "train"):  # train: sample_every = 0
     config_checks.check(config, mode)
-  want = (r"ancestral sampling visits every one of the T timesteps \(T=100, got "
-          r"sample.num_steps=5\): set --config.sample.num_steps=0, or "
+  want = (r"ancestral sampling over a respaced schedule needs at least 2 steps, got 1: set "
+          r"--config.sample.num_steps or --config.sample.respacing to keep more, or "
           r"--config.sample.sampler='ddim'")
   for mode in ("sample", "eval"):
     with pytest.raises(config_checks.ConfigError, match=want):
@@ -221,6 +221,13 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
     ({"sample.num_steps": 101},
      r"^sample.num_steps=101 must be an integer in \[0, diffusion.num_timesteps=100\] "
      r"\(0 = all T\): set --config.sample.num_steps=N$"),
+    ({"sample.respacing": "ddim200", "sample.num_steps": 0},
+     r"^respacing 'ddim200' asks for 200 steps; T=100 has 1..100: set "
+     r"--config.sample.respacing to a spec such as 'ddim50', '50' or '10,20,30' \(steps of "
+     r"T=100\), or '' for none$"),
+    ({"sample.respacing": "10"},
+     r"^sample.respacing='10' and sample.num_steps=5 both choose the timesteps: set "
+     r"--config.sample.num_steps=0 to use the respacing, or --config.sample.respacing=''"),
 ])
 def test_sampler_settings_are_refused_once_with_what_to_set(overrides, match):
   with pytest.raises(config_checks.ConfigError, match=match):
@@ -230,7 +237,12 @@ def test_sampler_settings_are_refused_once_with_what_to_set(overrides, match):
 def test_ddim_and_ancestral_settings_pass():
   for overrides in ({"sample.sampler": "ddim", "sample.num_steps": 0, "sample.eta": 1.0},
                     {"sample.sampler": "ddim", "sample.num_steps": 100},
-                    {"sample.sampler": "ancestral", "sample.num_steps": 100}):
+                    {"sample.sampler": "ancestral", "sample.num_steps": 100},
+                    {"sample.sampler": "ancestral", "sample.num_steps": 10},
+                    {"sample.sampler": "ancestral", "sample.num_steps": 0,
+                     "sample.respacing": "5,5"},
+                    {"sample.sampler": "ddim", "sample.num_steps": 0,
+                     "sample.respacing": "ddim25"}):
     for mode in config_checks.MODES:
       config_checks.check(load_config(overrides=overrides), mode)
 
@@ -249,8 +261,9 @@ def test_bools():
 # --- The diffusion types -------------------------------------------------------------------------
 
 LEARNED_NEEDS_KL = (r"diffusion.loss_type='mse' cannot train diffusion.var_type='learned': "
-                    r"set --config.diffusion.loss_type=kl \(or the config argument "
-                    r":var_type=learned,loss_type=kl\)")
+                    r"set --config.diffusion.loss_type=kl\|rescaled_kl\|hybrid \(or the config "
+                    r"argument :var_type=learned,loss_type=hybrid\), or keep loss_type=mse with "
+                    r"--config.diffusion.var_type=fixedlarge\|fixedsmall")
 
 
 @pytest.mark.parametrize("how", ["config argument", "flag"])
@@ -267,11 +280,33 @@ def test_a_learned_variance_needs_kl_however_it_is_set(how):
   config_checks.check_diffusion(config)
 
 
+def test_hybrid_needs_a_learned_variance():
+  config = load_config("test", "loss_type=hybrid")
+  want = (r"^diffusion.loss_type='hybrid' cannot train diffusion.var_type='fixedlarge': set "
+          r"--config.diffusion.loss_type=mse\|kl\|rescaled_kl \(or the config argument "
+          r":var_type=fixedlarge,loss_type=mse\), or keep loss_type=hybrid with "
+          r"--config.diffusion.var_type=learned\|learned_range \(config argument "
+          r":var_type=learned\|learned_range\)$")
+  with pytest.raises(config_checks.ConfigError, match=want):
+    config_checks.check(config, "train")
+  for var_type in ("learned", "learned_range"):
+    config_checks.check(load_config("test", f"var_type={var_type},loss_type=hybrid"), "train")
+
+
 @pytest.mark.parametrize("field, value, allowed", [
-    ("mean_type", "v", "eps|xstart|xprev"), ("var_type", "big", "fixedlarge|fixedsmall|learned"),
-    ("loss_type", "l1", "mse|kl"),
+    ("mean_type", "v", "eps|xstart|xprev"),
+    ("var_type", "big", "fixedlarge|fixedsmall|learned|learned_range"),
+    ("loss_type", "l1", "mse|kl|rescaled_kl|hybrid"),
+    ("timestep_sampler", "importance", "uniform|loss_second_moment"),
 ])
 def test_unknown_diffusion_types_say_both_spellings(field, value, allowed):
+  if field == "timestep_sampler":  # not a config argument: a field with a rule
+    want = (f"diffusion.{field}='{value}' must be one of {allowed.replace('|', ', ')}: set "
+            f"--config.diffusion.{field}={allowed}")
+    with pytest.raises(config_checks.ConfigError) as info:
+      config_checks.check(load_config("test", overrides={f"diffusion.{field}": value}))
+    assert str(info.value) == want
+    return
   want = (f"diffusion.{field}='{value}' must be one of {allowed.replace('|', ', ')}: set "
           f"--config.diffusion.{field}={allowed}, or the config argument :{field}={allowed}")
   for config in (load_config("test", f"{field}={value}"),

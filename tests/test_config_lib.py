@@ -98,7 +98,11 @@ def test_upgrade_of_a_saved_test_config():
       "config saved by an older version, upgraded: eval.ddim_steps=0, eval.ddim_eta=0.0 -> "
       "sample.sampler='ancestral', sample.num_steps=0, sample.eta=0.0; dropped "
       "sample.ddim_steps=5 (the training grids' own sampler setting: the grids now use "
-      "sample.sampler too); added eval.bpd_clip_denoised=True")
+      "sample.sampler too); added diffusion.rescale_timesteps=False, "
+      "diffusion.timestep_sampler='uniform', eval.bpd_clip_denoised=True, sample.respacing=''")
+  # The fields added since mean what the saved run did: uniform t, plain t, no respacing.
+  assert (config.diffusion.timestep_sampler, config.diffusion.rescale_timesteps,
+          config.sample.respacing) == ("uniform", False, "")
   # Every other value is the saved one, tuples as tuples.
   today = config_lib.load_config("configs/test.py",
                                  {"sample.sampler": "ancestral", "sample.num_steps": 0})
@@ -156,7 +160,9 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
   config, message = config_lib.upgrade(tree)
   assert "colour" not in config.eval and "extra" not in config
   assert config.optim.lr == 2e-4 and config.eval.watch is False  # from the base
-  assert message.endswith("added eval.bpd_clip_denoised=True, eval.watch=False, optim.lr=0.0002; "
+  assert message.endswith("added diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
+                          "'uniform', eval.bpd_clip_denoised=True, eval.watch=False, "
+                          "optim.lr=0.0002, sample.respacing=''; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")
 

@@ -45,7 +45,9 @@ def test_sample_mode_writes_this_process_share_and_is_device_count_independent(w
   config, path, _ = workdir
   out_dir = evaluate.run_sample(config, os.fspath(path))
   assert "sample: 10/10 images (" in capsys.readouterr().out  # the last progress line
-  assert out_dir == path / "samples" / str(STEP)
+  # The test config samples with DDIM over 4 steps: its results are named for it.
+  assert (config.sample.sampler, config.sample.num_steps) == ("ddim", 4)
+  assert out_dir == path / "samples" / f"{STEP}_ddim4"
   with np.load(out_dir / "samples_0.npz") as f:
     images, index = f["images"], f["index"]
   assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
@@ -174,7 +176,8 @@ def test_eval_mode_writes_fid_is_and_bpd_for_each_checkpoint(workdir, inception_
   with mock_cifar():
     results = evaluate.run_eval(config, os.fspath(path))
   assert list(results) == [STEP]
-  written = json.loads((path / "eval" / f"{STEP}.json").read_text())
+  # Named for the test config's sampler (DDIM over 4 steps), beside other samplers' results.
+  written = json.loads((path / "eval" / f"{STEP}_ddim4.json").read_text())
   for key in ("fid_train", "fid_test", "inception_score", "inception_score_std", "bpd_test",
               "prior_bpd_test", "terms_bpd_test"):
     assert np.isfinite(written[key]), key
@@ -216,7 +219,7 @@ def test_command_line_sample_mode_uses_the_saved_config_without_config(workdir):
                         f"--step={STEP}"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  with np.load(path / "samples" / str(STEP) / "samples_0.npz") as f:
+  with np.load(path / "samples" / f"{STEP}_ddim2" / "samples_0.npz") as f:
     assert f["images"].shape == (3, 8, 8, 3)
   bad = subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--config",
                         "configs/test.py", "--mode", "sample", f"--workdir={path}", "--step=99"],
@@ -322,10 +325,27 @@ def test_sample_mode_skips_a_corrupt_latest_and_ignores_a_damaged_optimizer_stat
   latest.write_bytes(latest.read_bytes()[:100])
 
   out_dir = evaluate.run_sample(config, os.fspath(tmp_path))
-  assert out_dir == tmp_path / "samples" / str(STEP)
+  assert out_dir == tmp_path / "samples" / f"{STEP}_ddim4"
   out = capsys.readouterr().out
   assert f"checkpoint at step {STEP + 2}" in out and "trying the previous one" in out, out
   assert f"parameters of step {STEP} from" in out, out
   assert (directory / str(STEP + 2)).is_dir()  # evaluation reports, never moves or deletes
   with np.load(out_dir / "samples_0.npz") as f:
     assert f["images"].shape == (10, 8, 8, 3)
+
+
+def test_results_are_named_for_the_sampler():
+  """Evaluations of one checkpoint with different sampler settings go to different files; the
+  original's (ancestral over all T, clipped) keep the plain name."""
+  config = config_lib.load_config("configs/digits.py")
+  cases = [({}, ""), ({"sample.num_steps": 200}, ""),
+           ({"sample.respacing": "50"}, "_ancestral_respaced50"),
+           ({"sample.num_steps": 25}, "_ancestral25"),
+           ({"sample.sampler": "ddim", "sample.num_steps": 50}, "_ddim50"),
+           ({"sample.sampler": "ddim", "sample.eta": 1.0}, "_ddim_eta1"),
+           ({"sample.sampler": "ddim", "sample.respacing": "10,20", "sample.eta": 0.5},
+            "_ddim_respaced10,20_eta0.5"),
+           ({"sample.clip_denoised": False}, "_noclip")]
+  for overrides, tag in cases:
+    assert build.sampler_tag(config_lib.load_config("configs/digits.py", overrides)) == tag
+  assert build.sampler_tag(config) == ""

@@ -32,9 +32,11 @@ def toy_model(var_type="fixedlarge"):
     xp = jnp if isinstance(x, jax.Array) else np
     tt = xp.reshape(t / STEPS, (-1,) + (1,) * (x.ndim - 1))
     mean_part = 0.5 * x + 0.2 * tt * xp.cos(2 * x)
-    if var_type != "learned":
-      return mean_part
-    return xp.concatenate([mean_part, -3.0 - tt + 0.1 * x], axis=-1)
+    if var_type == "learned":
+      return xp.concatenate([mean_part, -3.0 - tt + 0.1 * x], axis=-1)
+    if var_type == "learned_range":  # v of about -1.2..1.2: beyond the range at both ends
+      return xp.concatenate([mean_part, 1.2 * xp.tanh(x) * (1 - tt) + 0.5 * tt], axis=-1)
+    return mean_part
   return model_fn
 
 
@@ -116,6 +118,8 @@ def test_one_and_eight_devices_agree(sched):
                                                       repeat_noise_steps=3,
                                                       shared_key=jax.random.key(1), **kwargs)
     return (sampling.p_sample_loop(sched, model_fn, k, local, **kwargs),
+            # Ancestral sampling over 10 of the 40 steps, on the respaced schedule.
+            sampling.sample("ancestral", sched, model_fn, k, local, num_steps=10, **kwargs),
             sampling.ddim_sample_loop(sched, model_fn, k, local, num_steps=10, eta=0.5,
                                       **kwargs),
             diffusion.calc_bpd_loop(sched, model_fn, x, k, **kwargs).total_bpd,
@@ -210,7 +214,7 @@ def ddim_np(ref, model_fn, keys, shape, visited, eta, mean_type, var_type):
     s_int = visited[i + 1] if i + 1 < len(visited) else -1
     t = np.full(shape[0], t_int)
     out = model_fn(x, t)
-    if var_type == "learned":
+    if var_type in diffusion.LEARNED_VAR_TYPES:
       out = out[..., :shape[-1]]
     _, _, x0 = reference.p_mean_variance(ref, out, x, t, mean_type, "fixedsmall", True)
     a_t = ref["abar"][t_int]
@@ -357,7 +361,7 @@ def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_
 
 
 def test_every_registered_sampler_has_the_one_signature():
-  want = ["sched", "model_fn", "keys", "shape", "num_steps", "eta", "clip_denoised", "mean_type",
+  want = ["sched", "model_fn", "keys", "shape", "timesteps", "eta", "clip_denoised", "mean_type",
           "var_type"]
   assert set(sampling.SAMPLERS) == {"ancestral", "ddim"}
   for name, fn in sampling.SAMPLERS.items():
@@ -366,19 +370,21 @@ def test_every_registered_sampler_has_the_one_signature():
     assert all(params[p].kind == inspect.Parameter.KEYWORD_ONLY for p in want[4:]), name
 
 
-@pytest.mark.parametrize("sampler, num_steps, eta", [
-    ("ancestral", 0, 0.0), ("ancestral", STEPS, 0.0), ("ddim", 0, 0.0), ("ddim", 1, 0.0),
-    ("ddim", STEPS, 1.0), ("ddim", 5, 0.3),
+@pytest.mark.parametrize("sampler, num_steps, eta, respacing", [
+    ("ancestral", 0, 0.0, ""), ("ancestral", STEPS, 0.0, ""), ("ancestral", 5, 0.0, ""),
+    ("ancestral", 2, 0.0, ""), ("ancestral", 0, 0.0, "ddim10"), ("ancestral", 0, 0.0, "3,4"),
+    ("ddim", 0, 0.0, ""), ("ddim", 1, 0.0, ""), ("ddim", STEPS, 1.0, ""), ("ddim", 5, 0.3, ""),
+    ("ddim", 0, 0.0, "1"), ("ddim", 0, 0.5, "ddim8"),
 ])
-def test_check_sampler_accepts(sampler, num_steps, eta):
-  sampling.check_sampler(sampler, num_steps, eta, STEPS)
+def test_check_sampler_accepts(sampler, num_steps, eta, respacing):
+  sampling.check_sampler(sampler, num_steps, eta, STEPS, respacing=respacing)
 
 
 @pytest.mark.parametrize("sampler, num_steps, eta, match", [
     ("plms", 0, 0.0, r"unknown sampler 'plms': set sample.sampler to one of 'ancestral', 'ddim'"),
-    ("ancestral", 5, 0.0, r"ancestral sampling visits every one of the T timesteps .*set "
-                          r"sample.num_steps=0, or sample.sampler='ddim'"),
-    ("ancestral", -1, 0.0, r"set sample.num_steps=0, or sample.sampler='ddim'"),
+    ("ancestral", 1, 0.0, r"needs at least 2 steps, got 1: set sample.num_steps or "
+                          r"sample.respacing to keep more, or sample.sampler='ddim'"),
+    ("ancestral", -1, 0.0, r"got -1: set sample.num_steps to one of 1..40"),
     ("ancestral", 0, 0.5, r"sample.eta=0.5 is DDIM's noise scale.*set sample.eta=0.0, or "
                           r"sample.sampler='ddim'"),
     ("ddim", STEPS + 1, 0.0, r"got 41: set sample.num_steps to one of 1..40 \(0 = all 40\)"),
@@ -394,16 +400,34 @@ def test_check_sampler_says_what_to_set(sampler, num_steps, eta, match):
     sampling.check_sampler(sampler, num_steps, eta, STEPS)
 
 
+@pytest.mark.parametrize("num_steps, respacing, match", [
+    (5, "ddim10", r"sample.respacing='ddim10' and sample.num_steps=5 both choose the timesteps: "
+                  r"set sample.num_steps=0 to use the respacing, or sample.respacing=''"),
+    (0, "41", r"keeps 41 steps, more than T=40: set sample.respacing to a spec such as"),
+    (0, "ddim 5x", r"does not parse.*set sample.respacing to a spec"),
+    (0, "ddim30", r"no integer stride keeps exactly 30"),
+    (0, "1", r"ancestral sampling over a respaced schedule needs at least 2 steps, got 1"),
+    (0, 50, r"sample.respacing=50 must be a string"),
+])
+def test_check_sampler_refuses_respacing(num_steps, respacing, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.check_sampler("ancestral", num_steps, 0.0, STEPS, respacing=respacing)
+
+
 def test_check_sampler_names_flags_with_a_prefix():
-  with pytest.raises(ValueError, match=r"set --config.sample.num_steps=0, or "
+  with pytest.raises(ValueError, match=r"set --config.sample.num_steps or "
+                                       r"--config.sample.respacing to keep more, or "
                                        r"--config.sample.sampler='ddim'"):
-    sampling.check_sampler("ancestral", 3, 0.0, STEPS, flag_prefix="--config.")
+    sampling.check_sampler("ancestral", 1, 0.0, STEPS, flag_prefix="--config.")
 
 
 def test_sample_checks_before_sampling(sched):
   keys = keys_for(4)
-  with pytest.raises(ValueError, match="ancestral sampling visits every one"):
-    sampling.sample("ancestral", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=10,
+  with pytest.raises(ValueError, match="needs at least 2 steps"):
+    sampling.sample("ancestral", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=1,
+                    mean_type="eps", var_type="fixedlarge")
+  with pytest.raises(ValueError, match="more than T=40"):
+    sampling.sample("ddim", sched, toy_model(), keys, (4, 2, 2, 1), respacing="50",
                     mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="unknown sampler"):
     sampling.sample("DDIM", sched, toy_model(), keys, (4, 2, 2, 1), mean_type="eps",
@@ -468,3 +492,104 @@ def test_interpolate_honours_clip_denoised(sched, ref):
     want = ancestral_np(ref, overshooting_model, (1 - lam_b) * xt1 + lam_b * xt2,
                         range(t_mix, -1, -1), keys, "xstart", "fixedsmall", clip=clip)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+
+
+# --- Respaced sampling -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, mean_type, var_type", [
+    ("ddim8", "eps", "fixedlarge"), ("10", "xstart", "fixedsmall"), ("3,4", "eps", "learned"),
+    ("ddim10", "eps", "learned_range"), ("5,0,5", "xprev", "learned_range"),
+])
+def test_respaced_ancestral_matches_numpy(sched, spec, mean_type, var_type):
+  """Ancestral sampling over the kept steps is the chain of the respaced float64 coefficients;
+  the model sees the original timesteps; x_T and each step's noise are keyed by the original
+  T and t."""
+  kept = schedules.space_timesteps(STEPS, spec)
+  ref = reference.coefficients(reference.respaced_betas(BETAS, kept))
+  model_fn = toy_model(var_type)
+  keys = keys_for(SHAPE[0], seed=12)
+  got = sampling.sample("ancestral", sched, model_fn, keys, SHAPE, respacing=spec,
+                        mean_type=mean_type, var_type=var_type)
+  x = noise_np(keys, STEPS, SHAPE[1:])
+  for i in range(len(kept) - 1, -1, -1):
+    t = np.full(SHAPE[0], i)
+    mean, logvar, _ = reference.p_mean_variance(ref, model_fn(x, np.full(SHAPE[0], kept[i])), x,
+                                                t, mean_type, var_type, True)
+    x = mean + (i > 0) * np.exp(0.5 * logvar) * noise_np(keys, kept[i], SHAPE[1:])
+  np.testing.assert_allclose(np.asarray(got), x, atol=2e-4)
+
+
+def test_integer_steps_respace_ancestral_and_keep_ddim_spacing(sched):
+  """An integer step count is the DDIM spacing for both samplers: ancestral sampling runs on the
+  schedule respaced to `ddim_timesteps`, DDIM visits them (as before respacing existed)."""
+  model_fn = toy_model("learned_range")
+  keys = keys_for(SHAPE[0], seed=13)
+  kw = dict(mean_type="eps", var_type="learned_range", clip_denoised=True)
+  kept = sampling.ddim_timesteps(STEPS, 9)
+  got = sampling.sample("ancestral", sched, model_fn, keys, SHAPE, num_steps=9, **kw)
+  want = sampling.p_sample_loop(schedules.respace(sched, kept), model_fn, keys, SHAPE, **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # DDIM with a spec visits its kept steps on the full schedule.
+  got = sampling.sample("ddim", sched, model_fn, keys, SHAPE, respacing="3,4", eta=0.5, **kw)
+  want = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, eta=0.5,
+                                   timesteps=schedules.space_timesteps(STEPS, "3,4"), **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_respaced_ancestral_reproduces_gaussian_data():
+  """With the exact model of x_0 ~ N(m, s^2) (E[eps | x_t], and for learned_range the v giving
+  the true Var[x_s | x_t] = beta_tilde + coef1^2 Var[x_0 | x_t]), ancestral sampling over 25 of
+  T = 1000 steps reproduces the data's mean and variance; the fixed variances do not at 25 steps
+  (too narrow with beta_tilde, too wide with beta), which is why Improved DDPM learns it.
+
+  Samples are checked against the float64 moments of their own linear-Gaussian chain (5
+  standard errors), and those against (m, s^2).
+  """
+  m, s, T, spec = 0.2, 0.4, 1000, "25"
+  betas = np.linspace(1e-4, 0.02, T)
+  sched = schedules.Schedule.from_betas(betas)
+  kept = schedules.space_timesteps(T, spec)
+  ref = reference.coefficients(reference.respaced_betas(betas, kept))
+  ab = ref["abar"]
+  x0_var = s**2 * (1 - ab) / (ab * s**2 + 1 - ab)  # Var[x_0 | x_t] at each kept step
+  true_logvar = np.log(ref["post_var"] + ref["coef1"] ** 2 * x0_var)
+  low, high = ref["post_logvar"], np.log(ref["betas"])
+  v_at_original = np.zeros(T)
+  v_at_original[kept] = 2 * (true_logvar - low) / (high - low) - 1
+  abar_full = jnp.asarray(reference.coefficients(betas)["abar"], jnp.float32)
+  n = 8192
+  shape = (n, 2, 2, 1)
+  keys = keys_for(n, seed=14)
+  errors = {}
+  for var_type in ("fixedsmall", "fixedlarge", "learned_range"):
+
+    def exact_model(x, t_model, var_type=var_type):  # called with the original timesteps
+      a = abar_full[t_model].reshape(-1, 1, 1, 1)
+      eps = jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * m) / (a * s**2 + 1 - a)
+      if var_type != "learned_range":
+        return eps
+      v = jnp.asarray(v_at_original, jnp.float32)[t_model].reshape(-1, 1, 1, 1)
+      return jnp.concatenate([eps, jnp.broadcast_to(v, x.shape)], -1)
+
+    x = jax.jit(lambda k: sampling.sample(
+        "ancestral", sched, exact_model, k, shape, respacing=spec, mean_type="eps",
+        var_type=var_type, clip_denoised=False))(keys)
+    logvar = {"fixedsmall": ref["post_logvar"], "fixedlarge": ref["fixedlarge_logvar"],
+              "learned_range": true_logvar}[var_type]
+    chain = []
+    for i in range(len(kept) - 1, -1, -1):
+      g = math.sqrt(1 - ab[i]) / (ab[i] * s**2 + 1 - ab[i])
+      a0 = (1 - math.sqrt(1 - ab[i]) * g) / math.sqrt(ab[i])
+      c0 = math.sqrt(1 - ab[i]) * g * m
+      chain.append((ref["coef1"][i] * a0 + ref["coef2"][i], ref["coef1"][i] * c0,
+                    math.exp(0.5 * logvar[i]) if i > 0 else 0.0))
+    chain_mean, chain_var = linear_gaussian_moments(chain)
+    samples = np.asarray(x, np.float64).ravel()
+    count = samples.size
+    assert abs(samples.mean() - chain_mean) < 5 * math.sqrt(chain_var / count), var_type
+    assert abs(samples.var() - chain_var) < 5 * math.sqrt(2 / count) * chain_var, var_type
+    assert abs(chain_mean - m) < 0.01, var_type
+    errors[var_type] = chain_var / s**2 - 1
+  # The exact variance makes the 25-step chain exact up to its last, noiseless step.
+  assert abs(errors["learned_range"]) < 0.02, errors
+  assert errors["fixedsmall"] < -0.1 and errors["fixedlarge"] > 0.1, errors

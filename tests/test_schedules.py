@@ -82,7 +82,12 @@ def test_paper_values_for_the_cifar10_schedule():
 def test_schedule_is_a_pytree_for_jit_vmap_and_shard_map():
   sched = schedules.make_schedule(num_diffusion_timesteps=10)
   leaves = jax.tree_util.tree_leaves(sched)
-  assert len(leaves) == len(dataclasses_fields(sched))
+  # Every array is a leaf; the timestep map (None unless respaced) and the static settings are not.
+  arrays = [f.name for f in dataclasses_fields(sched)
+            if isinstance(getattr(sched, f.name), jax.Array)]
+  assert len(leaves) == len(arrays) == len(dataclasses_fields(sched)) - 4
+  respaced = schedules.respace(sched, np.array([0, 4, 9]))
+  assert len(jax.tree_util.tree_leaves(respaced)) == len(arrays) + 1
   total = jax.jit(lambda s: s.betas.sum() + s.num_timesteps)(sched)
   assert float(total) == pytest.approx(float(np.sum(np.asarray(sched.betas))) + 10, rel=1e-6)
   # vmap over a stack of schedules.
@@ -130,3 +135,84 @@ def test_from_betas_errors():
     schedules.Schedule.from_betas(np.array([0.01, 0.02, np.nan]))
   with pytest.raises(ValueError, match="choose one of repeat_first, floor"):
     schedules.Schedule.from_betas(np.full(5, 0.01), posterior_logvar="v3")
+
+
+# Kept timesteps as Improved DDPM's `space_timesteps` returns them (run on that code for these
+# specs): uneven sections, a section of 0, half-way roundings (to even), and the ddim stride.
+SPACED = {
+    (11, "3,4"): [0, 2, 5, 6, 7, 9, 10],
+    (100, "10"): [0, 11, 22, 33, 44, 55, 66, 77, 88, 99],
+    (20, "5,0,3"): [0, 2, 3, 4, 6, 14, 16, 19],
+    (7, "2,2,2"): [0, 2, 3, 4, 5, 6],
+    (200, "7,1"): [0, 16, 33, 50, 66, 82, 99, 100],
+    (1000, "1"): [0],
+}
+
+
+@pytest.mark.parametrize("num_timesteps, spec", sorted(SPACED))
+def test_space_timesteps_as_the_reference(num_timesteps, spec):
+  np.testing.assert_array_equal(schedules.space_timesteps(num_timesteps, spec),
+                                SPACED[num_timesteps, spec])
+
+
+def test_space_timesteps_long_specs():
+  assert schedules.space_timesteps(1000, "ddim50").tolist() == list(range(0, 1000, 20))
+  assert schedules.space_timesteps(4000, "ddim100").tolist() == list(range(0, 4000, 40))
+  # One section: the evenly spaced count is round(i (T - 1) / (K - 1)), as the sampler's spacing.
+  for T, count in ((1000, 50), (4000, 250), (200, 25), (1000, 1000)):
+    want = [round(i * (T - 1) / (count - 1)) for i in range(count)]
+    assert schedules.space_timesteps(T, str(count)).tolist() == want
+  sections = schedules.space_timesteps(1000, "10,20,30")
+  assert len(sections) == 60
+  assert [int(np.sum((sections >= lo) & (sections < lo + 334 - (lo > 0))))
+          for lo in (0, 334, 667)] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "non-empty string"), ("fifty", "does not parse"), ("10,x", "does not parse"),
+    ("ddim", "does not parse"), ("1001", "more than T=1000"), ("ddim2000", "asks for 2000"),
+    ("ddim600", "no integer stride"), ("0", "at least one step"), ("10,-1", "count >= 0"),
+    ("400,400,200", "section 0 has 334 steps"),
+])
+def test_space_timesteps_refuses(spec, message):
+  with pytest.raises(ValueError, match=message):
+    schedules.space_timesteps(1000, spec)
+
+
+@pytest.mark.parametrize("kind, rule", [("linear", "repeat_first"), ("cosine", "floor")])
+def test_respace_against_float64(kind, rule):
+  """The respaced schedule's coefficients are those of betas 1 - abar(kept_i) / abar(kept_i-1),
+  which give the original's alpha_bar at every kept step."""
+  T = 1000
+  betas = reference.beta_schedule(kind, 1e-4, 0.02, T)
+  sched = schedules.Schedule.from_betas(betas, posterior_logvar=rule)
+  kept = schedules.space_timesteps(T, "10,20,30")
+  respaced = schedules.respace(sched, kept)
+  want = reference.coefficients(reference.respaced_betas(betas, kept), rule)
+  assert respaced.num_timesteps == 60 and respaced.base_num_timesteps == T
+  assert respaced.posterior_logvar == rule
+  np.testing.assert_array_equal(np.asarray(respaced.timestep_map), kept)
+  np.testing.assert_allclose(np.asarray(respaced.alphas_cumprod), reference.coefficients(
+      betas)["abar"][kept], rtol=2e-6)
+  # float32 storage of float64 values computed from the float32 betas (relative ~1e-7).
+  for ours, theirs in (("betas", "betas"), ("posterior_variance", "post_var"),
+                       ("posterior_log_variance_clipped", "post_logvar"),
+                       ("posterior_mean_coef1", "coef1"), ("posterior_mean_coef2", "coef2"),
+                       ("fixedlarge_log_variance", "fixedlarge_logvar")):
+    np.testing.assert_allclose(np.asarray(getattr(respaced, ours), np.float64), want[theirs],
+                               rtol=2e-5, atol=1e-30, err_msg=ours)
+  np.testing.assert_allclose(np.asarray(respaced.log_betas), np.log(want["betas"]), rtol=1e-6)
+  # Respacing a respaced schedule maps to the first one's original timesteps.
+  twice = schedules.respace(respaced, np.array([0, 30, 59]))
+  np.testing.assert_array_equal(np.asarray(twice.timestep_map), kept[[0, 30, 59]])
+  np.testing.assert_allclose(np.asarray(twice.alphas_cumprod),
+                             reference.coefficients(betas)["abar"][kept[[0, 30, 59]]], rtol=2e-6)
+
+
+def test_respace_refuses():
+  sched = schedules.make_schedule(num_diffusion_timesteps=10)
+  for bad in ([3, 2], [0, 10], [-1, 2], [], [0.5, 2]):
+    with pytest.raises(ValueError, match="timesteps must be"):
+      schedules.respace(sched, np.asarray(bad))
+  with pytest.raises(ValueError, match="concrete schedule"):
+    jax.jit(lambda s: schedules.respace(s, np.array([0, 5])).betas)(sched)

@@ -68,6 +68,23 @@ def test_end_to_end_writes_checkpoints_and_metrics(straight):
   assert saved["model"]["ch"] == config.model.ch
 
 
+def test_exact_resume_with_the_loss_history(tmp_path):
+  """An importance-sampled run stopped and resumed equals the run without the stop, history
+  included: it is saved in the checkpoint and restored exactly."""
+  config = _importance_config()
+  config.train.num_steps = 9
+  config.train.checkpoint_every = 5
+  config.model.dropout = 0.0
+  want = jax.device_get(run(config, tmp_path / "straight").to_dict())
+  assert int(np.asarray(want["loss_history"]["counts"]).min()) == 10
+  config.train.num_steps = 5
+  run(config, tmp_path / "resumed")
+  config.train.num_steps = 9
+  got = jax.device_get(run(config, tmp_path / "resumed").to_dict())
+  for key in ("params", "ema_params", "opt_state", "loss_history"):
+    assert_trees_equal(got[key], want[key])
+
+
 def test_exact_resume_after_interruption(straight, tmp_path):
   config, _, want = straight
   # Interrupted run: stops after 6 steps with checkpoints at 4 and 6 ("killed" at step 6
@@ -123,7 +140,8 @@ def _fixed_batch(config, batch_size):
 
 
 def _run_steps(config, devices, images, num_steps):
-  """`num_steps` steps of the sharded step on a fixed batch; returns (params, metrics per step)."""
+  """`num_steps` steps of the sharded step on a fixed batch; returns (params, metrics per step,
+  the state's loss history)."""
   mesh = parallel.make_mesh(devices)
   model, sched = build.make_model(config), build.make_schedule(config)
   optimizer = build.make_optimizer(config)
@@ -135,12 +153,23 @@ def _run_steps(config, devices, images, num_steps):
     batch = parallel.global_batch(images, mesh, images.shape[0])
     state, metrics = step_fn(state, batch, rng)
     history.append({k: float(v) for k, v in metrics.items()})
-  return jax.device_get(state.params), history
+  return jax.device_get(state.params), history, state.loss_history
+
+
+def _np_history_update(losses, counts, pairs, size=10):
+  for t, loss in pairs:  # Improved DDPM's rule, pair by pair in row order
+    if counts[t] == size:
+      losses[t] = np.append(losses[t, 1:], loss)
+    else:
+      losses[t, counts[t]] = loss
+      counts[t] += 1
 
 
 def _reference_steps(config, images, num_steps):
   """The same steps computed plainly on one device, without shard_map: the gradient of the
-  mean loss over the whole batch, its global norm in float64, then optax's update."""
+  mean loss over the whole batch, its global norm in float64, then optax's update. With
+  importance-sampled timesteps, the loss history is kept in NumPy from each step's (t, loss)
+  pairs in row order. Returns (params, metrics per step, (history losses, counts) or None)."""
   model, sched = build.make_model(config), build.make_schedule(config)
   optimizer = build.make_optimizer(config)
   params = train_step.init_state(config, model, optimizer,
@@ -149,18 +178,26 @@ def _reference_steps(config, images, num_steps):
   # The streams written out, independently of prng.py: TRAIN = 2, then the step, then the row.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(
-      train_step.loss_fn, model=model, sched=sched, diffusion_kw=build.diffusion_kwargs(config))))
+      train_step.loss_fn, model=model, sched=sched, diffusion_kw=build.diffusion_kwargs(config)),
+      has_aux=True))
+  T = config.diffusion.num_timesteps
+  importance = config.diffusion.timestep_sampler == "loss_second_moment"
+  losses_np, counts_np = np.zeros((T, 10), np.float32), np.zeros(T, int)
   positions = np.arange(images.shape[0])
   history = []
   for step in range(num_steps):
     keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(rng, step), p))(positions)
-    loss, grads = loss_and_grad(params, images, keys)
+    loss_history = (dict(losses=jax.numpy.asarray(losses_np),
+                         counts=jax.numpy.asarray(counts_np, jax.numpy.int32))
+                    if importance else None)
+    (loss, aux), grads = loss_and_grad(params, images, keys, loss_history)
+    _np_history_update(losses_np, counts_np, zip(np.asarray(aux["t"]), np.asarray(aux["losses"])))
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2)
                        for g in jax.tree_util.tree_leaves(grads)))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     history.append(dict(loss=float(loss), grad_norm=float(norm)))
-  return jax.device_get(params), history
+  return jax.device_get(params), history, (losses_np, counts_np) if importance else None
 
 
 NUM_STEPS = 6
@@ -178,9 +215,9 @@ def clipped_reference():
   # eps = 1e-4 (below typical |g| ~ 1e-3) keeps the comparison about the gradient itself.
   config.optim.eps = 1e-4
   config.optim.grad_clip = 0.0
-  _, unclipped = _reference_steps(config, images, NUM_STEPS)
+  _, unclipped, _ = _reference_steps(config, images, NUM_STEPS)
   config.optim.grad_clip = float(np.median([h["grad_norm"] for h in unclipped]))
-  params, history = _reference_steps(config, images, NUM_STEPS)
+  params, history, _ = _reference_steps(config, images, NUM_STEPS)
   norms = np.array([h["grad_norm"] for h in history])
   assert np.any(norms > config.optim.grad_clip * 1.01), (norms, config.optim.grad_clip)
   assert np.any(norms < config.optim.grad_clip * 0.99), (norms, config.optim.grad_clip)
@@ -206,8 +243,54 @@ def test_steps_on_any_device_count_equal_the_global_batch_gradient(
   config, images, params, history = clipped_reference
   config = copy.deepcopy(config)
   config.optim.grad_accum_steps = grad_accum_steps
-  got = _run_steps(config, jax.devices()[:num_devices], images, NUM_STEPS)
+  got = _run_steps(config, jax.devices()[:num_devices], images, NUM_STEPS)[:2]
   _assert_matches_reference(got, (params, history))
+
+
+# --- Importance-sampled timesteps --------------------------------------------------------------
+
+IMPORTANCE_STEPS = 9
+
+
+def _importance_config():
+  """learned_range + hybrid with importance-sampled timesteps over T = 5, so that the history is
+  full (10 losses of each t) after 7 steps of 8 examples and the last steps draw by importance."""
+  config = load_config("test", "var_type=learned_range,loss_type=hybrid")
+  config.diffusion.timestep_sampler = "loss_second_moment"
+  config.diffusion.num_timesteps = 5
+  config.optim.eps = 1e-4  # as in clipped_reference
+  config.optim.grad_clip = 0.0
+  return config
+
+
+@pytest.fixture(scope="module")
+def importance_reference():
+  """The plain steps of `_importance_config` and their final loss history."""
+  config = _importance_config()
+  images = _fixed_batch(config, 8)
+  params, history, loss_history = _reference_steps(config, images, IMPORTANCE_STEPS)
+  assert np.all(loss_history[1] == 10)  # warmed up before the last steps
+  return config, images, (params, history), loss_history
+
+
+@pytest.mark.parametrize("num_devices,grad_accum_steps", [(1, 1), (8, 1), (2, 2)])
+def test_importance_sampling_on_any_device_count(importance_reference, num_devices,
+                                                 grad_accum_steps):
+  """With importance-sampled timesteps, 1, 8 and 2 devices (with micro-batches) give the plain
+  computation's losses, gradient norms and parameters, and every device holds the history the
+  global batch's (t, loss) pairs give in row order."""
+  config, images, want, (want_losses, want_counts) = importance_reference
+  config = copy.deepcopy(config)
+  config.optim.grad_accum_steps = grad_accum_steps
+  params, history, loss_history = _run_steps(config, jax.devices()[:num_devices], images,
+                                             IMPORTANCE_STEPS)
+  assert {"mse", "vb"} <= set(history[-1])
+  _assert_matches_reference((params, history), want)
+  np.testing.assert_array_equal(np.asarray(loss_history["counts"]), want_counts)
+  np.testing.assert_allclose(np.asarray(loss_history["losses"]), want_losses, rtol=1e-5)
+  # Replicated: every device's copy is the same.
+  copies = [np.asarray(s.data) for s in loss_history["losses"].addressable_shards]
+  assert len(copies) == num_devices and all(np.array_equal(c, copies[0]) for c in copies)
 
 
 def test_loss_falls_on_a_fixed_batch():
@@ -215,7 +298,7 @@ def test_loss_falls_on_a_fixed_batch():
   config.model.dropout = 0.0
   config.optim.lr = 3e-3
   images = _fixed_batch(config, 8)
-  _, history = _run_steps(config, jax.devices(), images, 40)
+  _, history, _ = _run_steps(config, jax.devices(), images, 40)
   losses = [h["loss"] for h in history]
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
@@ -316,3 +399,22 @@ def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
   full = train_step.abstract_state(cifar, model, optimizer, mesh)
   from diffusion_jax.models import unet
   assert unet.count_params(full.params) == unet.count_params(full.ema_params) == 35_746_307
+
+
+def test_resuming_with_another_timestep_sampler_is_refused_and_keeps_the_checkpoint(tmp_path):
+  """A checkpoint with a loss history resumes only with importance sampling, and one without it
+  only without: either way the error says what to set, and the checkpoint stays in place."""
+  config = _importance_config()
+  config.train.checkpoint_every = 2
+  for trained, resumed in (("loss_second_moment", "uniform"), ("uniform", "loss_second_moment")):
+    config.diffusion.timestep_sampler = trained
+    config.train.num_steps = 2
+    run(config, tmp_path / trained)
+    config.diffusion.timestep_sampler = resumed
+    config.train.num_steps = 4
+    with pytest.raises(checkpoints.ShapeMismatchError,
+                       match=f"set --config.diffusion.timestep_sampler={trained} to resume"):
+      run(config, tmp_path / trained)
+    checkpoints_dir = tmp_path / trained / "checkpoints"
+    assert (checkpoints_dir / "2").is_dir() and not list(checkpoints_dir.glob("*.corrupt"))
+
