@@ -17,10 +17,9 @@ per step.
 
 `--scaling T1,T2,...` compiles, for each T (the config with `diffusion.num_timesteps` = T), the
 ancestral sampler over all T steps and over a schedule respaced to 50 of them, DDIM over 50 of
-them (all T when T < 50) and the full bound
-in bits/dim as evaluation runs it (`build.make_bpd_fn`), and records each program's compile
-time, XLA's memory
-analysis and the size of its lowered text. Each is one `lax.scan`, so none of these should grow
+them (all T when T < 50) and the full bound in bits/dim as evaluation runs it
+(`build.make_bpd_fn`), and records each program's compile time, XLA's memory analysis and the
+size of its lowered text. Each is one `lax.scan`, so none of these should grow
 with T beyond the T-long coefficient arrays, which the programs hold as constants. Nothing is
 run there, only compiled (thousands of U-Net calls would take minutes on a CPU).
 """

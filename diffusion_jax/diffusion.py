@@ -303,8 +303,7 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
     noise = prng.normal_each(prng.fold_in_each(keys, t), x_start.shape[1:], x_start.dtype)
     x_t = q_sample(sched, x_start, t_b, noise)
     terms, pred_xstart = vb_terms_bpd(sched, call_model(sched, model_fn, x_t, t_b), x_start,
-                                      x_t, t_b,
-                                      mean_type=mean_type, var_type=var_type,
+                                      x_t, t_b, mean_type=mean_type, var_type=var_type,
                                       clip_denoised=clip_denoised)
     return None, (terms, likelihood.mean_flat(jnp.square(pred_xstart - x_start)))
 

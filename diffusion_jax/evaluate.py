@@ -45,6 +45,12 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
+def results_path(config, workdir: str, step: int) -> epath.Path:
+  """WORKDIR/eval/<step><tag>.json: the metrics of `step` under the config's sampler settings
+  (`build.sampler_tag`), so evaluations of one checkpoint with different samplers are all kept."""
+  return epath.Path(workdir) / "eval" / f"{step}{build.sampler_tag(config)}.json"
+
+
 def _batch_size(config, mesh) -> int:
   return parallel.round_up_to_devices(max(1, config.eval.batch_size), mesh)
 
@@ -299,9 +305,8 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   """Sample quality and bits/dim of one checkpoint (`loaded`, when given, is that of `step`).
 
   Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
-  'digits' the `digits_*` measures of `digits_metrics`. Writes WORKDIR/eval/<step><tag>.json
-  (atomically; <tag> names the sampler settings, `build.sampler_tag`, so evaluations of one
-  checkpoint with different samplers are all kept) and TensorBoard scalars under WORKDIR/eval.
+  'digits' the `digits_*` measures of `digits_metrics`. Writes `results_path` (atomically) and
+  TensorBoard scalars under WORKDIR/eval.
 
   Returns:
     the metrics dict.
@@ -327,11 +332,10 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   metrics["eval_seconds"] = time.time() - t0
   metrics = {k: (float(v) if not isinstance(v, (int, list)) else v) for k, v in metrics.items()}
   if _is_main():
-    eval_dir = epath.Path(workdir) / "eval"
-    outputs.write_json(eval_dir / f"{sampler.step}{build.sampler_tag(config)}.json",
-                       {"step": sampler.step, **metrics})
+    path = results_path(config, workdir, sampler.step)
+    outputs.write_json(path, {"step": sampler.step, **metrics})
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-    log = outputs.MetricsLog(os.fspath(eval_dir), enabled=True)
+    log = outputs.MetricsLog(os.fspath(path.parent), enabled=True)
     log.scalars(sampler.step, {f"eval/{k}": v for k, v in scalars.items()})
     log.close()
     shown = lambda v: str(v).replace(" ", "") if isinstance(v, list) else f"{v:.4g}"
@@ -344,7 +348,7 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   """`--mode eval`: one checkpoint, or (eval.watch) every new one until training ends.
 
   Watching polls WORKDIR/checkpoints every `eval.watch_poll_s` seconds, evaluates each step that
-  has no WORKDIR/eval/<step><tag>.json yet, and stops after the step `train.num_steps` or when no
+  has no `results_path` yet, and stops after the step `train.num_steps` or when no
   new checkpoint arrived for `eval.watch_timeout_s` seconds.
 
   Returns:
@@ -361,8 +365,7 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   while True:
     steps = checkpoints.complete_steps(epath.Path(workdir) / "checkpoints")
     todo = [s for s in steps if s not in done and s not in unusable
-            and not (epath.Path(workdir) / "eval" / f"{s}{build.sampler_tag(config)}.json"
-                     ).exists()]
+            and not results_path(config, workdir, s).exists()]
     for s in todo:
       try:
         done[s] = evaluate_step(config, workdir, s)

@@ -64,9 +64,10 @@ def _parse(argv):
       parser.error(f"unknown source {name!r}; allowed: {', '.join(SOURCES)}")
   args.parallelism = args.parallelism.split(",")
   for name in args.parallelism:
-    if name not in input_pipeline.PARALLELISM:
-      parser.error(f"unknown parallelism {name!r}; allowed: "
-                   f"{', '.join(input_pipeline.PARALLELISM)}")
+    try:
+      input_pipeline.check_parallelism(name)
+    except ValueError as e:
+      parser.error(str(e))
   args.workers = [int(w) for w in args.workers.split(",")]
   return args
 

@@ -21,9 +21,10 @@ def is_object_store(path) -> bool:
 
 
 def write_atomically(path: epath.Path | str, data: bytes) -> epath.Path:
-  """Writes `data` under a temporary name unique to this call, then renames it to `path`
-  (parents made): writers racing for one file (processes caching the same statistics) never
-  read or clobber half a file. Returns the path."""
+  """Writes `data` to `path` whole. Locally: under a temporary name unique to this call, then
+  renamed to `path` (parents made), so writers racing for one file (processes caching the same
+  statistics) never read or clobber half a file. In an object store: in place, where an object
+  appears only once its upload is complete. Returns the path."""
   path = epath.Path(path)
   if is_object_store(path):
     # An object store (gs://) shows an object only once its upload is complete, and has no

@@ -68,8 +68,8 @@ def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str,
     (x_{t-1} [B, ...], pred_xstart [B, ...]).
   """
   out = diffusion.p_mean_variance(sched, diffusion.call_model(sched, model_fn, x, t), x, t,
-                                  mean_type=mean_type,
-                                  var_type=var_type, clip_denoised=clip_denoised)
+                                  mean_type=mean_type, var_type=var_type,
+                                  clip_denoised=clip_denoised)
   nonzero = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
 
@@ -280,7 +280,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     raise ValueError("give ddim_sample_loop one of num_steps and timesteps")
   if timesteps is None:
     timesteps = ddim_timesteps(num_timesteps, num_steps)
-  visited = _check_timesteps(timesteps, num_timesteps)[::-1]
+  visited = schedules.check_timesteps(timesteps, num_timesteps)[::-1]
   previous = np.append(visited[1:], -1)
   x_init = _initial_noise(keys, shape, sched)
   batch = shape[0]
@@ -308,15 +308,6 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
   x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
                                       jnp.asarray(previous, jnp.int32)))
   return x0
-
-
-def _check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
-  kept = np.asarray(timesteps)
-  if (kept.ndim != 1 or kept.size < 1 or not np.issubdtype(kept.dtype, np.integer)
-      or kept[0] < 0 or kept[-1] >= num_timesteps or np.any(np.diff(kept) <= 0)):
-    raise ValueError(f"timesteps must be ascending, distinct integers in [0, {num_timesteps}), "
-                     f"got {timesteps!r}")
-  return kept
 
 
 def visited_timesteps(num_timesteps: int, num_steps: int = 0, respacing: str = "") -> np.ndarray:
@@ -352,7 +343,7 @@ def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timeste
   Returns:
     Samples [B, H, W, C].
   """
-  timesteps = _check_timesteps(timesteps, sched.num_timesteps)
+  timesteps = schedules.check_timesteps(timesteps, sched.num_timesteps)
   if eta != 0:
     raise ValueError(f"eta={eta} is DDIM's; ancestral sampling takes eta=0")
   if timesteps.size != sched.num_timesteps:
@@ -429,15 +420,15 @@ def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, 
           f"timesteps: set {field('num_steps')}=0 to use the respacing, or "
           f"{field('respacing')}='' to use the step count")
     try:
-      kept = schedules.space_timesteps(num_timesteps, respacing)
+      count = len(schedules.space_timesteps(num_timesteps, respacing))
     except ValueError as e:
       raise ValueError(f"{e}: set {field('respacing')} to a spec such as 'ddim50', '50' or "
                        f"'10,20,30' (steps of T={num_timesteps}), or '' for none") from None
   else:
-    kept = visited_timesteps(num_timesteps, num_steps) if num_steps else None
-  if sampler == "ancestral" and kept is not None and len(kept) < 2:
+    count = num_steps or num_timesteps  # `ddim_timesteps` keeps num_steps distinct steps
+  if sampler == "ancestral" and count < 2:
     raise ValueError(
-        f"ancestral sampling over a respaced schedule needs at least 2 steps, got {len(kept)}: "
+        f"ancestral sampling over a respaced schedule needs at least 2 steps, got {count}: "
         f"set {field('num_steps')} or {field('respacing')} to keep more, or "
         f"{field('sampler')}='ddim'")
 

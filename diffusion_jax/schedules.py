@@ -212,13 +212,13 @@ class Schedule:
       raise ValueError(f"Unknown posterior_logvar {posterior_logvar!r}; choose one of "
                        f"{', '.join(POSTERIOR_LOGVAR_RULES)}.")
     betas = np.asarray(betas, dtype=np.float64)
-    _check_betas(betas)
     return cls._from_coefficients(betas, posterior_logvar, timestep_map=None,
                                   base_num_timesteps=betas.shape[0],
                                   rescale_timesteps=bool(rescale_timesteps))
 
   @classmethod
   def _from_coefficients(cls, betas, posterior_logvar, **fields) -> "Schedule":
+    _check_betas(betas)
     coefs = _coefficients(betas, posterior_logvar)
     arrays = {name: jnp.asarray(value, dtype=jnp.float32) for name, value in coefs.items()}
     return cls(**arrays, posterior_logvar=posterior_logvar, **fields)
@@ -298,6 +298,17 @@ def _spec_int(text: str, spec) -> int:
                      f"section such as '10,20,30'") from None
 
 
+def check_timesteps(timesteps, num_timesteps: int) -> np.ndarray:
+  """`timesteps` as an integer array, or ValueError unless they are ascending, distinct steps
+  in [0, num_timesteps) (at least one)."""
+  kept = np.asarray(timesteps)
+  if (kept.ndim != 1 or kept.size < 1 or not np.issubdtype(kept.dtype, np.integer)
+      or kept[0] < 0 or kept[-1] >= num_timesteps or np.any(np.diff(kept) <= 0)):
+    raise ValueError(f"timesteps must be ascending, distinct integers in [0, {num_timesteps}), "
+                     f"got {timesteps!r}")
+  return kept
+
+
 def respace(sched: Schedule, timesteps) -> Schedule:
   """The diffusion over a subset of the steps of `sched`: a schedule of K = len(timesteps)
   steps whose alpha_bar at step i is `sched`'s at timesteps[i].
@@ -314,12 +325,7 @@ def respace(sched: Schedule, timesteps) -> Schedule:
   Returns:
     The respaced `Schedule`.
   """
-  kept = np.asarray(timesteps)
-  T = sched.num_timesteps
-  if kept.ndim != 1 or kept.size < 1 or not np.issubdtype(kept.dtype, np.integer):
-    raise ValueError(f"timesteps must be a 1-D integer array of kept steps, got {kept!r}")
-  if kept[0] < 0 or kept[-1] >= T or np.any(np.diff(kept) <= 0):
-    raise ValueError(f"timesteps must be ascending and distinct in [0, {T}), got {kept.tolist()}")
+  kept = check_timesteps(timesteps, sched.num_timesteps)
   if isinstance(sched.betas, jax.core.Tracer):
     raise ValueError("respace needs a concrete schedule: respace it outside jit and pass the "
                      "respaced schedule in")

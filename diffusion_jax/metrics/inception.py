@@ -32,7 +32,6 @@ prefix, and the leaf is renamed (`torch_to_flax_name`):
 from __future__ import annotations
 
 import functools
-import io
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -42,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import traverse_util
+
+from diffusion_jax import outputs
 
 __all__ = [
     "FID_WEIGHTS_URL",
@@ -518,12 +519,7 @@ def save_inception_params(path: str | os.PathLike, variables: Mapping[str, Any])
     variables: {'params': ..., 'batch_stats': ...} nested dicts of arrays.
   """
   flat = traverse_util.flatten_dict(variables)
-  # Built in memory: object stores take whole files, not the seeks that zip writing makes.
-  buf = io.BytesIO()
-  np.savez(buf, **{"/".join(k): np.asarray(v, np.float32) for k, v in flat.items()})
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(buf.getvalue())
+  outputs.write_npz(path, **{"/".join(k): np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def _missing_weights_message(path) -> str:
