@@ -214,5 +214,8 @@ def test_respace_refuses():
   for bad in ([3, 2], [0, 10], [-1, 2], [], [0.5, 2]):
     with pytest.raises(ValueError, match="timesteps must be"):
       schedules.respace(sched, np.asarray(bad))
+  # One kept step makes no schedule (its posterior needs a second step), as with betas.
+  with pytest.raises(ValueError, match="at least 2 timesteps, got 1"):
+    schedules.respace(sched, np.array([3]))
   with pytest.raises(ValueError, match="concrete schedule"):
     jax.jit(lambda s: schedules.respace(s, np.array([0, 5])).betas)(sched)
