@@ -282,11 +282,6 @@ def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(t
   assert len(list((tmp_path / "eval").glob("digits_classifier_*.npz"))) == 1
 
 
-def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
-  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-             key=lambda p: p.stat().st_size)
-
-
 def _break_array(step_dir: pathlib.Path, value: np.ndarray) -> None:
   """Makes one stored array unreadable: zeroes the magic number of the compressed (zstd) frame
   that holds its bytes (random float32 bytes are stored verbatim inside the frame)."""
@@ -308,21 +303,28 @@ def test_sample_mode_skips_a_corrupt_latest_and_ignores_a_damaged_optimizer_stat
   config, _, ema = workdir
   rng = np.random.default_rng(5)
   # Finite floats of 31 random bits each: incompressible, so stored verbatim.
-  mu = jax.tree_util.tree_map(lambda x: (rng.integers(0, 2**32, x.shape, dtype=np.uint32)
-                                         & 0xBFFFFFFF).view(np.float32), ema)
+
+  def incompressible(tree):
+    return jax.tree_util.tree_map(lambda x: (rng.integers(0, 2**32, x.shape, dtype=np.uint32)
+                                             & 0xBFFFFFFF).view(np.float32), tree)
+
+  mu = incompressible(ema)
   state = {"step": np.int32(STEP), "params": ema, "ema_params": ema, "opt_state": {"mu": mu}}
+  # The latest step's EMA parameters are random bytes too, so that the array sampling reads is
+  # the one broken (the layout of arrays in files varies from run to run).
+  latest_ema = incompressible(ema)
   directory = tmp_path / "checkpoints"
   saver = checkpoints.Checkpointer(os.fspath(directory), async_save=False)
-  for step in (STEP, STEP + 2):
-    saver.save(step, dict(state, step=np.int32(step)), config.to_dict())
+  saver.save(STEP, state, config.to_dict())
+  saver.save(STEP + 2, dict(state, step=np.int32(STEP + 2), ema_params=latest_ema),
+             config.to_dict())
   saver.close()
   _break_array(directory / str(STEP), max(jax.tree_util.tree_leaves(mu), key=np.size))
+  _break_array(directory / str(STEP + 2), max(jax.tree_util.tree_leaves(latest_ema), key=np.size))
   with pytest.raises(Exception):  # reading the whole state fails: the optimizer state is broken
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         read_only=True), item_handlers={"state": ocp.StandardCheckpointHandler()})
     manager.restore(STEP, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  latest = _largest_file(directory / str(STEP + 2))
-  latest.write_bytes(latest.read_bytes()[:100])
 
   out_dir = evaluate.run_sample(config, os.fspath(tmp_path))
   assert out_dir == tmp_path / "samples" / f"{STEP}_ddim4"
