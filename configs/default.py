@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.prefetch = 2         # batches prepared ahead on each host.
 
   config.model = ml_collections.ConfigDict()
+  # 'ddpm': the original's U-Net (models/unet.py); 'iddpm': Improved DDPM's (models/iddpm_unet.py:
+  # multi-head attention, scale-shift norm, class labels; what its released checkpoints need).
+  config.model.architecture = "ddpm"
   config.model.ch = 128
   config.model.ch_mult = (1, 2, 2, 2)
   config.model.num_res_blocks = 2
@@ -41,6 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"   # compute dtype: float32 or bfloat16 (weights stay float32).
   config.model.remat = False
   config.model.block_size = 1
+  # Improved DDPM's U-Net only (architecture='iddpm'); the values here are the original's.
+  config.model.num_heads = 1           # attention heads (each width with attention splits evenly)
+  config.model.num_head_channels = -1  # or channels per head (-1 = use num_heads)
+  config.model.num_heads_upsample = -1  # heads on the way up (-1 = num_heads)
+  config.model.scale_shift_norm = False  # the timestep sets each block's norm scale and shift
+  config.model.num_classes = 0         # class-conditional on the data's labels; 0 = unconditional
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = "linear"
@@ -56,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.diffusion.timestep_sampler = "uniform"
   # Give the network t * 1000 / T (a float) instead of t (Improved DDPM's models use it).
   config.diffusion.rescale_timesteps = False
+  # loss_type 'hybrid': the bound's term times T / 1000 (Improved DDPM's L_hybrid); False adds it
+  # unscaled, as the reference's class-conditional ImageNet-64 run did.
+  config.diffusion.rescale_learned_sigmas = True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 2e-4

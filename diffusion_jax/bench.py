@@ -195,12 +195,12 @@ def _compile_sizes(fn, *args) -> dict:
   return out
 
 
-def _scaling(args, overrides, model, params, images, mesh) -> dict[str, dict]:
+def _scaling(args, overrides, model, params, images, labels, mesh) -> dict[str, dict]:
   """The 'scaling' part: {T: {program: _compile_sizes}} for each T of `--scaling`.
 
   The programs are those the drivers compile: the ancestral sampler over all T steps, DDIM over
   50 (or T, if fewer) and the full bound (`_make_bpd_fn`) of `images` (uint8, split over the
-  mesh). Each is compiled, never run.
+  mesh; `labels` a class-conditional model's, else ()). Each is compiled, never run.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -220,17 +220,17 @@ def _scaling(args, overrides, model, params, images, mesh) -> dict[str, dict]:
     programs = {
         "ancestral": (num_timesteps, build.make_sample_fn(
             config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
-            clip_denoised=True), (params, sample_keys)),
+            clip_denoised=True), (params, sample_keys, *labels)),
         # Improved DDPM's fewer-step sampling: ancestral over a schedule respaced to 50 steps.
         "ancestral_respaced50": (ddim_steps, build.make_sample_fn(
             config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
-            clip_denoised=True, respacing=str(ddim_steps)), (params, sample_keys)),
+            clip_denoised=True, respacing=str(ddim_steps)), (params, sample_keys, *labels)),
         "ddim50": (ddim_steps, build.make_sample_fn(
             config, model, sched, mesh, sampler="ddim", num_steps=ddim_steps, eta=0.0,
-            clip_denoised=True), (params, sample_keys)),
+            clip_denoised=True), (params, sample_keys, *labels)),
         "bpd": (num_timesteps, build.make_bpd_fn(config, model, sched, mesh,
                                                  clip_denoised=True),
-                (params, images, bpd_keys)),
+                (params, images, bpd_keys, *labels)),
     }
     out[str(num_timesteps)] = {}
     for name, (steps, fn, fn_args) in programs.items():
@@ -296,19 +296,22 @@ def run(args) -> dict:
   images = parallel.global_batch(
       rng.integers(0, 256, (args.batch, size, size, channels), dtype=np.uint8), mesh,
       args.batch)
+  # A class-conditional model's labels (sample i of class i mod num_classes), else ().
+  labels = build.sample_labels(config, np.arange(args.batch), mesh)
+  batch = {"image": images, **({"label": labels[0]} if labels else {})}
 
   if "train" not in skip:
     step_fn = ts.make_train_step(config, model, sched, optimizer, mesh)
     run_key = ts.train_key(config, mesh)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, images, run_key).compile()
+    compiled = step_fn.lower(state, batch, run_key).compile()
     record["compile_train_s"] = time.perf_counter() - start
     _log(f"train step compiled in {record['compile_train_s']:.1f} s")
     flops = _flops(compiled)
     holder = [state]
 
     def one_step():
-      new_state, metrics = compiled(holder[0], images, run_key)
+      new_state, metrics = compiled(holder[0], batch, run_key)
       jax.block_until_ready((new_state, metrics))
       holder[0] = new_state
 
@@ -326,18 +329,19 @@ def run(args) -> dict:
 
   t_shape = (args.batch,)
   if "forward" not in skip:
-    forward_fn = parallel.batch_map(lambda params, x, t: build.denoiser(model, params)(x, t),
-                                    mesh, num_batched=2)
+    forward_fn = parallel.batch_map(
+        lambda params, x, t, *labels_: build.denoiser(model, params, *labels_)(x, t), mesh,
+        num_batched=2 + len(labels))
     x = parallel.global_batch(
         rng.standard_normal((args.batch, size, size, channels), dtype=np.float32), mesh,
         args.batch)
     t = parallel.global_batch(np.full(t_shape, sched.num_timesteps // 2, np.int32), mesh,
                               args.batch)
     start = time.perf_counter()
-    compiled_forward = forward_fn.lower(state.params, x, t).compile()
+    compiled_forward = forward_fn.lower(state.params, x, t, *labels).compile()
     record["compile_forward_s"] = time.perf_counter() - start
     record["forward_median_s"] = _median_time(
-        lambda: jax.block_until_ready(compiled_forward(state.params, x, t)), args.steps,
+        lambda: jax.block_until_ready(compiled_forward(state.params, x, t, *labels)), args.steps,
         args.warmup)
     _log(f"forward: {record['forward_median_s']:.3f} s median")
 
@@ -351,17 +355,17 @@ def run(args) -> dict:
                                      clip_denoised=True)
     keys = prng.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)
     start = time.perf_counter()
-    compiled_sample = sample_fn.lower(state.params, keys).compile()
+    compiled_sample = sample_fn.lower(state.params, keys, *labels).compile()
     record["compile_sample_s"] = time.perf_counter() - start
     _log(f"sampler ({args.sample_steps} steps) compiled in {record['compile_sample_s']:.1f} s")
     loop_s = _median_time(
-        lambda: jax.block_until_ready(compiled_sample(state.params, keys)),
+        lambda: jax.block_until_ready(compiled_sample(state.params, keys, *labels)),
         max(1, args.steps // 2), min(1, args.warmup))
     record.update(sample_steps=args.sample_steps, sample_step_median_s=loop_s / args.sample_steps)
     _log(f"sample step: {record['sample_step_median_s']:.3f} s median")
 
   if args.scaling and "scaling" not in skip:
-    record["scaling"] = _scaling(args, overrides, model, state.params, images, mesh)
+    record["scaling"] = _scaling(args, overrides, model, state.params, images, labels, mesh)
   return record
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from diffusion_jax import diffusion
@@ -19,36 +21,81 @@ from diffusion_jax import images
 from diffusion_jax import parallel
 from diffusion_jax import sampling
 from diffusion_jax import schedules
+from diffusion_jax.models import iddpm_unet
 from diffusion_jax.models import unet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.architecture: DDPM's U-Net (models/unet.py) or Improved DDPM's (models/iddpm_unet.py).
+ARCHITECTURES = ("ddpm", "iddpm")
+# model fields only Improved DDPM's U-Net has, with the value that means "as DDPM's".
+_IDDPM_ONLY = {"num_heads": 1, "num_head_channels": -1, "num_heads_upsample": -1,
+               "scale_shift_norm": False, "num_classes": 0}
 
 
-def make_model(config: ml_collections.ConfigDict) -> unet.UNet:
-  """The U-Net the config describes (2C outputs for a learned variance)."""
+def make_model(config: ml_collections.ConfigDict):
+  """The U-Net the config describes (2C outputs for a learned variance): `unet.UNet` for
+  model.architecture 'ddpm', `iddpm_unet.IDDPMUNet` for 'iddpm'."""
   m = config.model
   channels = config.data.channels
   learned = config.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
   out_ch = 2 * channels if learned else channels
-  return unet.UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                   attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-                   out_ch=out_ch, dtype=DTYPES[m.dtype], remat=m.remat,
-                   block_size=m.block_size)
+  common = dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+                attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_ch=out_ch,
+                dtype=DTYPES[m.dtype], remat=m.remat)
+  if m.architecture == "iddpm":
+    return iddpm_unet.IDDPMUNet(**common, num_heads=m.num_heads,
+                                num_head_channels=m.num_head_channels,
+                                num_heads_upsample=m.num_heads_upsample,
+                                scale_shift_norm=m.scale_shift_norm, num_classes=m.num_classes)
+  return unet.UNet(**common, block_size=m.block_size)
+
+
+def init_params(config: ml_collections.ConfigDict, model, key: jax.Array):
+  """The U-Net's initial parameters (`jax.eval_shape(functools.partial(init_params, config,
+  model), key)` gives their shapes without computing anything)."""
+  size, channels = config.data.image_size, config.data.channels
+  labels = jnp.zeros((1,), jnp.int32) if num_classes(config) else None
+  return model.init({"params": key}, jnp.zeros((1, size, size, channels), jnp.float32),
+                    jnp.zeros((1,), jnp.int32), train=False, **label_kwargs(labels))["params"]
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The model's classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1)."""
+  return int(config.model.get("num_classes", 0))
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError unless the config's U-Net fits its image size and dtype."""
-  if config.model.dtype not in DTYPES:
-    raise ValueError(f"model.dtype {config.model.dtype!r} is not one of {tuple(DTYPES)}: set "
+  """Raises ValueError unless the config's U-Net fits its image size and dtype, and its
+  architecture has every setting given."""
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype {m.dtype!r} is not one of {tuple(DTYPES)}: set "
                      f"--config.model.dtype={' or '.join(DTYPES)}")
-  unet.check_config(image_size=config.data.image_size, ch_mult=tuple(config.model.ch_mult),
-                    attn_resolutions=tuple(config.model.attn_resolutions),
-                    block_size=config.model.block_size, ch=config.model.ch)
+  if m.architecture not in ARCHITECTURES:
+    raise ValueError(f"model.architecture {m.architecture!r} is not one of {ARCHITECTURES}")
+  if m.architecture == "ddpm":
+    given = [f"model.{k}={m[k]!r}" for k, plain in _IDDPM_ONLY.items() if m[k] != plain]
+    if given:
+      raise ValueError(f"{', '.join(given)}: DDPM's U-Net (model.architecture='ddpm') has one "
+                       f"attention head, no scale-shift norm and no class labels; set "
+                       f"--config.model.architecture=iddpm for Improved DDPM's U-Net")
+    unet.check_config(image_size=config.data.image_size, ch_mult=tuple(m.ch_mult),
+                      attn_resolutions=tuple(m.attn_resolutions), block_size=m.block_size,
+                      ch=m.ch)
+    return
+  if m.block_size != 1:
+    raise ValueError(f"model.block_size={m.block_size}: Improved DDPM's U-Net has no "
+                     f"space-to-depth input; set --config.model.block_size=1")
+  iddpm_unet.check_config(image_size=config.data.image_size, ch=m.ch, ch_mult=tuple(m.ch_mult),
+                          attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
+                          num_head_channels=m.num_head_channels,
+                          num_heads_upsample=m.num_heads_upsample, num_classes=m.num_classes)
 
 
 def model_summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
-  return unet.summary(make_model(config), config.data.image_size, config.data.channels)
+  summary = iddpm_unet.summary if config.model.architecture == "iddpm" else unet.summary
+  return summary(make_model(config), config.data.image_size, config.data.channels)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
@@ -59,10 +106,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
   return schedules.Schedule.from_betas(betas, rescale_timesteps=d.rescale_timesteps)
 
 
-def diffusion_kwargs(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """The diffusion types: mean_type, var_type, loss_type."""
+def diffusion_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The diffusion types of `diffusion.training_losses`: mean_type, var_type, loss_type and
+  rescale_learned_sigmas."""
   d = config.diffusion
-  return dict(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
+  return dict(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
+              rescale_learned_sigmas=d.rescale_learned_sigmas)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -117,25 +166,26 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   """The sampler as one compiled program over the mesh.
 
   Args:
-    config: what to sample (image size, channels, diffusion types).
+    config: what to sample (image size, channels, diffusion types, the model's classes).
     model, sched: the U-Net and its schedule.
-    mesh: the devices; the keys (and images) are split over its `data` axis.
+    mesh: the devices; the keys (and labels, and images) are split over its `data` axis.
     sampler, num_steps, eta, clip_denoised, respacing: `sampling.sample`'s settings
       (`sampler_kwargs`).
 
   Returns:
-    f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1].
+    f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1]; for a class-conditional
+    model f(params, keys [n], labels int32 [n]).
   """
   d = config.diffusion
   size, channels = config.data.image_size, config.data.channels
 
-  def sample(params, keys):
-    return sampling.sample(sampler, sched, denoiser(model, params), keys,
+  def sample(params, keys, labels=None):
+    return sampling.sample(sampler, sched, denoiser(model, params, labels), keys,
                            (keys.shape[0], size, size, channels), num_steps=num_steps,
                            respacing=respacing, eta=eta, clip_denoised=clip_denoised,
                            mean_type=d.mean_type, var_type=d.var_type)
 
-  return parallel.batch_map(sample, mesh)
+  return parallel.batch_map(sample, mesh, num_batched=2 if num_classes(config) else 1)
 
 
 def make_bpd_fn(config: ml_collections.ConfigDict, model, sched, mesh, *,
@@ -143,26 +193,72 @@ def make_bpd_fn(config: ml_collections.ConfigDict, model, sched, mesh, *,
   """The full variational bound over all T steps as one compiled program over the mesh.
 
   Args:
-    config: the diffusion types.
+    config: the diffusion types, the model's classes.
     model, sched: the U-Net and its (full, not respaced) schedule.
-    mesh: the devices; images and keys are split over its `data` axis.
+    mesh: the devices; images, keys (and labels) are split over its `data` axis.
     clip_denoised: clip the x_0 predictions to [-1, 1] (`eval.bpd_clip_denoised`).
 
   Returns:
     f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, sum of the per-t terms),
-    each [n] in bits/dim.
+    each [n] in bits/dim; for a class-conditional model f(params, images, keys, labels [n]),
+    the bound of each image given its label.
   """
   d = config.diffusion
 
-  def bpd(params, images_, keys):
-    out = diffusion.calc_bpd_loop(sched, denoiser(model, params), images.to_float(images_), keys,
-                                  mean_type=d.mean_type, var_type=d.var_type,
-                                  clip_denoised=clip_denoised)
+  def bpd(params, images_, keys, labels=None):
+    out = diffusion.calc_bpd_loop(sched, denoiser(model, params, labels),
+                                  images.to_float(images_), keys, mean_type=d.mean_type,
+                                  var_type=d.var_type, clip_denoised=clip_denoised)
     return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
 
-  return parallel.batch_map(bpd, mesh, num_batched=2)
+  return parallel.batch_map(bpd, mesh, num_batched=3 if num_classes(config) else 2)
 
 
-def denoiser(model, params) -> Callable:
-  """model_fn(x_t, t) of the math layer: the U-Net with `params`, in evaluation mode."""
-  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
+def check_sample_labels(config: ml_collections.ConfigDict, labels) -> np.ndarray:
+  """Returns the labels asked of a class-conditional model as int32 [n]; raises ValueError,
+  saying what to give, for labels given to an unconditional model or outside its classes."""
+  classes = num_classes(config)
+  if not classes:
+    raise ValueError("labels given, but the model is unconditional (model.num_classes=0); "
+                     "sample without labels")
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integers, one per sample; got {labels.dtype} of shape "
+                     f"{labels.shape}")
+  bad = labels[(labels < 0) | (labels >= classes)]
+  if bad.size:
+    raise ValueError(f"label {int(bad[0])} is outside the model's classes 0..{classes - 1}")
+  return labels.astype(np.int32)
+
+
+def sample_labels(config: ml_collections.ConfigDict, indices: np.ndarray, mesh,
+                  labels: np.ndarray | None = None) -> tuple:
+  """The labels argument of a class-conditional sampler, for the samples with these global
+  indices: `labels` when given, else sample i's class is i mod num_classes (every class in
+  turn). Unconditional models take none.
+
+  Returns:
+    () for an unconditional model, else (int32 [len(indices)] split over the mesh,).
+  """
+  indices = np.asarray(indices)
+  if labels is None:
+    if not num_classes(config):
+      return ()
+    labels = indices % num_classes(config)
+  labels = check_sample_labels(config, labels)
+  if labels.shape != indices.shape:
+    raise ValueError(f"{len(indices)} samples and {len(labels)} labels: give one per sample")
+  return (parallel.shard_rows(labels, mesh),)
+
+
+def label_kwargs(labels) -> dict[str, Any]:
+  """The model's keyword for class labels: {} for none (an unconditional model), else
+  {'labels_B': labels}."""
+  return {} if labels is None else {"labels_B": labels}
+
+
+def denoiser(model, params, labels=None) -> Callable:
+  """model_fn(x_t, t) of the math layer: the U-Net with `params`, in evaluation mode,
+  conditioned on `labels` [B] (int) for a class-conditional model."""
+  kwargs = label_kwargs(labels)
+  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False, **kwargs)

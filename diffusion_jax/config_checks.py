@@ -84,6 +84,12 @@ RULES = (
     Rule("model.attn_resolutions", "ints", 1),
     Rule("model.dropout", "float", 0, 1, high_open=True),
     Rule("model.block_size", "int", 1),
+    Rule("model.architecture", "str", choices=build.ARCHITECTURES),
+    Rule("model.num_heads", "int", 1),
+    Rule("model.num_head_channels", "int", -1, note="-1 = use num_heads"),
+    Rule("model.num_heads_upsample", "int", -1, note="-1 = num_heads"),
+    Rule("model.scale_shift_norm", "bool"),
+    Rule("model.num_classes", "int", 0, note="0 = unconditional"),
     Rule("diffusion.beta_start", "float", 0, "diffusion.beta_end", low_open=True,
          when=_schedule_uses(*_RAMPS)),
     Rule("diffusion.beta_end", "float", 0, 1, low_open=True, high_open=True,
@@ -91,6 +97,7 @@ RULES = (
     Rule(_T, "int", 2),  # schedules need at least two steps
     Rule("diffusion.timestep_sampler", "str", choices=timestep_sampling.TIMESTEP_SAMPLERS),
     Rule("diffusion.rescale_timesteps", "bool"),
+    Rule("diffusion.rescale_learned_sigmas", "bool"),
     Rule("optim.lr", "float", 0, low_open=True),
     Rule("optim.warmup_steps", "int", 0, note="0 = no warmup"),
     Rule("optim.grad_clip", "float", 0, note="0 = no clipping"),
@@ -318,6 +325,37 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
   return []
 
 
+def _reads_labels(config, mode: str) -> bool:
+  # The modes that read the dataset's examples with a class-conditional model's labels.
+  return mode in ("train", "interpolate") or (mode == "eval" and bool(
+      _get(config, "eval.bpd_split")))
+
+
+def model_problems(config, mode: str = "train") -> list[str]:
+  """What `build.check_model` refuses in the model section (its architecture's settings, its
+  geometry, its dtype), and, where `mode` reads the dataset, labels the dataset cannot give a
+  class-conditional model (`input_pipeline.check_labels`)."""
+  needed = ["data.image_size", "data.channels", "data.dataset"] + [
+      f"model.{name}" for name in ("architecture", "dtype", "ch", "ch_mult", "attn_resolutions",
+                                   "block_size", "num_heads", "num_head_channels",
+                                   "num_heads_upsample", "num_classes")]
+  if any(_get(config, path) is _MISSING for path in needed):
+    return []
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  out = []
+  for check_one, args, applies in (
+      (build.check_model, (config,), True),
+      (input_pipeline.check_labels, (config.data, build.num_classes(config)),
+       _reads_labels(config, mode))):
+    if applies:
+      try:
+        check_one(*args)
+      except ValueError as e:
+        out.append(str(e))
+  return out
+
+
 def problems(config, mode: str = "train") -> list[str]:
   """Every complaint about `config` for a run in `mode` (empty: all values allowed).
 
@@ -327,7 +365,8 @@ def problems(config, mode: str = "train") -> list[str]:
     mode: the --mode of the run: which fields' cross-field ranges matter.
 
   Returns:
-    one message per bad field, in `RULES` order, then the diffusion types' and the sampler's.
+    one message per bad field, in `RULES` order, then the diffusion types', the model's and the
+    sampler's.
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -339,6 +378,9 @@ def problems(config, mode: str = "train") -> list[str]:
       if message:
         out.append(message)
   out += diffusion_problems(config)
+  # The model as a whole, once its fields have the right types and ranges.
+  if not any(m.startswith(("model.", "data.image_size=", "data.channels=")) for m in out):
+    out += model_problems(config, mode)
   # The sampler's own limits, once its fields and T have the right types and ranges.
   if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=",
                             "sample.respacing=", _T + "="))
@@ -363,15 +405,16 @@ def check(config, mode: str = "train") -> None:
 
 def check_training(config, num_devices: int) -> None:
   """Raises ConfigError, before anything compiles, with what to change for a training run on
-  `num_devices` devices: every problem of `check(config, 'train')`, then the dataset, the
-  U-Net's geometry and dtype, and the split of the batch over devices and micro-batches, all
-  reported at once (the latter only once every value is in its range)."""
-  check(config, "train")
-  messages = []
-  for check_one, args in ((input_pipeline.check_data_config, (config.data,)),
-                          (build.check_model, (config,)),
-                          (parallel.check_batch_size, (config.train.batch_size, num_devices,
-                                                       config.optim.grad_accum_steps))):
+  `num_devices` devices: every problem of `check(config, 'train')` (the U-Net included), then
+  the dataset and the split of the batch over devices and micro-batches, all reported at once
+  (the latter only once every value is in its range)."""
+  value_problems = problems(config, "train")
+  messages = list(value_problems)
+  checks = [(input_pipeline.check_data_config, (config.data,))]
+  if not value_problems:
+    checks.append((parallel.check_batch_size, (config.train.batch_size, num_devices,
+                                               config.optim.grad_accum_steps)))
+  for check_one, args in checks:
     try:
       check_one(*args)
     except ValueError as e:

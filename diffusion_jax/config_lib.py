@@ -98,6 +98,19 @@ def parse_diffusion_arg(arg: str | None, *, var_type: str, **extra) -> ml_collec
   return parse_arg(arg, mean_type="eps", var_type=var_type, loss_type="mse", **extra)
 
 
+def parse_variant(arg: str | None, variants: tuple[str, ...]) -> str:
+  """Parses `variant=NAME` (default: the first of `variants`), for configs that describe a few
+  runs of one recipe (e.g. the released models of Improved DDPM).
+
+  Raises:
+    ValueError: for another key, or a variant not in `variants` (naming them).
+  """
+  variant = parse_arg(arg, variant=variants[0]).variant
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}; allowed: {', '.join(variants)}")
+  return variant
+
+
 def apply_diffusion_args(config: ml_collections.ConfigDict, args) -> ml_collections.ConfigDict:
   """Sets the diffusion types parsed by `parse_diffusion_arg` on a config; returns it."""
   config.diffusion.mean_type = args.mean_type

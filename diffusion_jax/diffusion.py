@@ -319,7 +319,8 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
 # --- Training ----------------------------------------------------------------------------------
 
 def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, mean_type: str,
-                    var_type: str, loss_type: str) -> dict[str, jax.Array]:
+                    var_type: str, loss_type: str,
+                    rescale_learned_sigmas: bool = True) -> dict[str, jax.Array]:
   """Per-example training losses and the terms they are made of.
 
   Args:
@@ -334,6 +335,9 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, me
       'rescaled_kl' (that times T) or 'hybrid' (mse plus the bound's term times T / 1000,
       computed with the mean part of the output held fixed by a stop-gradient, so that it
       trains only the variance).
+    rescale_learned_sigmas: hybrid only: the bound's term times T / 1000 (True, Improved
+      DDPM's L_hybrid, lambda = 0.001 per step), or as it is (False: what the reference
+      calls rescale_learned_sigmas=False, used for its class-conditional ImageNet-64 model).
 
   Returns:
     dict of [B] arrays: 'loss' (what to minimize), with 'mse' for mse and hybrid and 'vb' (the
@@ -365,5 +369,6 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, me
   frozen_output = jnp.concatenate([jax.lax.stop_gradient(mean_output), variance_output], axis=-1)
   vb, _ = vb_terms_bpd(sched, frozen_output, x_start, x_t, t, mean_type=mean_type,
                        var_type=var_type, clip_denoised=False)
-  vb = vb * (num_timesteps / 1000.0)
+  if rescale_learned_sigmas:
+    vb = vb * (num_timesteps / 1000.0)
   return dict(loss=mse + vb, mse=mse, vb=vb)

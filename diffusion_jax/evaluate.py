@@ -4,7 +4,8 @@
   sample       `eval.num_samples` samples in global batches sharded over all devices; each
                process writes its share to WORKDIR/samples/<step><tag>/samples_<process>.npz
                (`images` uint8 [n, H, W, C], `index` int64 [n], each image's global example
-               index) and process 0 a PNG grid.
+               index, and for a class-conditional model `labels` int64 [n], sample i's class
+               i mod num_classes) and process 0 a PNG grid.
   eval         FID against train- and test-set statistics, Inception Score (10 splits) and
                bits/dim of a split, into WORKDIR/eval/<step><tag>.json and TensorBoard; for one
                step, or for every new checkpoint while training runs (`eval.watch`). For dataset
@@ -87,8 +88,11 @@ def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
     images.append(images_lib.to_uint8(inference.local_rows(samples))[keep])
     index.append(mine[keep])
   images, index = np.concatenate(images), np.concatenate(index).astype(np.int64)
+  arrays = dict(images=images, index=index)
+  if sampler.num_classes:
+    arrays["labels"] = sampler.labels(index).astype(np.int64)
   out_dir = epath.Path(workdir) / "samples" / f"{sampler.step}{build.sampler_tag(config)}"
-  outputs.write_npz(out_dir / f"samples_{jax.process_index()}.npz", images=images, index=index)
+  outputs.write_npz(out_dir / f"samples_{jax.process_index()}.npz", **arrays)
   if _is_main():
     grid = images_lib.image_grid(images[:64])
     outputs.write_atomically(out_dir / "grid.png", images_lib.encode_png(
@@ -107,7 +111,7 @@ def split_source(config, split: str):
 
 
 def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0, *,
-                  label: str = ""):
+                  label: str = "", with_labels: bool = False):
   """Every example of a split (or the first max_examples) once, in global batches.
 
   The last batch is padded with copies of example 0, for the caller to drop with `valid`.
@@ -115,7 +119,8 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
 
   Yields:
     (indices [batch_size], valid bool [batch_size], uint8 images [batch_size, H, W, C] split
-    over the mesh, each host having read only its rows).
+    over the mesh, each host having read only its rows, and with `with_labels` their class
+    labels int32 [batch_size] split alike, else None).
   """
   source = split_source(config, split)
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
@@ -124,8 +129,16 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
   for start in range(0, num, batch_size):
     indices = np.arange(start, start + batch_size)
     valid = indices < num
-    local = np.stack([source[int(i)] for i in np.where(valid, indices, 0)[rows]])
-    yield indices, valid, parallel.global_batch(local, mesh, batch_size)
+    mine = np.where(valid, indices, 0)[rows]
+    labels = None
+    if with_labels:
+      examples = [source.example(int(i)) for i in mine]
+      local = np.stack([e["image"] for e in examples])
+      labels = parallel.global_batch(np.asarray([e["label"] for e in examples], np.int32),
+                                     mesh, batch_size)
+    else:
+      local = np.stack([source[int(i)] for i in mine])
+    yield indices, valid, parallel.global_batch(local, mesh, batch_size), labels
     if progress is not None:
       progress.update(start + batch_size)
 
@@ -135,17 +148,21 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
   """The variational bound averaged exactly over a split (the last batch is padded, then the
   padding is masked out): total, prior term and the sum of the per-t terms, in bits/dim.
 
-  The x_0 predictions are clipped to [-1, 1] unless `eval.bpd_clip_denoised` is false.
+  The x_0 predictions are clipped to [-1, 1] unless `eval.bpd_clip_denoised` is false. A
+  class-conditional model's bound is of each image given its label.
   """
   fn = build.make_bpd_fn(config, build.make_model(config), build.make_schedule(config), mesh,
                         clip_denoised=config.eval.bpd_clip_denoised)
   sums = np.zeros(3, np.float64)
   num = 0
-  for indices, valid, images in split_batches(config, split, mesh, batch_size, max_examples,
-                                              label=f"bits/dim ({split})"):
+  conditional = bool(build.num_classes(config))
+  for indices, valid, images, labels in split_batches(
+      config, split, mesh, batch_size, max_examples, label=f"bits/dim ({split})",
+      with_labels=conditional):
     num += int(valid.sum())
     keys = prng.sharded_example_keys(seed, prng.RunStream.BPD, indices, mesh)
-    total, prior, terms = parallel.fetch(fn(params, images, keys))
+    total, prior, terms = parallel.fetch(fn(params, images, keys,
+                                            *([labels] if conditional else [])))
     sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
   return dict(bpd=sums[0] / num, prior_bpd=sums[1] / num, terms_bpd=sums[2] / num,
               num_examples=int(num))
@@ -179,24 +196,27 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
   size, channels = config.data.image_size, config.data.channels
   num = parallel.round_up_to_devices(settings.progressive_num, mesh)
 
-  def fn(params, keys):
+  def fn(params, keys, labels=None):
     return sampling.p_sample_loop_progressive(
-        sched, build.denoiser(model, params), keys, (keys.shape[0], size, size, channels),
+        sched, build.denoiser(model, params, labels), keys,
+        (keys.shape[0], size, size, channels),
         mean_type=d.mean_type, var_type=d.var_type,
         include_xstartpred_freq=settings.progressive_freq,
         clip_denoised=config.sample.clip_denoised)
 
   keys = prng.sharded_example_keys(settings.seed, prng.RunStream.PROGRESSIVE, np.arange(num),
                                    mesh)
-  samples, preds = parallel.fetch(
-      parallel.batch_map(fn, mesh)(parallel.replicate(loaded.params, mesh), keys))
+  labels = build.sample_labels(config, np.arange(num), mesh)  # sample i: class i mod classes
+  samples, preds = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=1 + len(labels))(
+      parallel.replicate(loaded.params, mesh), keys, *labels))
   # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
   rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
   return _write_rows_grid(rows, workdir, loaded.step, "progressive.png", config)
 
 
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
-  """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam."""
+  """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam (a
+  class-conditional model denoises each row with the label of the pair's first image)."""
   loaded, mesh, model, sched = _chain_setup(config, workdir, step, "interpolate")
   settings, d = config.eval, config.diffusion
   source = split_source(config, settings.bpd_split)
@@ -204,18 +224,23 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   pairs = settings.interp_pairs
   firsts = np.stack([source[2 * i] for i in range(pairs)])
   seconds = np.stack([source[2 * i + 1] for i in range(pairs)])
+  conditional = bool(build.num_classes(config))
   # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
   columns = dict(x1=np.repeat(firsts, len(lams), axis=0),
                  x2=np.repeat(seconds, len(lams), axis=0),
                  lam=np.tile(lams, pairs).astype(np.float32),
                  pair=np.repeat(np.arange(pairs), len(lams)))
+  if conditional:
+    columns["label"] = np.repeat(
+        np.asarray([source.example(2 * i)["label"] for i in range(pairs)], np.int32), len(lams))
   n = len(columns["lam"])
   batch = parallel.round_up_to_devices(n, mesh)
   # Padding rows repeat the first ones; they are dropped below.
   columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
 
-  def fn(params, x1, x2, lam, keys):
-    return sampling.interpolate(sched, build.denoiser(model, params), images_lib.to_float(x1),
+  def fn(params, x1, x2, lam, keys, labels=None):
+    return sampling.interpolate(sched, build.denoiser(model, params, labels),
+                                images_lib.to_float(x1),
                                 images_lib.to_float(x2), lam, settings.interp_t, keys,
                                 mean_type=d.mean_type, var_type=d.var_type,
                                 clip_denoised=config.sample.clip_denoised)
@@ -224,9 +249,10 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   put = lambda a: parallel.global_batch(a[rows], mesh, batch)
   keys = prng.sharded_example_keys(settings.seed, prng.RunStream.INTERPOLATE, columns["pair"],
                                    mesh)
-  out = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=4)(
+  labels = [put(columns["label"])] if conditional else []
+  out = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=4 + len(labels))(
       parallel.replicate(loaded.params, mesh), put(columns["x1"]), put(columns["x2"]),
-      put(columns["lam"]), keys))[:n]
+      put(columns["lam"]), keys, *labels))[:n]
   grid_rows = out.reshape(pairs, len(lams), *out.shape[1:])
   # Frame each row with the two originals.
   grid_rows = np.concatenate([images_lib.to_float(firsts)[:, None], grid_rows,
@@ -261,8 +287,8 @@ def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: i
 
   def real_features(split):
     feats = []
-    for _, valid, images in split_batches(config, split, mesh, batch, settings.fid_max_real,
-                                          label=f"Inception features ({split})"):
+    for _, valid, images, _ in split_batches(config, split, mesh, batch, settings.fid_max_real,
+                                             label=f"Inception features ({split})"):
       feats.append(parallel.fetch(features(variables, images))[0][valid])
     return np.concatenate(feats)
 
@@ -281,8 +307,9 @@ def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: i
 
 
 def digits_metrics(config, workdir: str, sampler: inference.Sampler, batch: int) -> dict:
-  """The digits classifier's measures of the samples (metrics/digits.py), keys `digits_*`;
-  the classifier is trained on first use and cached in `eval.digits_classifier_dir`."""
+  """The digits classifier's measures of the samples (metrics/digits.py), keys `digits_*`
+  (with `digits_label_accuracy` for a class-conditional model); the classifier is trained on
+  first use and cached in `eval.digits_classifier_dir`."""
   from diffusion_jax.metrics import digits  # pylint: disable=g-import-not-at-top
   settings = config.eval
   cache_dir = settings.digits_classifier_dir or os.fspath(epath.Path(workdir) / "eval")
@@ -293,8 +320,9 @@ def digits_metrics(config, workdir: str, sampler: inference.Sampler, batch: int)
       for _, samples in _sample_batches(sampler, settings.num_samples, batch,
                                         seed=settings.seed, label="eval: samples")
   ])[:settings.num_samples]
+  labels = sampler.labels(np.arange(len(images)))  # a conditional model's: i mod 10
   got = digits.quality(images, classifier, confidence=settings.digits_confidence,
-                       seed=settings.seed)
+                       seed=settings.seed, labels=labels)
   got["class_counts"] = [int(c) for c in got["class_counts"]]
   got.pop("num_images")  # reported as num_samples
   return {f"digits_{k}": v for k, v in got.items()}

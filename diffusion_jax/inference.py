@@ -6,6 +6,9 @@ build on it).
   images = sampler.sample(16, seed=0)                             # the config's sampler
   images = sampler.sample(16, sampler="ddim", num_steps=50)       # DDIM over 50 timesteps
   images = sampler.sample(16, respacing="50")                     # ancestral over 50 (respaced)
+  images = sampler.sample(16, labels=[3] * 16)                    # class-conditional: class 3
+
+A class-conditional model's sample i is of class i mod num_classes unless `labels` says.
 
 Sample i of a seed is drawn from `prng.example_keys(run_key(seed, SAMPLE), [i])`, so the same
 seed gives the same samples whatever the number of devices or hosts (to float rounding).
@@ -124,19 +127,53 @@ class Sampler:
     """The keys of the examples with these global indices, split over the mesh."""
     return prng.sharded_example_keys(seed, prng.RunStream.SAMPLE, indices, self.mesh)
 
-  def sample_global(self, indices: np.ndarray, *, seed: int = 0, **settings) -> jax.Array:
-    """Samples the examples with these global indices (len divisible by the devices), as one
-    global float array [len, H, W, C] in [-1, 1] split over the mesh (not waited for)."""
-    return self.sample_fn(**settings)(self.params, self.keys(indices, seed))
+  @property
+  def num_classes(self) -> int:
+    """The model's classes (0: unconditional)."""
+    return build.num_classes(self.config)
 
-  def sample_batch(self, indices: np.ndarray, *, seed: int = 0, **settings) -> np.ndarray:
+  def labels(self, indices: np.ndarray) -> np.ndarray | None:
+    """The default labels of these samples: i mod num_classes (None: unconditional)."""
+    return np.asarray(indices) % self.num_classes if self.num_classes else None
+
+  def sample_global(self, indices: np.ndarray, *, seed: int = 0,
+                    labels: np.ndarray | None = None, **settings) -> jax.Array:
+    """Samples the examples with these global indices (len divisible by the devices), as one
+    global float array [len, H, W, C] in [-1, 1] split over the mesh (not waited for).
+    A class-conditional model's samples are of `labels` (default: `self.labels(indices)`)."""
+    labels_arg = build.sample_labels(self.config, indices, self.mesh, labels)
+    return self.sample_fn(**settings)(self.params, self.keys(indices, seed), *labels_arg)
+
+  def sample_batch(self, indices: np.ndarray, *, seed: int = 0,
+                   labels: np.ndarray | None = None, **settings) -> np.ndarray:
     """This process's rows of `sample_global`, float32 [rows, H, W, C] in [-1, 1]."""
-    return local_rows(self.sample_global(indices, seed=seed, **settings))
+    return local_rows(self.sample_global(indices, seed=seed, labels=labels, **settings))
 
   def sample(self, num: int, *, seed: int = 0, batch_size: int | None = None,
-             **settings) -> np.ndarray:
-    """`num` samples as uint8 [num, H, W, C] (single-process use: a notebook, a script)."""
+             labels=None, **settings) -> np.ndarray:
+    """`num` samples as uint8 [num, H, W, C] (single-process use: a notebook, a script).
+
+    Args:
+      num: how many.
+      seed: sample i of a seed is the same whatever `num` and the devices.
+      batch_size: samples per compiled call (default min(num, 256), rounded up to the devices).
+      labels: a class-conditional model's classes: one int for all, or `num` of them (default:
+        sample i of class i mod num_classes); refused for an unconditional model.
+      **settings: sampler settings replacing the config's (`build.sampler_kwargs`).
+    """
+    if labels is not None:
+      labels = np.asarray(labels)
+      labels = build.check_sample_labels(self.config, np.broadcast_to(labels, (num,))
+                                         if labels.ndim == 0 else labels)
+      if labels.shape != (num,):
+        raise ValueError(f"labels: {num} samples asked for, {len(labels)} labels given; give "
+                         f"one label, or one per sample")
     batch = parallel.round_up_to_devices(batch_size or min(num, 256), self.mesh)
-    out = [self.sample_batch(np.arange(start, start + batch), seed=seed, **settings)
-           for start in range(0, num, batch)]
+    out = []
+    for start in range(0, num, batch):
+      indices = np.arange(start, start + batch)
+      batch_labels = None
+      if labels is not None:  # the padding rows past num repeat the last label
+        batch_labels = labels[np.minimum(indices, num - 1)]
+      out.append(self.sample_batch(indices, seed=seed, labels=batch_labels, **settings))
     return images_lib.to_uint8(np.concatenate(out)[:num])

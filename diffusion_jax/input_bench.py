@@ -170,7 +170,8 @@ def measure(source, *, parallelism: str, num_workers: int, global_batch: int, st
     elapsed = time.perf_counter() - t1
   finally:
     batches.close()
-  assert batch.shape == (global_batch,) + _IMAGE_SHAPE and batch.dtype == np.uint8
+  images = batch["image"]
+  assert images.shape == (global_batch,) + _IMAGE_SHAPE and images.dtype == np.uint8
   return dict(startup_s=round(startup_s, 3), steps_per_s=round(steps / elapsed, 2),
               images_per_s=round(steps * global_batch / elapsed, 1))
 

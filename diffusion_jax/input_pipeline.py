@@ -10,15 +10,18 @@ The examples of training step `s` are a pure function of `(seed, s)`:
 so a run restarted from a checkpoint at step `s` sees exactly the batches an uninterrupted run
 would have, and nothing but the step needs storing. Each host reads only its own rows
 `[row_start, row_stop)` of every global batch (the rows its devices hold) and hands them, as
-uint8, to `parallel.global_batch`; conversion to [-1, 1] (x / 127.5 - 1) happens on device.
+uint8, to `parallel.global_batch`; conversion to [-1, 1] (x / 127.5 - 1) happens on device. A
+class-conditional model's batches carry each example's label beside its image (int32, the same
+rows), from the datasets in `DATASET_CLASSES`.
 
 The batches are a grain `MapDataset` indexed by step (`batch_dataset`); `BatchIterator` starts it
 at the resumed step by slicing and lets grain's prefetch threads (or worker processes) prepare the
 next batches, which grain returns in step order, so timing never changes what a step sees.
 
 Sources (all random access, no TensorFlow needed):
-  * tfds datasets through `tfds.data_source` (ArrayRecord files): `cifar10`, `celeb_a_hq/256`,
-    `lsun/bedroom`, `lsun/church_outdoor`, `lsun/cat`;
+  * tfds datasets through `tfds.data_source` (ArrayRecord files): `cifar10`,
+    `imagenet_resized/64x64`, `celeb_a_hq/256`, `lsun/bedroom`, `lsun/church_outdoor`,
+    `lsun/cat`;
   * `folder`: every .png/.jpg/.jpeg under `data.image_dir` (center-cropped to a square, resized);
   * `digits`: scikit-learn's 8x8 handwritten digits, in memory, resized to `data.image_size`;
     split 'train' is the first 1,500 in sklearn's order, 'test' the last 297.
@@ -34,8 +37,12 @@ import grain
 import numpy as np
 from PIL import Image
 
-TFDS_DATASETS = ("cifar10", "celeb_a_hq/256", "lsun/bedroom", "lsun/church_outdoor", "lsun/cat")
+TFDS_DATASETS = ("cifar10", "imagenet_resized/64x64", "celeb_a_hq/256", "lsun/bedroom",
+                 "lsun/church_outdoor", "lsun/cat")
 DATASETS = TFDS_DATASETS + ("folder", "digits")
+# The datasets with class labels, and how many (labels 0 .. K-1): what a class-conditional
+# model (model.num_classes > 0) can train on.
+DATASET_CLASSES = {"cifar10": 10, "imagenet_resized/64x64": 1000, "digits": 10}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # Separate streams of randomness drawn from the same seed.
@@ -76,16 +83,24 @@ def to_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 class ArraySource:
-  """Images held in memory, uint8 [N, H, W, C]."""
+  """Images held in memory, uint8 [N, H, W, C], with optional labels int [N]."""
 
-  def __init__(self, images: np.ndarray):
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
     self.images = images
+    self.labels = labels
 
   def __len__(self) -> int:
     return len(self.images)
 
   def __getitem__(self, index: int) -> np.ndarray:
     return self.images[index]
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """{'image': uint8 [H, W, C]} and 'label' (an int) when the source has labels."""
+    out = {"image": self.images[index]}
+    if self.labels is not None:
+      out["label"] = self.labels[index]
+    return out
 
 
 class TfdsSource:
@@ -108,8 +123,15 @@ class TfdsSource:
     return len(self.source)
 
   def __getitem__(self, index: int) -> np.ndarray:
-    image = np.asarray(self.source[int(index)]["image"], dtype=np.uint8)
-    return to_square(image, self.image_size)
+    return self.example(index)["image"]
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """{'image': uint8 [size, size, C]} and 'label' when the dataset has one (one read)."""
+    record = self.source[int(index)]
+    out = {"image": to_square(np.asarray(record["image"], dtype=np.uint8), self.image_size)}
+    if "label" in record:
+      out["label"] = record["label"]
+    return out
 
 
 class FolderSource:
@@ -139,6 +161,10 @@ class FolderSource:
     if image.ndim == 2:
       image = image[..., None]
     return to_square(image, self.image_size)
+
+  def example(self, index: int) -> dict[str, np.ndarray]:
+    """{'image': uint8 [size, size, C]} (image files carry no labels)."""
+    return {"image": self[index]}
 
 
 def _image_files(directory):
@@ -207,7 +233,7 @@ def make_source(data_config):
   check_data_config(data_config)
   name = data_config.dataset
   if name == "digits":
-    return ArraySource(digits_split(data_config.split, data_config.image_size)[0])
+    return ArraySource(*digits_split(data_config.split, data_config.image_size))
   if name == "folder":
     return FolderSource(data_config.image_dir, data_config.image_size, data_config.channels)
   return TfdsSource(name, data_config.split, data_config.data_dir, data_config.image_size)
@@ -232,6 +258,33 @@ def check_data_config(data_config) -> None:
     check_digits_split(data_config.split)
   elif name != "folder" and data_config.channels != 3:
     raise ValueError(f"dataset {name!r} has 3 channels: set --config.data.channels=3")
+
+
+def check_labels(data_config, num_classes: int) -> None:
+  """Raises ValueError, saying what to set, when a class-conditional model (num_classes > 0)
+  cannot get its labels from the dataset: one without labels, or with more classes."""
+  if num_classes <= 0:
+    return
+  name = data_config.dataset
+  classes = DATASET_CLASSES.get(name)
+  if classes is None:
+    raise ValueError(
+        f"dataset {name!r} has no class labels, and model.num_classes={num_classes} asks for "
+        f"them: set --config.model.num_classes=0 (unconditional) or use a dataset with labels "
+        f"({', '.join(DATASET_CLASSES)})")
+  if num_classes < classes:
+    raise ValueError(
+        f"dataset {name!r} has {classes} classes (labels 0..{classes - 1}), more than "
+        f"model.num_classes={num_classes}: set --config.model.num_classes={classes}")
+
+
+def check_batch_labels(labels: np.ndarray, num_classes: int) -> None:
+  """Raises ValueError when a label falls outside 0 .. num_classes - 1."""
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"label {int(bad[0])} is outside the model's classes 0..{num_classes - 1} "
+                     f"(model.num_classes={num_classes}); set model.num_classes to the "
+                     f"dataset's number of classes")
 
 
 @functools.lru_cache(maxsize=2)
@@ -272,26 +325,37 @@ def flip_mask(seed: int, step: int, global_batch: int) -> np.ndarray:
 
 
 def load_batch(source, *, seed: int, step: int, global_batch: int, rows: slice,
-               random_flip: bool) -> np.ndarray:
+               random_flip: bool, num_classes: int = 0) -> dict[str, np.ndarray]:
   """This host's rows of the global batch of step `step`.
 
   Args:
-    source: random access images (`len()`, `source[i] -> uint8 [H, W, C]`).
+    source: random access examples (`len()`, `source.example(i)` -> {'image': uint8
+      [H, W, C], 'label'} or `source[i]` -> the image).
     seed: the run's seed.
     step: the training step (0-based).
     global_batch: examples per step over all hosts.
     rows: this host's rows of the global batch.
     random_flip: whether to mirror the rows `flip_mask` draws.
+    num_classes: > 0 to read the labels too (each checked to be below it).
 
   Returns:
-    uint8 [len(rows), H, W, C].
+    {'image': uint8 [len(rows), H, W, C]} and, with num_classes > 0, 'label' int32 [len(rows)].
   """
   indices = example_indices(seed, step, global_batch, len(source), rows)
-  images = np.stack([source[i] for i in indices])
+  if num_classes > 0:
+    examples = [source.example(i) for i in indices]
+    if any("label" not in e for e in examples):
+      raise ValueError("the dataset has no labels; a class-conditional model "
+                       "(model.num_classes > 0) needs them")
+    images = np.stack([e["image"] for e in examples])
+    batch = {"label": np.asarray([e["label"] for e in examples], np.int32)}
+    check_batch_labels(batch["label"], num_classes)
+  else:
+    images, batch = np.stack([source[i] for i in indices]), {}
   if random_flip:
     flips = flip_mask(seed, step, global_batch)[rows]
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-  return images
+  return {"image": images, **batch}
 
 
 # How the batches are prepared ahead: grain's prefetch threads in this process, or grain's worker
@@ -305,16 +369,18 @@ _NUM_STEPS = sys.maxsize
 class _StepBatch:
   """Step -> this host's rows of that step's batch (a class: worker processes unpickle it)."""
 
-  def __init__(self, source, seed: int, global_batch: int, rows: slice, random_flip: bool):
+  def __init__(self, source, seed: int, global_batch: int, rows: slice, random_flip: bool,
+               num_classes: int):
     self.source = source
-    self.kwargs = dict(seed=seed, global_batch=global_batch, rows=rows, random_flip=random_flip)
+    self.kwargs = dict(seed=seed, global_batch=global_batch, rows=rows, random_flip=random_flip,
+                       num_classes=num_classes)
 
-  def __call__(self, step: int) -> np.ndarray:
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
     return load_batch(self.source, step=int(step), **self.kwargs)
 
 
 def batch_dataset(source, *, seed: int, global_batch: int, rows: slice,
-                  random_flip: bool) -> grain.MapDataset:
+                  random_flip: bool, num_classes: int = 0) -> grain.MapDataset:
   """The training batches as a grain dataset: element `s` is `load_batch(..., step=s)`.
 
   Nothing depends on the number of hosts: every host builds the same steps and reads its own
@@ -326,13 +392,14 @@ def batch_dataset(source, *, seed: int, global_batch: int, rows: slice,
     global_batch: examples per step over all hosts.
     rows: this host's rows of every global batch.
     random_flip: whether to mirror the rows `flip_mask` draws.
+    num_classes: > 0 to read the labels too.
 
   Returns:
-    a `grain.MapDataset` of uint8 [len(rows), H, W, C], indexed by step, of (practically)
-    unbounded length; start at step k with `dataset[k:]`.
+    a `grain.MapDataset` of `load_batch` dicts, indexed by step, of (practically) unbounded
+    length; start at step k with `dataset[k:]`.
   """
   return grain.MapDataset.range(_NUM_STEPS).map(
-      _StepBatch(source, seed, global_batch, rows, random_flip))
+      _StepBatch(source, seed, global_batch, rows, random_flip, num_classes))
 
 
 def check_parallelism(parallelism: str) -> None:
@@ -344,14 +411,15 @@ def check_parallelism(parallelism: str) -> None:
 class BatchIterator:
   """This host's rows of the batches of steps start, start+1, ..., prepared ahead by grain.
 
-  Yields `(step, uint8 [rows, H, W, C])`. The batch of step `s` is `load_batch(..., step=s)`
+  Yields `(step, {'image': uint8 [rows, H, W, C], 'label'?})`. The batch of step `s` is
+  `load_batch(..., step=s)`
   whatever the number of workers or the timing: grain prepares `num_workers` batches at once
   (each batch decoded in one worker) and hands them back in step order.
   """
 
   def __init__(self, source, *, seed: int, start_step: int, global_batch: int,
                rows: slice, random_flip: bool, num_workers: int = 8, prefetch: int = 2,
-               parallelism: str = "threads"):
+               parallelism: str = "threads", num_classes: int = 0):
     """Starts preparing batches from step `start_step`.
 
     Args:
@@ -365,13 +433,14 @@ class BatchIterator:
       prefetch: batches held ready; raised to `num_workers` so that no worker waits for room.
       parallelism: 'threads' (grain's prefetch threads; the default, see docs/performance.md)
         or 'processes' (grain's `mp_prefetch` worker processes; the source must pickle).
+      num_classes: > 0 to read the labels too (a class-conditional model's).
     """
     check_parallelism(parallelism)
     if num_workers < 1 or prefetch < 1:
       raise ValueError(f"num_workers={num_workers} and prefetch={prefetch}: set both "
                        "(config.data.num_workers, config.data.prefetch) to 1 or more")
     steps = batch_dataset(source, seed=seed, global_batch=global_batch, rows=rows,
-                          random_flip=random_flip)[start_step:]
+                          random_flip=random_flip, num_classes=num_classes)[start_step:]
     buffered = max(prefetch, num_workers)
     if parallelism == "threads":
       dataset = steps.to_iter_dataset(grain.ReadOptions(num_threads=num_workers,
@@ -390,10 +459,10 @@ class BatchIterator:
     self._iterator = iter(dataset)
     self._step = start_step
 
-  def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+  def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     return self
 
-  def __next__(self) -> tuple[int, np.ndarray]:
+  def __next__(self) -> tuple[int, dict[str, np.ndarray]]:
     batch = next(self._iterator)
     step, self._step = self._step, self._step + 1
     return step, batch

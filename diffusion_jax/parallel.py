@@ -274,6 +274,13 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, global_batch_size: int) -> 
   return jax.make_array_from_process_local_data(batch_sharding(mesh), local_rows, shape)
 
 
+def shard_rows(values: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array that every process holds whole, split along `data` like a batch (each
+  process places only its own rows)."""
+  values = np.asarray(values)
+  return global_batch(values[host_rows(mesh, len(values))], mesh, len(values))
+
+
 def batch_map(fn: Callable, mesh: Mesh, num_batched: int = 1) -> Callable:
   """`fn(replicated, *batched)` run on every device for its rows, as one jitted program.
 

@@ -116,6 +116,7 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
   workdir_path = epath.Path(workdir)
   global_batch = config.train.batch_size
   num_steps = config.train.num_steps
+  num_classes = build.num_classes(config)
 
   model = build.make_model(config)
   sched = build.make_schedule(config)
@@ -152,9 +153,12 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
     # Compiled now rather than on the first call, so that a stop requested while it compiles
     # (minutes for the large models) ends the run before any step.
     size, channels = config.data.image_size, config.data.channels
-    images_spec = jax.ShapeDtypeStruct((global_batch, size, size, channels), np.uint8,
-                                       sharding=parallel.batch_sharding(mesh))
-    p_train_step = p_train_step.lower(state, images_spec, rng).compile()
+    batch_spec = {"image": jax.ShapeDtypeStruct((global_batch, size, size, channels), np.uint8,
+                                                sharding=parallel.batch_sharding(mesh))}
+    if num_classes:
+      batch_spec["label"] = jax.ShapeDtypeStruct((global_batch,), np.int32,
+                                                 sharding=parallel.batch_sharding(mesh))
+    p_train_step = p_train_step.lower(state, batch_spec, rng).compile()
     if stopped_before_training():
       return state
   sample_fn = (build.make_sample_fn(config, model, sched, mesh, **build.sampler_kwargs(config))
@@ -167,7 +171,7 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
   batches = input_pipeline.BatchIterator(
       source, seed=config.seed, start_step=start_step, global_batch=global_batch, rows=rows,
       random_flip=config.data.random_flip, num_workers=config.data.num_workers,
-      prefetch=config.data.prefetch)
+      prefetch=config.data.prefetch, num_classes=num_classes)
   pending = _Pending()
   last_saved = start_step if restored is not None else None
   t_start = time.time()
@@ -214,8 +218,9 @@ def _train(config, workdir, mesh, stop: stopping.StopRequest) -> train_step.Trai
       assert batch_step == step, (batch_step, step)
       # Each step is one named step in the trace viewer (and in TensorBoard's profile plugin).
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        images = parallel.global_batch(local, mesh, global_batch)
-        state, metrics = p_train_step(state, images, rng)
+        batch = jax.tree_util.tree_map(
+            lambda rows_: parallel.global_batch(rows_, mesh, global_batch), local)
+        state, metrics = p_train_step(state, batch, rng)
       pending.add(step, metrics)
       step += 1
       steps_window += 1
@@ -256,8 +261,9 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
   # Sample i's key depends only on i: the grid is the same whatever the number of devices (the
   # padding rows are dropped).
   keys = prng.sharded_example_keys(config.seed, prng.RunStream.GRID, np.arange(padded), mesh)
+  labels = build.sample_labels(config, np.arange(padded), mesh)
   t0 = time.time()
-  images = parallel.fetch(sample_fn(ema_params, keys))[:n]
+  images = parallel.fetch(sample_fn(ema_params, keys, *labels))[:n]
   grid = images_lib.image_grid(images_lib.to_uint8(images))
   if jax.process_index() == 0:
     path = workdir_path / "samples" / f"grid_{step}.png"

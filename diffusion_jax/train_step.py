@@ -51,10 +51,7 @@ class TrainState:
 
 def init_state(config, model, optimizer, key) -> TrainState:
   """A fresh train state (parameters drawn from `key`); EMA starts equal to the parameters."""
-  size, channels = config.data.image_size, config.data.channels
-  x = jnp.zeros((1, size, size, channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  params = model.init({"params": key}, x, t, train=False)["params"]
+  params = build.init_params(config, model, key)
   history = None
   timestep_sampling.check_timestep_sampler(config.diffusion.timestep_sampler)
   if config.diffusion.timestep_sampler == "loss_second_moment":
@@ -64,12 +61,12 @@ def init_state(config, model, optimizer, key) -> TrainState:
                     opt_state=optimizer.init(params), loss_history=history)
 
 
-def loss_fn(params, images_BxHxWxC, keys_B, loss_history, *, model, sched, diffusion_kw):
+def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw):
   """Mean training loss of a batch whose randomness comes from per-example keys.
 
   Args:
     params: the U-Net's parameters.
-    images_BxHxWxC: uint8 images.
+    batch: {'image': uint8 [B, H, W, C]} and, for a class-conditional model, 'label' int32 [B].
     keys_B: one typed key per example.
     loss_history: the importance sampler's history (a dict), or None to draw t uniformly.
     model, sched, diffusion_kw: fixed parts.
@@ -78,7 +75,7 @@ def loss_fn(params, images_BxHxWxC, keys_B, loss_history, *, model, sched, diffu
     (the mean of the (importance-weighted) losses, aux): aux holds 't' and 'losses' [B] (the
     unweighted per-example losses) and the batch means of the loss's terms ('mse', 'vb').
   """
-  x_start = images.to_float(images_BxHxWxC)
+  x_start = images.to_float(batch["image"])
   num_timesteps = sched.num_timesteps
   timestep_keys = prng.fold_in_each(keys_B, prng.ExampleStream.TIMESTEP)
   if loss_history is None:
@@ -89,14 +86,12 @@ def loss_fn(params, images_BxHxWxC, keys_B, loss_history, *, model, sched, diffu
         timestep_keys, timestep_sampling.LossHistory(**loss_history))
   noise = prng.normal_each(prng.fold_in_each(keys_B, prng.ExampleStream.NOISE),
                            x_start.shape[1:])
+  model_kw = build.label_kwargs(batch.get("label"))
   if model.dropout > 0:
-    dropout_keys = prng.fold_in_each(keys_B, prng.ExampleStream.DROPOUT)
+    model_kw["dropout_keys_B"] = prng.fold_in_each(keys_B, prng.ExampleStream.DROPOUT)
 
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, train=True, dropout_keys_B=dropout_keys)
-  else:
-    def model_fn(x_t, t):
-      return model.apply({"params": params}, x_t, t, train=True)
+  def model_fn(x_t, t):
+    return model.apply({"params": params}, x_t, t, train=True, **model_kw)
   terms = diffusion.training_losses(sched, model_fn, x_start, t_B, noise, **diffusion_kw)
   losses = terms["loss"]
   loss = jnp.mean(losses if weights_B is None else losses * weights_B)
@@ -106,13 +101,14 @@ def loss_fn(params, images_BxHxWxC, keys_B, loss_history, *, model, sched, diffu
   return loss, aux
 
 
-def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimizer,
+def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
                diffusion_kw, ema_decay: float, grad_accum_steps: int = 1):
   """One update, run on each device for its rows of the global batch (inside shard_map).
 
   Args:
     state: the replicated train state.
-    images_BxHxWxC: this device's uint8 rows of the global batch.
+    batch: this device's rows of the global batch: {'image': uint8 [B, H, W, C]} and, for a
+      class-conditional model, 'label' int32 [B].
     rng: the run's training key (`prng.run_key(seed, RunStream.TRAIN)`), replicated.
     model, sched, optimizer, diffusion_kw: fixed parts (bound with functools.partial).
     ema_decay: EMA decay after the first step.
@@ -122,7 +118,7 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
     (new state, metrics dict of replicated scalars: loss, grad_norm, param_norm and the
     loss's terms, mse and/or vb, as batch means).
   """
-  local_batch = images_BxHxWxC.shape[0]
+  local_batch = batch["image"].shape[0]
   first_row = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
   positions = first_row + jnp.arange(local_batch)
   keys = prng.example_keys(jax.random.fold_in(rng, state.step), positions)
@@ -135,11 +131,12 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
   local_params = jax.lax.pcast(state.params, (parallel.DATA_AXIS,), to="varying")
   history = state.loss_history
   if grad_accum_steps == 1:
-    (loss, aux), grads = grad_fn(local_params, images_BxHxWxC, keys, history)
+    (loss, aux), grads = grad_fn(local_params, batch, keys, history)
     terms, t_B, losses_B = aux["terms"], aux["t"], aux["losses"]
   else:
     micro = local_batch // grad_accum_steps
-    micro_images = images_BxHxWxC.reshape((grad_accum_steps, micro) + images_BxHxWxC.shape[1:])
+    micro_batches = jax.tree_util.tree_map(
+        lambda x: x.reshape((grad_accum_steps, micro) + x.shape[1:]), batch)
     keys = keys.reshape((grad_accum_steps, micro))
 
     def accumulate(carry, xs):
@@ -154,7 +151,7 @@ def train_step(state: TrainState, images_BxHxWxC, rng, *, model, sched, optimize
                            {name: jnp.zeros((), jnp.float32) for name in term_names}),
                           (parallel.DATA_AXIS,), to="varying")
     (loss, grads, terms), (t_B, losses_B) = jax.lax.scan(accumulate, zeros,
-                                                          (micro_images, keys))
+                                                          (micro_batches, keys))
     loss, grads, terms = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
                                                 (loss, grads, terms))
     # Micro-batches are consecutive rows: back to this device's row order.
@@ -189,8 +186,9 @@ def make_train_step(config, model, sched, optimizer, mesh):
   """`train_step` mapped over the mesh and jitted, with the state donated.
 
   Returns:
-    f(state, images [global_batch, H, W, C] uint8 split over `data`, the training key)
-    -> (state, metrics).
+    f(state, batch, the training key) -> (state, metrics), where batch is {'image': uint8
+    [global_batch, H, W, C]} (+ 'label' int32 [global_batch] for a class-conditional model)
+    split over `data`.
   """
   step = functools.partial(train_step, model=model, sched=sched, optimizer=optimizer,
                            diffusion_kw=build.diffusion_kwargs(config),

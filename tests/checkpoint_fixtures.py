@@ -13,9 +13,7 @@ def randomized_checkpoint(config, workdir, step: int):
   (the real init's output layer is zero, which would make every sample independent of the
   model), with `config`; returns the EMA parameters."""
   model = build.make_model(config)
-  size, channels = config.data.image_size, config.data.channels
-  params = jax.jit(lambda k: model.init(k, np.zeros((1, size, size, channels), np.float32),
-                                        np.zeros((1,), np.int32))["params"])(jax.random.key(0))
+  params = jax.jit(lambda k: build.init_params(config, model, k))(jax.random.key(0))
   leaves, treedef = jax.tree_util.tree_flatten(params)
   rng = np.random.default_rng(0)
   noisy = [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)

@@ -185,7 +185,7 @@ def test_structural_problems_are_collected_too():
   config = load_config()
   config.data.dataset = "imagenet"
   config.model.dtype = "float16"
-  with pytest.raises(config_checks.ConfigError, match="(?s)imagenet.*float16"):
+  with pytest.raises(config_checks.ConfigError, match="(?s)(?=.*'imagenet')(?=.*float16)"):
     config_checks.check_training(config, 8)
 
 

@@ -98,11 +98,17 @@ def test_upgrade_of_a_saved_test_config():
       "config saved by an older version, upgraded: eval.ddim_steps=0, eval.ddim_eta=0.0 -> "
       "sample.sampler='ancestral', sample.num_steps=0, sample.eta=0.0; dropped "
       "sample.ddim_steps=5 (the training grids' own sampler setting: the grids now use "
-      "sample.sampler too); added diffusion.rescale_timesteps=False, "
-      "diffusion.timestep_sampler='uniform', eval.bpd_clip_denoised=True, sample.respacing=''")
-  # The fields added since mean what the saved run did: uniform t, plain t, no respacing.
+      "sample.sampler too); added diffusion.rescale_learned_sigmas=True, "
+      "diffusion.rescale_timesteps=False, diffusion.timestep_sampler='uniform', "
+      "eval.bpd_clip_denoised=True, "
+      "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
+      "model.num_heads=1, model.num_heads_upsample=-1, model.scale_shift_norm=False, "
+      "sample.respacing=''")
+  # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
+  # DDPM's U-Net, no labels.
   assert (config.diffusion.timestep_sampler, config.diffusion.rescale_timesteps,
           config.sample.respacing) == ("uniform", False, "")
+  assert (config.model.architecture, config.model.num_classes) == ("ddpm", 0)
   # Every other value is the saved one, tuples as tuples.
   today = config_lib.load_config("configs/test.py",
                                  {"sample.sampler": "ancestral", "sample.num_steps": 0})
@@ -160,8 +166,12 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
   config, message = config_lib.upgrade(tree)
   assert "colour" not in config.eval and "extra" not in config
   assert config.optim.lr == 2e-4 and config.eval.watch is False  # from the base
-  assert message.endswith("added diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
+  assert message.endswith("added diffusion.rescale_learned_sigmas=True, "
+                          "diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
                           "'uniform', eval.bpd_clip_denoised=True, eval.watch=False, "
+                          "model.architecture='ddpm', model.num_classes=0, "
+                          "model.num_head_channels=-1, model.num_heads=1, "
+                          "model.num_heads_upsample=-1, model.scale_shift_norm=False, "
                           "optim.lr=0.0002, sample.respacing=''; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")

@@ -408,6 +408,26 @@ def test_hybrid_bound_trains_only_the_variance(sched, ref, var_type):
   assert np.abs(hybrid[..., 3:]).max() > 0
 
 
+def test_hybrid_without_rescaling_adds_the_bound_term_unscaled():
+  """rescale_learned_sigmas=False adds the bound's term as it is; the default scales it by
+  T / 1000 (here T = 250: a quarter); the mse term is the same either way."""
+  small = schedules.make_schedule("linear", num_diffusion_timesteps=250)
+  x0, noise = f32(data(14)), f32(normal(15))
+  t = jnp.asarray(np.random.default_rng(16).integers(0, 250, size=B))
+  output = model_output(x0, t * 4, "learned_range")
+
+  def terms(rescale):
+    return diffusion.training_losses(small, lambda x, t_: output, x0, t, noise,
+                                     mean_type="eps", var_type="learned_range",
+                                     loss_type="hybrid", rescale_learned_sigmas=rescale)
+
+  scaled, unscaled = terms(True), terms(False)
+  assert np.all(np.asarray(unscaled["vb"]) > 0)
+  np.testing.assert_allclose(scaled["vb"], unscaled["vb"] * 0.25, rtol=1e-6)
+  np.testing.assert_array_equal(scaled["mse"], unscaled["mse"])
+  np.testing.assert_allclose(unscaled["loss"], unscaled["mse"] + unscaled["vb"], rtol=1e-6)
+
+
 def test_model_sees_original_and_rescaled_timesteps(ref):
   """A respaced schedule calls the model with the original timesteps; rescale_timesteps gives
   them times 1000 / T as floats."""

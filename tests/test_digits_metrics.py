@@ -81,6 +81,13 @@ def test_real_test_images_are_the_reference(trained):
   assert got["num_images"] == got["num_train_real"] == 297
   # Real train images are close to the test split; noise is far off.
   assert 0.0 < got["frechet_train_real"] < 0.05 * got["frechet_noise"]
+  assert "label_accuracy" not in got
+  # Asked-for labels: the share whose most likely digit is the label (the argmax's accuracy).
+  with_labels = digits.quality(images, trained, labels=labels)
+  assert with_labels["label_accuracy"] == pytest.approx(
+      np.mean(probs[:, :10].argmax(axis=1) == labels))
+  assert with_labels["label_accuracy"] >= 0.9
+  assert digits.quality(images, trained, labels=(labels + 1) % 10)["label_accuracy"] <= 0.1
 
 
 def test_noise_images_are_not_digits(trained):

@@ -38,7 +38,8 @@ def test_row_slices_concatenate_to_the_global_batch():
   kwargs = dict(seed=3, step=7, global_batch=8, random_flip=True)
   whole = input_pipeline.load_batch(source, rows=slice(0, 8), **kwargs)
   halves = [input_pipeline.load_batch(source, rows=slice(i, i + 4), **kwargs) for i in (0, 4)]
-  np.testing.assert_array_equal(np.concatenate(halves), whole)
+  np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), whole["image"])
+  assert set(whole) == {"image"}  # no labels asked for
 
 
 def test_contiguous_rows_merges_device_ranges_or_says_they_are_not_contiguous():
@@ -53,7 +54,7 @@ def test_flips_mirror_exactly_the_drawn_rows():
   images = np.arange(6 * 2 * 3, dtype=np.uint8).reshape(6, 2, 3, 1)
   source = input_pipeline.ArraySource(images)
   out = input_pipeline.load_batch(source, seed=0, step=5, global_batch=6, rows=slice(0, 6),
-                                  random_flip=True)
+                                  random_flip=True)["image"]
   idx = input_pipeline.example_indices(0, 5, 6, 6)
   flips = input_pipeline.flip_mask(0, 5, 6)
   for row in range(6):
@@ -72,31 +73,37 @@ def test_batch_iterator_resumes_at_any_step():
   it.close()
   for (s1, b1), (s2, b2) in zip(straight[6:], resumed):
     assert s1 == s2
-    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(b1["image"], b2["image"])
 
 
 def _numbered_source(n=40):
   # Every pixel differs between examples and between mirrored columns, so any wrong example,
-  # row or flip shows.
+  # row or flip shows; so does any wrong label (example i's is i mod 7).
   images = np.arange(n * 2 * 3, dtype=np.uint8).reshape(n, 2, 3, 1)
-  return input_pipeline.ArraySource(images)
+  return input_pipeline.ArraySource(images, np.arange(n) % 7)
+
+
+def _assert_batches_equal(got, want):
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_batch_dataset_element_s_is_the_batch_of_step_s():
   source = _numbered_source()
-  kwargs = dict(seed=4, global_batch=8, rows=slice(2, 6), random_flip=True)
+  kwargs = dict(seed=4, global_batch=8, rows=slice(2, 6), random_flip=True, num_classes=7)
   dataset = input_pipeline.batch_dataset(source, **kwargs)
   resumed = dataset[7:]
   for step in (0, 5, 7, 12):
     want = input_pipeline.load_batch(source, step=step, **kwargs)
-    np.testing.assert_array_equal(dataset[step], want)
-  np.testing.assert_array_equal(resumed[3], input_pipeline.load_batch(source, step=10, **kwargs))
+    _assert_batches_equal(dataset[step], want)
+  _assert_batches_equal(resumed[3], input_pipeline.load_batch(source, step=10, **kwargs))
 
 
 @pytest.mark.parametrize("rows", [slice(0, 8), slice(0, 4), slice(4, 8), slice(2, 6)])
 def test_grain_iterator_yields_load_batch_whatever_the_workers(rows):
   source = _numbered_source()
-  kwargs = dict(seed=2, global_batch=8, rows=rows, random_flip=True)
+  kwargs = dict(seed=2, global_batch=8, rows=rows, random_flip=True, num_classes=7)
   start, count = 5, 7  # steps 5..11 cross the epoch boundary at step 5 (40 examples / 8)
   want = [input_pipeline.load_batch(source, step=s, **kwargs)
           for s in range(start, start + count)]
@@ -107,12 +114,13 @@ def test_grain_iterator_yields_load_batch_whatever_the_workers(rows):
     it.close()
     assert [s for s, _ in got] == list(range(start, start + count))
     for (_, batch), expected in zip(got, want):
-      np.testing.assert_array_equal(batch, expected)
+      _assert_batches_equal(batch, expected)
 
 
 def test_hosts_rows_from_grain_make_the_one_host_batch():
   source = _numbered_source()
-  kwargs = dict(seed=9, start_step=3, global_batch=8, random_flip=True, num_workers=2)
+  kwargs = dict(seed=9, start_step=3, global_batch=8, random_flip=True, num_workers=2,
+                num_classes=7)
   one_host = input_pipeline.BatchIterator(source, rows=slice(0, 8), **kwargs)
   hosts = [input_pipeline.BatchIterator(source, rows=slice(i, i + 2), **kwargs)
            for i in range(0, 8, 2)]
@@ -120,19 +128,21 @@ def test_hosts_rows_from_grain_make_the_one_host_batch():
     step, whole = next(one_host)
     parts = [next(host) for host in hosts]
     assert {s for s, _ in parts} == {step}
-    np.testing.assert_array_equal(np.concatenate([b for _, b in parts]), whole)
+    for name in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([b[name] for _, b in parts]), whole[name])
   for it in [one_host] + hosts:
     it.close()
 
 
 def test_grain_worker_processes_yield_the_same_batches():
   source = _numbered_source()
-  kwargs = dict(seed=2, start_step=4, global_batch=8, rows=slice(2, 6), random_flip=True)
+  kwargs = dict(seed=2, start_step=4, global_batch=8, rows=slice(2, 6), random_flip=True,
+                num_classes=7)
   it = input_pipeline.BatchIterator(source, num_workers=2, parallelism="processes", **kwargs)
   got = [next(it) for _ in range(5)]
   it.close()
   for step, batch in got:
-    np.testing.assert_array_equal(batch, input_pipeline.load_batch(
+    _assert_batches_equal(batch, input_pipeline.load_batch(
         source, step=step, **{k: v for k, v in kwargs.items() if k != "start_step"}))
   assert [s for s, _ in got] == list(range(4, 9))
 
@@ -172,8 +182,11 @@ def test_cifar10_through_tfds_data_source_mock():
     source = input_pipeline.make_source(config.data)
     assert len(source) == 20
     batch = input_pipeline.load_batch(source, seed=0, step=0, global_batch=4,
-                                      rows=slice(0, 4), random_flip=True)
-  assert batch.shape == (4, 8, 8, 3) and batch.dtype == np.uint8
+                                      rows=slice(0, 4), random_flip=True, num_classes=10)
+  assert batch["image"].shape == (4, 8, 8, 3) and batch["image"].dtype == np.uint8
+  # cifar10's labels come with the images, read in the same record.
+  assert batch["label"].dtype == np.int32 and batch["label"].shape == (4,)
+  assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
 
 
 def test_digits_source_reads_the_train_split():
@@ -187,6 +200,50 @@ def test_digits_source_reads_the_train_split():
   test = input_pipeline.make_source(config.data)
   assert len(test) == 297
   np.testing.assert_array_equal(test[0], input_pipeline.load_digits(size)[1500])
+
+
+def test_digits_batches_carry_each_images_label():
+  config = load_config("digits")
+  source = input_pipeline.make_source(config.data)
+  images, labels = input_pipeline.digits_split("train", config.data.image_size)
+  kwargs = dict(seed=3, step=11, global_batch=16, rows=slice(4, 12), random_flip=False)
+  batch = input_pipeline.load_batch(source, num_classes=10, **kwargs)
+  indices = input_pipeline.example_indices(3, 11, 16, len(source), slice(4, 12))
+  np.testing.assert_array_equal(batch["label"], labels[indices])
+  np.testing.assert_array_equal(batch["image"], images[indices])
+  unlabelled = input_pipeline.load_batch(source, **kwargs)
+  np.testing.assert_array_equal(batch["image"], unlabelled["image"])
+
+
+def test_imagenet64_through_tfds_data_source_mock():
+  config = load_config("imagenet64_iddpm", "variant=cond")
+  assert (config.data.dataset, config.model.num_classes) == ("imagenet_resized/64x64", 1000)
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = input_pipeline.make_source(config.data)
+    batch = input_pipeline.load_batch(source, seed=0, step=0, global_batch=6,
+                                      rows=slice(0, 6), random_flip=True, num_classes=1000)
+  assert batch["image"].shape == (6, 64, 64, 3)
+  assert np.all((batch["label"] >= 0) & (batch["label"] < 1000))
+
+
+def test_labels_a_dataset_cannot_give_are_refused(tmp_path):
+  lsun = load_config("lsun_bedroom")
+  with pytest.raises(ValueError, match=r"'lsun/bedroom' has no class labels.*"
+                                       r"--config.model.num_classes=0"):
+    input_pipeline.check_labels(lsun.data, 10)
+  input_pipeline.check_labels(lsun.data, 0)
+  cifar = load_config("cifar10")
+  with pytest.raises(ValueError, match=r"10 classes \(labels 0..9\).*num_classes=5: set "
+                                       r"--config.model.num_classes=10"):
+    input_pipeline.check_labels(cifar.data, 5)
+  input_pipeline.check_labels(cifar.data, 10)
+  with pytest.raises(ValueError, match="label 7 is outside the model's classes 0..4"):
+    input_pipeline.check_batch_labels(np.array([1, 7, 3]), 5)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+  folder = input_pipeline.make_source(load_config("folder", f"image_dir={tmp_path}").data)
+  with pytest.raises(ValueError, match="has no labels"):
+    input_pipeline.load_batch(folder, seed=0, step=0, global_batch=1, rows=slice(0, 1),
+                              random_flip=False, num_classes=3)
 
 
 def test_digits_splits_are_disjoint_and_hold_every_class():
@@ -240,7 +297,7 @@ def test_folder_errors(tmp_path):
 def test_unknown_dataset_lists_allowed():
   config = load_config("test")
   config.data.dataset = "mnist"
-  with pytest.raises(ValueError, match="allowed: cifar10, celeb_a_hq/256"):
+  with pytest.raises(ValueError, match="allowed: cifar10, imagenet_resized/64x64, celeb_a_hq"):
     input_pipeline.make_source(config.data)
 
 

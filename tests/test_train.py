@@ -133,10 +133,12 @@ def test_changed_parameter_shapes_are_refused(straight):
 
 
 def _fixed_batch(config, batch_size):
+  """{'image'} (+ 'label' for a class-conditional config) of step 0."""
   with mock_cifar():
     source = input_pipeline.make_source(config.data)
     return input_pipeline.load_batch(source, seed=0, step=0, global_batch=batch_size,
-                                     rows=slice(0, batch_size), random_flip=True)
+                                     rows=slice(0, batch_size), random_flip=True,
+                                     num_classes=build.num_classes(config))
 
 
 def _run_steps(config, devices, images, num_steps):
@@ -150,7 +152,7 @@ def _run_steps(config, devices, images, num_steps):
   rng = train_step.train_key(config, mesh)
   history = []
   for _ in range(num_steps):
-    batch = parallel.global_batch(images, mesh, images.shape[0])
+    batch = jax.tree_util.tree_map(lambda x: parallel.global_batch(x, mesh, x.shape[0]), images)
     state, metrics = step_fn(state, batch, rng)
     history.append({k: float(v) for k, v in metrics.items()})
   return jax.device_get(state.params), history, state.loss_history
@@ -183,7 +185,7 @@ def _reference_steps(config, images, num_steps):
   T = config.diffusion.num_timesteps
   importance = config.diffusion.timestep_sampler == "loss_second_moment"
   losses_np, counts_np = np.zeros((T, 10), np.float32), np.zeros(T, int)
-  positions = np.arange(images.shape[0])
+  positions = np.arange(images["image"].shape[0])
   history = []
   for step in range(num_steps):
     keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(rng, step), p))(positions)
@@ -389,7 +391,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
   optimizer = build.make_optimizer(config)
   abstract = train_step.abstract_state(config, model, optimizer, mesh)
   step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
-  images = jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)
+  images = {"image": jax.ShapeDtypeStruct((8, 8, 8, 3), np.uint8)}
   rng = jax.eval_shape(lambda: jax.random.key(0))
   new_state, metrics = jax.eval_shape(step_fn, abstract, images, rng)  # traces, no compile
   assert {x.dtype for x in jax.tree_util.tree_leaves(new_state.params)} == {np.dtype("float32")}

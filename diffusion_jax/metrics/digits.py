@@ -228,7 +228,7 @@ def noise_images(num: int, image_size: int, seed: int) -> np.ndarray:
 
 
 def quality(images, classifier: Classifier, *, confidence: float = CONFIDENCE,
-            seed: int = 0) -> dict:
+            seed: int = 0, labels=None) -> dict:
   """The digits sample-quality measures of a set of images, with real and noise references.
 
   Args:
@@ -236,6 +236,8 @@ def quality(images, classifier: Classifier, *, confidence: float = CONFIDENCE,
     classifier: from `load_classifier`.
     confidence: the probability a label needs to count as confident.
     seed: picks the real train images and draws the noise images of the references.
+    labels: optional int [N], the class each image was asked to be (a class-conditional
+      model's samples).
 
   Returns:
     a dict: `confident` (share of the images given a digit with probability >= confidence),
@@ -243,7 +245,8 @@ def quality(images, classifier: Classifier, *, confidence: float = CONFIDENCE,
     most likely class is 'not a digit'), `class_counts` (int [10], images per most likely
     digit, summing to N), `frechet_test` (distance of the images to the
     test split), `frechet_train_real` (of min(N, 1500) random real train images),
-    `frechet_noise` (of N noise images), `num_images`, `num_train_real`.
+    `frechet_noise` (of N noise images), `num_images`, `num_train_real`; with `labels`,
+    `label_accuracy` (share of the images whose most likely digit is their label).
   """
   images = np.asarray(images)
   n, size = images.shape[0], images.shape[1]
@@ -256,7 +259,11 @@ def quality(images, classifier: Classifier, *, confidence: float = CONFIDENCE,
   num_train = min(n, MAX_REAL)
   rng = np.random.default_rng([seed, 0])
   train_subset = train_images[np.sort(rng.permutation(len(train_images))[:num_train])]
+  extra = {}
+  if labels is not None:
+    extra["label_accuracy"] = float(np.mean(digit_probs.argmax(axis=1) == np.asarray(labels)))
   return dict(
+      **extra,
       confident=float(np.mean(digit_probs.max(axis=1) >= confidence)),
       confident_test_real=float(np.mean(test_probs[:, :NUM_CLASSES].max(axis=1) >= confidence)),
       not_a_digit=float(np.mean(probs.argmax(axis=1) == NOT_A_DIGIT)),

@@ -1,0 +1,488 @@
+"""Improved DDPM's U-Net (Nichol and Dhariwal 2021) in Flax, output for output.
+
+Mirrors `improved_diffusion/unet.py: UNetModel` of openai/improved-diffusion: DDPM's layout with
+multi-head attention (at any set of resolutions), optional scale-shift norm (the timestep
+embedding sets each block's GroupNorm scale and shift) and optional class conditioning (a label
+embedding added to the timestep embedding). Where it differs from DDPM's U-Net (models/unet.py),
+it follows the reference: the sinusoid is [cos, sin] with frequencies exp(-ln(10000) i / half),
+GroupNorm's epsilon is 1e-5, the stride-2 convolution pads one pixel on every side, q, k and v
+are one 1x1 layer split head by head, and the initialization is PyTorch's (weights and biases
+uniform in +-1/sqrt(fan_in), the zero-initialized layers exactly zero, label embeddings
+N(0, 1)).
+
+Module names make the PyTorch state dict map one to one (`torch_name`, `param_path`,
+`params_from_torch`): `input_blocks.3.0.in_layers.2.weight` is our
+`input_blocks_3_0/in_layers_2/kernel` (numbered parts joined to the name before them).
+
+Compute dtype, dropout and rematerialization work as in models/unet.py: bf16 activations with
+float32 parameters, GroupNorm statistics, sinusoid and softmax; per-example dropout keys.
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models import unet
+
+__all__ = ["IDDPMUNet", "timestep_embedding", "check_config", "attention_heads", "summary",
+           "torch_name", "param_path", "params_from_torch"]
+
+_GN_GROUPS = 32
+_GN_EPS = 1e-5  # PyTorch's GroupNorm default, which the reference keeps
+
+
+def _torch_bias_init(fan_in: int):
+  """PyTorch's default bias: uniform in +-1/sqrt(fan_in) of the layer's weight."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# PyTorch's default weight init (kaiming_uniform with a = sqrt(5)): uniform in +-1/sqrt(fan_in).
+_TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _conv(features: int, fan_in: int, name: str, dtype: Any, *, kernel: int = 3,
+          stride: int = 1, zero: bool = False) -> nn.Conv:
+  # PyTorch's padding=1 for the 3x3 kernels, at stride 1 and 2 alike.
+  pad = (kernel - 1) // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)),
+                 kernel_init=nn.initializers.zeros if zero else _TORCH_KERNEL_INIT,
+                 bias_init=nn.initializers.zeros if zero else _torch_bias_init(fan_in),
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _dense(features: int, fan_in: int, name: str, dtype: Any, zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.zeros if zero else _TORCH_KERNEL_INIT,
+                  bias_init=nn.initializers.zeros if zero else _torch_bias_init(fan_in),
+                  dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=_GN_GROUPS, epsilon=_GN_EPS, use_fast_variance=False,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
+  """The reference's sinusoidal timestep embedding (`nn.timestep_embedding`).
+
+  Args:
+    t_B: timesteps [B], integer or float (rescaled timesteps are fractional).
+    dim: embedding size; an odd size gets one zero column.
+
+  Returns:
+    float32 [B, dim]: [cos(t f_i), sin(t f_i)], f_i = exp(-ln(10000) i / half), half = dim // 2.
+  """
+  if t_B.ndim != 1:
+    raise ValueError(f"timesteps must have shape [B], got {t_B.shape}")
+  half = dim // 2
+  freqs_F = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BxF = t_B.astype(jnp.float32)[:, None] * freqs_F[None, :]
+  emb_BxD = jnp.concatenate([jnp.cos(args_BxF), jnp.sin(args_BxF)], axis=1)
+  if dim % 2:
+    emb_BxD = jnp.pad(emb_BxD, ((0, 0), (0, 1)))
+  return emb_BxD
+
+
+def attention_heads(width: int, *, num_heads: int, num_head_channels: int = -1,
+                    num_heads_upsample: int = -1, up: bool = False) -> int:
+  """Heads of an attention layer of `width` channels: width // num_head_channels when that is
+  set, else num_heads (num_heads_upsample on the way up, when set)."""
+  if num_head_channels > 0:
+    return width // num_head_channels
+  return num_heads_upsample if (up and num_heads_upsample > 0) else num_heads
+
+
+class ResBlock(nn.Module):
+  """in_layers (GN, SiLU, conv), emb_layers (SiLU, linear), out_layers (GN, [scale-shift], SiLU,
+  dropout, zero conv), plus the input (through a 1x1 conv when the width changes)."""
+  out_ch: int
+  emb_ch: int
+  dropout: float = 0.0
+  scale_shift_norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, emb_BxE, train: bool, dropout_keys_B=None):
+    in_ch = x_BxHxWxC.shape[-1]
+    h = nn.silu(_group_norm("in_layers_0", self.dtype)(x_BxHxWxC))
+    h = _conv(self.out_ch, 9 * in_ch, "in_layers_2", self.dtype)(h)
+    emb_out = _dense(2 * self.out_ch if self.scale_shift_norm else self.out_ch, self.emb_ch,
+                     "emb_layers_1", self.dtype)(nn.silu(emb_BxE))[:, None, None, :]
+    emb_out = emb_out.astype(h.dtype)
+    norm = _group_norm("out_layers_0", self.dtype)
+    if self.scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = nn.silu(norm(h) * (1 + scale) + shift)
+    else:
+      h = nn.silu(norm(h + emb_out))
+    if train and self.dropout > 0 and dropout_keys_B is not None:
+      site = zlib.crc32("/".join(self.scope.path).encode()) & 0x7FFFFFFF
+      h = unet.example_dropout(h, self.dropout, dropout_keys_B, site)
+    else:
+      h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = _conv(self.out_ch, 9 * self.out_ch, "out_layers_3", self.dtype, zero=True)(h)
+    x = x_BxHxWxC
+    if in_ch != self.out_ch:
+      x = _conv(self.out_ch, in_ch, "skip_connection", self.dtype, kernel=1)(x)
+    return x.astype(h.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all H*W positions, residual. The 3C channels of the one qkv
+  layer are split into heads first, then each head's into q, k and v (the reference's layout)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    b, hh, ww, c = x_BxHxWxC.shape
+    heads = self.num_heads
+    ch = c // heads
+    h = _group_norm("norm", self.dtype)(x_BxHxWxC)
+    qkv = _dense(3 * c, c, "qkv", self.dtype)(h).reshape(b, hh * ww, heads, 3 * ch)
+    q_BxNxHxD, k_BxNxHxD, v_BxNxHxD = jnp.split(qkv, 3, axis=-1)
+    # q and k each scaled by ch^-1/4 before the product, as the reference (for fp16 range).
+    scale = ch ** -0.25
+    logits = jnp.einsum("bthc,bshc->bhts", q_BxNxHxD * scale, k_BxNxHxD * scale)
+    softmax_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    weights = jax.nn.softmax(logits.astype(softmax_dtype), axis=-1).astype(v_BxNxHxD.dtype)
+    out = jnp.einsum("bhts,bshc->bthc", weights, v_BxNxHxD).reshape(b, hh, ww, c)
+    out = _dense(c, c, "proj_out", self.dtype, zero=True)(out)
+    return x_BxHxWxC.astype(out.dtype) + out
+
+
+class Downsample(nn.Module):
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    c = x_BxHxWxC.shape[-1]
+    return _conv(c, 9 * c, "op", self.dtype, stride=2)(x_BxHxWxC)
+
+
+class Upsample(nn.Module):
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    c = x_BxHxWxC.shape[-1]
+    x = jnp.repeat(jnp.repeat(x_BxHxWxC, 2, axis=1), 2, axis=2)  # nearest, 2x
+    return _conv(c, 9 * c, "conv", self.dtype)(x)
+
+
+def check_config(*, image_size: int, ch: int, ch_mult: Sequence[int],
+                 attn_resolutions: Sequence[int], num_heads: int = 1,
+                 num_head_channels: int = -1, num_heads_upsample: int = -1,
+                 num_classes: int = 0) -> None:
+  """Raises ValueError, saying what to set, for settings the U-Net cannot run; call before
+  compiling. On top of DDPM's geometry checks (`unet.check_config`): the heads of every
+  attention layer must split its width evenly."""
+  unet.check_config(image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
+                    block_size=1, ch=ch)
+  if num_classes < 0:
+    raise ValueError(f"num_classes={num_classes}: use 0 (unconditional) or the number of classes")
+  for name, value in (("num_heads", num_heads), ("num_heads_upsample", num_heads_upsample),
+                      ("num_head_channels", num_head_channels)):
+    if value == 0 or value < -1 or (name == "num_heads" and value < 1):
+      raise ValueError(f"{name}={value}: use a positive number"
+                       + ("" if name == "num_heads" else " or -1 (unused)"))
+  sizes = [image_size // 2 ** i for i in range(len(ch_mult))]
+  # Widths that get attention: each level's, where its size is in attn_resolutions, and the
+  # middle block's (the last level's width) always.
+  widths = sorted({ch * m for m, s in zip(ch_mult, sizes) if s in attn_resolutions}
+                  | {ch * ch_mult[-1]})
+  for width in widths:
+    if num_head_channels > 0:
+      if width % num_head_channels:
+        raise ValueError(
+            f"num_head_channels={num_head_channels} does not divide the width {width} of an "
+            f"attention layer (widths with attention: {tuple(widths)}); set "
+            f"--config.model.num_head_channels to a divisor of every one, or -1 to use num_heads")
+      continue
+    for name, heads in (("num_heads", num_heads), ("num_heads_upsample", num_heads_upsample)):
+      if heads > 0 and width % heads:
+        raise ValueError(
+            f"{name}={heads} does not divide the width {width} of an attention layer (widths "
+            f"with attention: {tuple(widths)}); set --config.model.{name} to a divisor of "
+            f"every one")
+
+
+class IDDPMUNet(nn.Module):
+  """Improved DDPM's U-Net (`improved_diffusion/unet.py: UNetModel`).
+
+  Attributes:
+    ch: base width (the reference's model_channels); the embeddings are 4 * ch wide.
+    ch_mult: width multiplier per resolution level.
+    num_res_blocks: ResBlocks per level on the way down (one more on the way up).
+    attn_resolutions: feature-map sizes at which ResBlocks are followed by attention (the
+      reference's attention_resolutions are downsampling rates: image_size // size).
+    dropout: inside ResBlocks, with train=True.
+    out_ch: output channels (2C for a learned variance).
+    num_heads, num_head_channels, num_heads_upsample: the attention heads (`attention_heads`).
+    scale_shift_norm: the timestep embedding gives each block's norm a scale and a shift.
+    num_classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1).
+    dtype: compute dtype; parameters are always float32.
+    remat: recompute ResBlock activations in the backward pass.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 3
+  attn_resolutions: Sequence[int] = (16, 8)
+  dropout: float = 0.0
+  out_ch: int = 6
+  num_heads: int = 4
+  num_head_channels: int = -1
+  num_heads_upsample: int = -1
+  scale_shift_norm: bool = True
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  def _heads(self, width: int, up: bool = False) -> int:
+    return attention_heads(width, num_heads=self.num_heads,
+                           num_head_channels=self.num_head_channels,
+                           num_heads_upsample=self.num_heads_upsample, up=up)
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, train: bool = False,
+               dropout_keys_B: jax.Array | None = None,
+               labels_B: jax.Array | None = None) -> jax.Array:
+    """Predicts the network output for noisy images at timesteps t (of class labels_B).
+
+    Args:
+      x_BxHxWxC: images, [B, H, W, C].
+      t_B: timesteps [B], integer or float.
+      train: enables dropout (masks from `dropout_keys_B`, one key per example, when given).
+      dropout_keys_B: optional per-example PRNG keys.
+      labels_B: int [B] class labels; required exactly when num_classes > 0.
+
+    Returns:
+      [B, H, W, out_ch], float32 (float64 only if dtype is float64).
+    """
+    b, height, width, _ = x_BxHxWxC.shape
+    if t_B.shape != (b,):
+      raise ValueError(f"t must have shape [{b}], got {t_B.shape}")
+    if (labels_B is not None) != (self.num_classes > 0):
+      raise ValueError("labels are needed exactly when the model is class-conditional: "
+                       f"num_classes={self.num_classes}, labels "
+                       f"{'given' if labels_B is not None else 'not given'}")
+    if labels_B is not None and labels_B.shape != (b,):
+      raise ValueError(f"labels must have shape [{b}], got {labels_B.shape}")
+    for size in {height, width}:
+      check_config(image_size=size, ch=self.ch, ch_mult=self.ch_mult,
+                   attn_resolutions=self.attn_resolutions, num_heads=self.num_heads,
+                   num_head_channels=self.num_head_channels,
+                   num_heads_upsample=self.num_heads_upsample, num_classes=self.num_classes)
+    attn = tuple(self.attn_resolutions)
+    emb_ch = 4 * self.ch
+    block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+
+    emb = timestep_embedding(t_B, self.ch)
+    emb = _dense(emb_ch, self.ch, "time_embed_0", self.dtype)(emb)
+    emb = _dense(emb_ch, emb_ch, "time_embed_2", self.dtype)(nn.silu(emb))
+    if self.num_classes:
+      emb = emb + nn.Embed(self.num_classes, emb_ch, embedding_init=nn.initializers.normal(1.0),
+                           param_dtype=jnp.float32, name="label_emb")(labels_B).astype(emb.dtype)
+
+    def res(out_ch, name, h):
+      return block(out_ch, emb_ch, self.dropout, self.scale_shift_norm, self.dtype,
+                   name=name)(h, emb, train, dropout_keys_B)
+
+    h = _conv(self.ch, 9 * x_BxHxWxC.shape[-1], "input_blocks_0_0", self.dtype)(x_BxHxWxC)
+    hs = [h]
+    k = 1
+    for level, mult in enumerate(self.ch_mult):
+      for _ in range(self.num_res_blocks):
+        h = res(self.ch * mult, f"input_blocks_{k}_0", h)
+        if h.shape[1] in attn:
+          h = AttentionBlock(self._heads(h.shape[-1]), self.dtype, name=f"input_blocks_{k}_1")(h)
+        hs.append(h)
+        k += 1
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(self.dtype, name=f"input_blocks_{k}_0")(h)
+        hs.append(h)
+        k += 1
+
+    c = h.shape[-1]
+    h = res(c, "middle_block_0", h)
+    h = AttentionBlock(self._heads(c), self.dtype, name="middle_block_1")(h)
+    h = res(c, "middle_block_2", h)
+
+    k = 0
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
+        h = res(self.ch * self.ch_mult[level], f"output_blocks_{k}_0", h)
+        layer = 1
+        if h.shape[1] in attn:
+          h = AttentionBlock(self._heads(h.shape[-1], up=True), self.dtype,
+                             name=f"output_blocks_{k}_{layer}")(h)
+          layer += 1
+        if level and i == self.num_res_blocks:
+          h = Upsample(self.dtype, name=f"output_blocks_{k}_{layer}")(h)
+        k += 1
+    assert not hs, "every skip connection must be consumed"
+
+    h = nn.silu(_group_norm("out_0", self.dtype)(h))
+    h = _conv(self.out_ch, 9 * h.shape[-1], "out_2", self.dtype, zero=True)(h)
+    return h.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter table and the PyTorch name mapping.
+
+def summary(model: IDDPMUNet, image_size: int, channels: int) -> str:
+  """Parameter-count table per top-level module (no compile); ends with `total params: N`."""
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  labels = jax.ShapeDtypeStruct((1,), jnp.int32) if model.num_classes else None
+  params = jax.eval_shape(lambda k, x, t, labels: model.init(k, x, t, labels_B=labels),
+                          jax.random.key(0), x, t, labels)["params"]
+  order = sorted(params, key=lambda n: (_ORDER.index(_group(n)),
+                                        [int(p) for p in re.findall(r"\d+", n)]))
+  width = max(len(name) for name in order)
+  lines = [f"{'block':<{width}}  {'params':>12}"]
+  for name in order:
+    lines.append(f"{name:<{width}}  {unet.count_params(params[name]):>12,}")
+  lines.append(f"total params: {unet.count_params(params):,}")
+  return "\n".join(lines)
+
+
+_ORDER = ("time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out")
+
+
+def _group(name: str) -> str:
+  return re.sub(r"(_\d+)+$", "", name)
+
+
+# Our leaf -> PyTorch's, by module kind; GroupNorms are the modules named norm, in_layers_0,
+# out_layers_0 and out_0.
+_NORMS = re.compile(r"^(norm|in_layers_0|out_layers_0|out_0)$")
+
+
+def torch_name(path: Sequence[str] | str) -> str:
+  """The reference state dict's name of one of our parameters.
+
+  Args:
+    path: the parameter's path in `variables['params']`, as keys or '/'-joined (a leading
+      'params' is ignored), e.g. ('input_blocks_3_0', 'in_layers_2', 'kernel').
+
+  Returns:
+    e.g. 'input_blocks.3.0.in_layers.2.weight'.
+  """
+  parts = path.split("/") if isinstance(path, str) else list(path)
+  if parts and parts[0] == "params":
+    parts = parts[1:]
+  if len(parts) < 2 or parts[-1] not in ("kernel", "bias", "scale", "embedding"):
+    raise ValueError(f"not a parameter path: {path!r}")
+  modules = [re.sub(r"_(\d+)", r".\1", name) for name in parts[:-1]]
+  leaf = "bias" if parts[-1] == "bias" else "weight"
+  return ".".join(modules + [leaf])
+
+
+def param_path(name: str) -> tuple[str, ...]:
+  """Inverse of `torch_name`: a state dict name to our parameter path.
+
+  Args:
+    name: e.g. 'middle_block.1.qkv.weight'.
+
+  Returns:
+    e.g. ('middle_block_1', 'qkv', 'kernel').
+  """
+  parts = name.split(".")
+  if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
+    raise ValueError(f"not a state dict parameter name: {name!r}")
+  modules = []
+  for part in parts[:-1]:
+    if part.isdigit() and modules:
+      modules[-1] += "_" + part
+    else:
+      modules.append(part)
+  if parts[-1] == "bias":
+    leaf = "bias"
+  elif modules[-1] == "label_emb":
+    leaf = "embedding"
+  elif _NORMS.match(modules[-1]):
+    leaf = "scale"
+  else:
+    leaf = "kernel"
+  return (*modules, leaf)
+
+
+def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
+  # conv2d [O, I, kh, kw] -> [kh, kw, I, O]; conv1d with a 1-wide kernel [O, I, 1] (qkv,
+  # proj_out) and linear [O, I] -> Dense [I, O]; vectors and embeddings as they are.
+  if leaf != "kernel":
+    return value
+  if value.ndim == 4:
+    return np.transpose(value, (2, 3, 1, 0))
+  if value.ndim == 3 and value.shape[-1] == 1:
+    return value[..., 0].T
+  return value.T if value.ndim == 2 else value
+
+
+# What a mismatch in these tensors most likely means.
+_HINTS = (("label_emb", "model.num_classes (class labels)"),
+          ("emb_layers", "model.scale_shift_norm (its emb_layers are twice as wide)"),
+          ("qkv", "model.attn_resolutions or the heads"),
+          ("out.2.", "diffusion.var_type (a learned variance has 2C outputs)"),
+          ("_blocks.", "model.ch, model.ch_mult or model.num_res_blocks"))
+
+
+def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> dict:
+  """Our parameter tree from a reference state dict, checked against the model's shapes.
+
+  Args:
+    state_dict: {name: array} of the reference UNetModel.
+    abstract_params: our parameter tree (arrays or ShapeDtypeStructs) for the intended config.
+
+  Returns:
+    nested dict of float32 NumPy arrays in our layout.
+
+  Raises:
+    ValueError: naming every missing, unexpected and misshapen tensor (name, its shape, our path
+      and shape), and the settings that probably differ.
+  """
+  flat = {tuple(k.key for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  expected = {torch_name(path): path for path in flat}
+  missing = [f"{name} (our {'/'.join(path)} {flat[path]})"
+             for name, path in sorted(expected.items()) if name not in state_dict]
+  unexpected = [f"{name} {tuple(np.shape(value))}" for name, value in sorted(state_dict.items())
+                if name not in expected]
+  tree, misshapen = {}, []
+  for name, path in expected.items():
+    if name not in state_dict:
+      continue
+    value = np.asarray(state_dict[name], np.float32)
+    ours = _to_ours(value, path[-1])
+    if ours.shape != flat[path]:
+      misshapen.append(f"{name} {value.shape} for our {'/'.join(path)} {flat[path]}")
+      continue
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.ascontiguousarray(ours)
+  problems = []
+  for what, names in (("missing", missing), ("unexpected", unexpected),
+                      ("with another shape", misshapen)):
+    if names:
+      shown = ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
+      problems.append(f"{len(names)} {what}: {shown}")
+  if problems:
+    text = "; ".join(problems)
+    hints = [hint for key, hint in _HINTS if key in text]
+    raise ValueError(text + (f". Settings that may differ: {', '.join(hints)}" if hints else ""))
+  return tree
