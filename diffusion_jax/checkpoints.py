@@ -514,3 +514,26 @@ def restore_params(directory: str, step: int | None = None, *, ema: bool = True)
         f"the directory from a copy")
   finally:
     manager.close()
+
+
+def check_new_workdir(workdir: str) -> epath.Path:
+  """WORKDIR/checkpoints for a converted checkpoint; raises FileExistsError if it holds some."""
+  out_dir = epath.Path(workdir) / "checkpoints"
+  if out_dir.exists() and any(out_dir.iterdir()):
+    raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out directory")
+  return out_dir
+
+
+def save_converted(workdir: str, step: int, params, ema_params, config) -> epath.Path:
+  """Writes a checkpoint converted from another codebase: WORKDIR/checkpoints/<step> with the
+  parameters, their EMA and the config, and no optimizer state (for sampling and evaluation,
+  which every --mode does from it). Returns the checkpoints directory."""
+  out_dir = check_new_workdir(workdir)
+  saver = Checkpointer(str(out_dir), keep=1, async_save=False)
+  try:
+    saver.save(step, {"step": np.int32(step), "params": params, "ema_params": ema_params},
+               config.to_dict())
+  finally:
+    saver.close()
+  return out_dir
+

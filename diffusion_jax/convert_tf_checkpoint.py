@@ -17,13 +17,11 @@ it.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 from absl import app
 from absl import flags
-from etils import epath
 from ml_collections import config_flags
 
 from diffusion_jax import build
@@ -110,9 +108,7 @@ def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
 
 def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   """Converts a TF checkpoint to `out/checkpoints/<step>`; returns (step, had EMA shadows)."""
-  out_dir = epath.Path(out) / "checkpoints"
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out directory")
+  out_dir = checkpoints.check_new_workdir(out)
   reader, prefix = _open_reader(checkpoint)
   model = build.make_model(config)
   size, channels = config.data.image_size, config.data.channels
@@ -135,12 +131,7 @@ def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   params = load(0)
   ema_params = load(1) if has_ema else params
   step = int(reader.get_tensor("global_step")) if "global_step" in shapes else 0
-  saver = checkpoints.Checkpointer(os.fspath(out_dir), keep=1, async_save=False)
-  try:
-    saver.save(step, {"step": np.int32(step), "params": params, "ema_params": ema_params},
-               config.to_dict())
-  finally:
-    saver.close()
+  checkpoints.save_converted(out, step, params, ema_params, config)
   print(f"converted {prefix} (step {step}, {len(mapping)} variables"
         f"{', with EMA' if has_ema else ', no EMA shadows: ema_params = params'}) -> {out_dir}")
   return step, has_ema

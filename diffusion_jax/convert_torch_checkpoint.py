@@ -20,7 +20,6 @@ pickles.
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 import sys
 
@@ -105,49 +104,46 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config):
 
 def convert(checkpoint: str, config, out: str, step: int = 0) -> int:
   """Converts a state dict file to `out/checkpoints/<step>`; returns the number of tensors."""
-  out_dir = epath.Path(out) / "checkpoints"
-  if out_dir.exists() and any(out_dir.iterdir()):
-    raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out directory")
+  checkpoints.check_new_workdir(out)
   state_dict = read_state_dict(checkpoint)
   params = convert_state_dict(state_dict, config)
-  saver = checkpoints.Checkpointer(os.fspath(out_dir), keep=1, async_save=False)
-  try:
-    saver.save(step, {"step": np.int32(step), "params": params, "ema_params": params},
-               config.to_dict())
-  finally:
-    saver.close()
+  # The released files hold the EMA weights the reference samples with: params and EMA alike.
+  out_dir = checkpoints.save_converted(out, step, params, params, config)
   print(f"converted {checkpoint} (step {step}, {len(state_dict)} tensors) -> {out_dir}")
   return len(state_dict)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "The config the checkpoint was trained with (configs/*_iddpm.py); default: "
-    "the released checkpoint's, from its file name.", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The PyTorch state dict file (.pt).")
-_OUT = flags.DEFINE_string("out", None, "Output workdir (a new directory).")
-_STEP = flags.DEFINE_integer("step", None, "The step to record (default: a released "
-                             "checkpoint's training steps, else 0).")
+def _define_flags() -> None:
+  # Defined only when run as a program: the TF converter defines flags of the same names, and
+  # both modules are imported together (by the tests, say).
+  config_flags.DEFINE_config_file(
+      "config", None, "The config the checkpoint was trained with (configs/*_iddpm.py); "
+      "default: the released checkpoint's, from its file name.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "The PyTorch state dict file (.pt).")
+  flags.DEFINE_string("out", None, "Output workdir (a new directory).")
+  flags.DEFINE_integer("step", None, "The step to record (default: a released checkpoint's "
+                       "training steps, else 0).")
 
 
 def main(argv):
+  args = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for flag, name in ((_CHECKPOINT, "--checkpoint"), (_OUT, "--out")):
-    if not flag.value:
-      raise app.UsageError(f"{name} is required")
-  release = release_config(_CHECKPOINT.value)
-  config, step = _CONFIG.value, 0
+  for name in ("checkpoint", "out"):
+    if not args[name].value:
+      raise app.UsageError(f"--{name} is required")
+  release = release_config(args.checkpoint)
+  config, step = args.config, 0
   if release is not None:
     step = release[1]
     if config is None:
       config = release[0]
   if config is None:
     raise app.UsageError(
-        f"{pathlib.PurePath(_CHECKPOINT.value).name} is not one of the released checkpoints "
+        f"{pathlib.PurePath(args.checkpoint).name} is not one of the released checkpoints "
         f"({', '.join(RELEASES)}): pass --config with the config it was trained with")
   try:
-    convert(_CHECKPOINT.value, config, _OUT.value,
-            step if _STEP.value is None else _STEP.value)
+    convert(args.checkpoint, config, args.out, step if args.step is None else args.step)
   except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ImportError) as e:
     # What was asked for cannot be done: one line saying why, exit code 2.
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -155,4 +151,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

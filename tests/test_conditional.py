@@ -7,32 +7,26 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax import build, config_checks, config_lib, diffusion, evaluate, inference
 from diffusion_jax import images as images_lib
 from diffusion_jax import parallel, prng, train, train_step
-from tests import checkpoint_fixtures
+from tests import checkpoint_fixtures, test_evaluate, test_train
 
 STEP = 5
 
 
 def conditional_config():
-  """configs/test.py on Improved DDPM's U-Net with 10 classes, 2 heads at 4x4 (width 64)."""
-  config = config_lib.load_config("configs/test.py")
+  """The evaluation tests' config on Improved DDPM's U-Net with 10 classes, 2 heads at 4x4
+  (width 64)."""
+  config = test_evaluate.load_config()
   config.model.update(dict(architecture="iddpm", num_classes=10, num_heads=2,
                            scale_shift_norm=True))
-  config.diffusion.num_timesteps = 20
-  config.eval.update(dict(batch_size=8, num_samples=10, seed=3, bpd_max_examples=10,
-                          progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
-                          interp_steps=3))
-  config.sample.update(dict(sampler="ddim", num_steps=4))
   return config
 
 
-def mock_cifar():
-  return tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE)
+mock_cifar = test_evaluate.mock_cifar
 
 
 @pytest.fixture(scope="module")
@@ -130,22 +124,6 @@ def test_training_reads_labels_and_draws_labelled_grids(tmp_path, capsys):
   assert "Wrote" in capsys.readouterr().out
 
 
-def _steps(config, devices, batch, num_steps=3):
-  mesh = parallel.make_mesh(devices)
-  model, sched = build.make_model(config), build.make_schedule(config)
-  optimizer = build.make_optimizer(config)
-  state = train_step.create_state(config, model, optimizer, mesh)
-  step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
-  rng = train_step.train_key(config, mesh)
-  losses = []
-  for _ in range(num_steps):
-    global_batch = jax.tree_util.tree_map(lambda x: parallel.global_batch(x, mesh, len(x)),
-                                          batch)
-    state, metrics = step_fn(state, global_batch, rng)
-    losses.append(float(metrics["loss"]))
-  return jax.device_get(state.params), losses
-
-
 def test_conditional_steps_do_not_depend_on_the_device_count():
   """Labels are split with their images: 1 device, 8 devices and 2 devices with micro-batches
   train the same parameters over 3 steps; other labels give other losses."""
@@ -155,12 +133,13 @@ def test_conditional_steps_do_not_depend_on_the_device_count():
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
            "label": rng.integers(0, 10, 8).astype(np.int32)}
-  want_params, want_losses = _steps(config, jax.devices()[:1], batch)
+  want_params, want_history, _ = test_train._run_steps(config, jax.devices()[:1], batch, 3)
   for devices, accum in ((8, 1), (2, 2)):
     config_n = copy.deepcopy(config)
     config_n.optim.grad_accum_steps = accum
-    params, losses = _steps(config_n, jax.devices()[:devices], batch)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    params, history, _ = test_train._run_steps(config_n, jax.devices()[:devices], batch, 3)
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in want_history],
+                               rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params),
                     strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -352,12 +352,7 @@ def summary(model: IDDPMUNet, image_size: int, channels: int) -> str:
                           jax.random.key(0), x, t, labels)["params"]
   order = sorted(params, key=lambda n: (_ORDER.index(_group(n)),
                                         [int(p) for p in re.findall(r"\d+", n)]))
-  width = max(len(name) for name in order)
-  lines = [f"{'block':<{width}}  {'params':>12}"]
-  for name in order:
-    lines.append(f"{name:<{width}}  {unet.count_params(params[name]):>12,}")
-  lines.append(f"total params: {unet.count_params(params):,}")
-  return "\n".join(lines)
+  return unet.param_table(params, order)
 
 
 _ORDER = ("time_embed", "label_emb", "input_blocks", "middle_block", "output_blocks", "out")

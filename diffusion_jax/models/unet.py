@@ -35,6 +35,7 @@ __all__ = [
     "example_dropout",
     "count_params",
     "summary",
+    "param_table",
     "tf_variable_name",
     "flax_param_path",
 ]
@@ -438,6 +439,15 @@ def summary(model: UNet, image_size: int, channels: int) -> str:
   order = (["conv_in", "temb"] + [f"down_{i}" for i in range(n_levels)] + ["mid"]
            + [f"up_{i}" for i in reversed(range(n_levels))] + ["norm_out", "conv_out"])
   assert set(order) == set(params), sorted(set(order) ^ set(params))
+  return param_table(params, order)
+
+
+def param_table(params, order: Sequence[str]) -> str:
+  """The parameter count of each top-level module of `params`, in `order`, then the total.
+
+  Returns:
+    a multi-line table ending with the line `total params: N` (N comma-formatted).
+  """
   width = max(len(name) for name in order)
   lines = [f"{'block':<{width}}  {'params':>12}"]
   for name in order:
