@@ -1,17 +1,22 @@
 """The PyTorch checkpoint converter, on .pt files written here (torch is in the test extra)
 holding the state dict the reference's UNetModel has for a tiny config, with the reference's
 outputs for it (tests/golden/iddpm_unet_tiny.npz)."""
+import functools
+import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from diffusion_jax import build, config_lib, convert_torch_checkpoint, evaluate, inference
+from diffusion_jax.models import iddpm_unet, unet
 from tests import test_iddpm_unet
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -88,6 +93,22 @@ def test_a_state_dict_of_another_model_is_refused_naming_what_differs(golden_cas
   torch.save(torch.zeros(3), tmp_path / "tensor.pt")
   with pytest.raises(ValueError, match="does not hold a state dict"):
     convert_torch_checkpoint.read_state_dict(str(tmp_path / "tensor.pt"))
+
+
+@pytest.mark.parametrize("name", sorted(convert_torch_checkpoint.RELEASES))
+def test_each_released_state_dict_maps_one_to_one_onto_its_configs_model(name):
+  """The names and shapes of the released models' state dicts (the reference's create_model
+  with its README's flags, tests/golden/iddpm_released_state_dicts.json) against the parameters
+  our config for each builds (traced, not computed)."""
+  released = json.loads((ROOT / "tests" / "golden" /
+                         "iddpm_released_state_dicts.json").read_text())[name]
+  config, _ = convert_torch_checkpoint.release_config(f"{name}.pt")
+  model = build.make_model(config)
+  abstract = jax.eval_shape(functools.partial(build.init_params, config, model),
+                            jax.random.key(0))
+  mapping = iddpm_unet.match_state_dict(released, abstract)
+  assert len(mapping) == len(released)
+  assert unet.count_params(abstract) == sum(math.prod(shape) for shape in released.values())
 
 
 def test_released_files_are_recognised_by_name_and_get_their_configs():

@@ -32,7 +32,7 @@ import numpy as np
 from diffusion_jax.models import unet
 
 __all__ = ["IDDPMUNet", "timestep_embedding", "check_config", "attention_heads", "summary",
-           "torch_name", "param_path", "params_from_torch"]
+           "torch_name", "param_path", "match_state_dict", "params_from_torch"]
 
 _GN_GROUPS = 32
 _GN_EPS = 1e-5  # PyTorch's GroupNorm default, which the reference keeps
@@ -436,15 +436,28 @@ _HINTS = (("label_emb", "model.num_classes (class labels)"),
           ("_blocks.", "model.ch, model.ch_mult or model.num_res_blocks"))
 
 
-def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> dict:
-  """Our parameter tree from a reference state dict, checked against the model's shapes.
+def _our_shape(shape: Sequence[int], leaf: str) -> tuple[int, ...]:
+  # The shape `_to_ours` gives a tensor of this shape.
+  shape = tuple(shape)
+  if leaf != "kernel":
+    return shape
+  if len(shape) == 4:
+    return (shape[2], shape[3], shape[1], shape[0])
+  if len(shape) == 3 and shape[-1] == 1:
+    return (shape[1], shape[0])
+  return shape[::-1] if len(shape) == 2 else shape
+
+
+def match_state_dict(shapes: Mapping[str, Sequence[int]], abstract_params
+                     ) -> dict[str, tuple[str, ...]]:
+  """Pairs every tensor of a reference state dict with one of our parameters, by name and shape.
 
   Args:
-    state_dict: {name: array} of the reference UNetModel.
+    shapes: {state dict name: its shape}.
     abstract_params: our parameter tree (arrays or ShapeDtypeStructs) for the intended config.
 
   Returns:
-    nested dict of float32 NumPy arrays in our layout.
+    {state dict name: our parameter path}.
 
   Raises:
     ValueError: naming every missing, unexpected and misshapen tensor (name, its shape, our path
@@ -454,22 +467,12 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> 
           for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   expected = {torch_name(path): path for path in flat}
   missing = [f"{name} (our {'/'.join(path)} {flat[path]})"
-             for name, path in sorted(expected.items()) if name not in state_dict]
-  unexpected = [f"{name} {tuple(np.shape(value))}" for name, value in sorted(state_dict.items())
+             for name, path in sorted(expected.items()) if name not in shapes]
+  unexpected = [f"{name} {tuple(shape)}" for name, shape in sorted(shapes.items())
                 if name not in expected]
-  tree, misshapen = {}, []
-  for name, path in expected.items():
-    if name not in state_dict:
-      continue
-    value = np.asarray(state_dict[name], np.float32)
-    ours = _to_ours(value, path[-1])
-    if ours.shape != flat[path]:
-      misshapen.append(f"{name} {value.shape} for our {'/'.join(path)} {flat[path]}")
-      continue
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(ours)
+  misshapen = [f"{name} {tuple(shapes[name])} for our {'/'.join(path)} {flat[path]}"
+               for name, path in sorted(expected.items())
+               if name in shapes and _our_shape(shapes[name], path[-1]) != flat[path]]
   problems = []
   for what, names in (("missing", missing), ("unexpected", unexpected),
                       ("with another shape", misshapen)):
@@ -480,4 +483,27 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> 
     text = "; ".join(problems)
     hints = [hint for key, hint in _HINTS if key in text]
     raise ValueError(text + (f". Settings that may differ: {', '.join(hints)}" if hints else ""))
+  return expected
+
+
+def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> dict:
+  """Our parameter tree from a reference state dict, checked against the model's shapes
+  (`match_state_dict`, whose ValueError names every mismatch).
+
+  Args:
+    state_dict: {name: array} of the reference UNetModel.
+    abstract_params: our parameter tree (arrays or ShapeDtypeStructs) for the intended config.
+
+  Returns:
+    nested dict of float32 NumPy arrays in our layout.
+  """
+  mapping = match_state_dict({name: np.shape(value) for name, value in state_dict.items()},
+                             abstract_params)
+  tree = {}
+  for name, path in mapping.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    value = np.asarray(state_dict[name], np.float32)
+    node[path[-1]] = np.ascontiguousarray(_to_ours(value, path[-1]))
   return tree

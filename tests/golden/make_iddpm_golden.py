@@ -1,6 +1,9 @@
 """Regenerates tests/golden/iddpm_unet_tiny.npz: outputs of Improved DDPM's reference PyTorch
 UNetModel (openai/improved-diffusion, `improved_diffusion/unet.py`) for tiny configs with
-seeded weights, which tests/test_iddpm_unet.py compares our Flax U-Net against.
+seeded weights, which tests/test_iddpm_unet.py compares our Flax U-Net against; and
+tests/golden/iddpm_released_state_dicts.json: the names and shapes of the state dicts of the
+seven released models (the reference's `create_model` with its README's flags), which
+tests/test_convert_torch.py matches against our configs for them.
 
 Run it outside the project, in a throwaway environment with PyTorch and the reference's source
 (nothing of either is committed):
@@ -22,6 +25,24 @@ import sys
 import numpy as np
 
 GOLDEN_PATH = pathlib.Path(__file__).resolve().parent / "iddpm_unet_tiny.npz"
+RELEASED_PATH = pathlib.Path(__file__).resolve().parent / "iddpm_released_state_dicts.json"
+# The README's model flags of each released checkpoint (the rest are create_model's defaults:
+# 4 heads, attention at 16 and 8, scale-shift norm).
+_UNCOND_64 = dict(image_size=64, num_channels=128, num_res_blocks=3, learn_sigma=True)
+_LSUN = dict(image_size=256, num_channels=128, num_res_blocks=2, num_heads=1, learn_sigma=True,
+             use_scale_shift_norm=False, attention_resolutions="16")
+RELEASED = {
+    "cifar10_uncond_50M_500K": dict(image_size=32, num_channels=128, num_res_blocks=3,
+                                    learn_sigma=True, dropout=0.3),
+    "cifar10_uncond_vlb_50M_500K": dict(image_size=32, num_channels=128, num_res_blocks=3,
+                                        learn_sigma=True, dropout=0.3),
+    "imagenet64_uncond_100M_1500K": _UNCOND_64,
+    "imagenet64_uncond_vlb_100M_1500K": _UNCOND_64,
+    "imagenet64_cond_270M_250K": dict(image_size=64, num_channels=192, num_res_blocks=3,
+                                      learn_sigma=True, class_cond=True),
+    "lsun_uncond_100M_1200K_bs128": _LSUN,
+    "lsun_uncond_100M_2400K_bs64": _LSUN,
+}
 SEED = 20210218
 # The reference's keyword arguments (attention_resolutions are downsampling rates) and the
 # image size; together they cover several attention resolutions with several heads (and other
@@ -96,6 +117,19 @@ def main(reference_dir: str) -> None:
           f"{np.abs(out).max():.3g}")
   np.savez_compressed(GOLDEN_PATH, **arrays)
   print(f"wrote {GOLDEN_PATH} ({GOLDEN_PATH.stat().st_size:,} bytes)")
+
+  from improved_diffusion import script_util  # pylint: disable=g-import-not-at-top
+  released = {}
+  for name, flags in RELEASED.items():
+    kwargs = {k: v for k, v in script_util.model_and_diffusion_defaults().items()
+              if k in ("num_heads", "num_heads_upsample", "attention_resolutions", "dropout",
+                       "learn_sigma", "class_cond", "use_checkpoint", "use_scale_shift_norm")}
+    kwargs.update(flags)
+    with torch.device("meta"):  # shapes only, no memory
+      model = script_util.create_model(**kwargs)
+    released[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+  RELEASED_PATH.write_text(json.dumps(released, indent=0, sort_keys=True) + "\n")
+  print(f"wrote {RELEASED_PATH} ({RELEASED_PATH.stat().st_size:,} bytes)")
 
 
 if __name__ == "__main__":
