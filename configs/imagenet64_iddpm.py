@@ -17,8 +17,8 @@ Config argument `variant`:
 
 Warmup and clipping: none, as the reference (configs/iddpm.py says why); at batch 2048 and lr
 3e-4 a short warmup (--config.optim.warmup_steps=1000) is the usual safety margin.
-Prepare the data once with `tfds build imagenet_resized/64x64 --file_format=array_record` (it
-needs ImageNet's manual download).
+Prepare the data once with `tfds build imagenet_resized/64x64 --file_format=array_record` (tfds
+downloads the downsampled ImageNet of image-net.org; 1.28M training images with their labels).
 """
 from diffusion_jax import config_lib
 
