@@ -111,8 +111,12 @@ def test_every_parameter_has_its_reference_name(golden):
 def test_forward_matches_the_reference_model(golden, key):
   """Our model with the converted state dict gives the reference's outputs (NCHW there, NHWC
   here). Both run in float32 with different summation orders over ~1,000-term dot products
-  of O(1) values; 1e-5 of the output's scale is ~100x float32's epsilon, and a wrong layout,
-  scale or order of any layer moves the output by > 1e-2 (a changed head split, below)."""
+  of O(1) values, and their exp() differs by one ulp in some sinusoid frequencies, which at
+  t = 3999 moves a phase by ~1e-4 rad: measured, the largest error is 5.8e-6 of the output's
+  scale (at t = 3999; 1.1e-6 to 1.6e-6 at t <= 123.4). 1e-5 of the scale is ~100x float32's
+  epsilon, while a wrong layout, scale or order of a layer moves the output by > 1e-2 of it.
+  GroupNorm's epsilon barely shows on these unit-variance features (1e-6 for 1e-5 moves the
+  output by 1.4e-5 to 1.9e-5 of its scale); the attention test below pins it."""
   timesteps, cases = golden
   case = cases[key]
   model = ours_for(case["spec"])
@@ -151,7 +155,9 @@ def test_attention_splits_heads_before_q_k_v():
   """Two heads over 32 channels: qkv's 96 channels are [q0 k0 v0 q1 k1 v1], 16 each; each head
   attends with softmax(q k^T / sqrt(16)); the heads' outputs are concatenated in order."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((2, 2, 3, 32)).astype(np.float32)
+  # Features of variance 1e-6, on which GroupNorm's epsilon (PyTorch's 1e-5, not DDPM's 1e-6)
+  # changes the normalized values several-fold.
+  x = 1e-3 * rng.standard_normal((2, 2, 3, 32)).astype(np.float32)
   block = iddpm_unet.AttentionBlock(num_heads=2)
   params = jax.tree_util.tree_map(
       lambda s: rng.standard_normal(s.shape).astype(np.float32) * 0.3,
@@ -188,6 +194,8 @@ def test_attention_splits_heads_before_q_k_v():
     (dict(num_head_channels=0), r"num_head_channels=0: use a positive number or -1"),
     (dict(attn_resolutions=(3,)), r"never reaches"),
     (dict(image_size=10), r"not divisible by the total downsampling factor 4"),
+    (dict(ch=48), r"do not split into 32 GroupNorm groups; use ch .*a multiple of 32"),
+    (dict(num_classes=-1), r"num_classes=-1: use 0 \(unconditional\) or the number"),
 ])
 def test_bad_settings_are_refused_with_what_to_set(kwargs, match):
   settings = dict(image_size=16, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,),
@@ -195,6 +203,15 @@ def test_bad_settings_are_refused_with_what_to_set(kwargs, match):
   settings.update(kwargs)
   with pytest.raises(ValueError, match=match):
     iddpm_unet.check_config(**settings)
+
+
+def test_heads_upsample_need_not_divide_a_width_only_the_middle_block_has():
+  """Attention at 16x16 (width 64) and in the middle (width 96): the output blocks' heads
+  split 64 only, as the reference's UNetModel runs them; num_heads must split both."""
+  settings = dict(image_size=16, ch=32, ch_mult=(2, 3), attn_resolutions=(16,))
+  iddpm_unet.check_config(**settings, num_heads=2, num_heads_upsample=64)
+  with pytest.raises(ValueError, match=r"num_heads=64 does not divide the width 96 .*\(64, 96\)"):
+    iddpm_unet.check_config(**settings, num_heads=64)
 
 
 def test_heads_from_channels_per_head():
@@ -235,20 +252,88 @@ def test_a_state_dict_that_does_not_fit_is_refused_naming_each_mismatch(golden):
   assert "model.num_classes" in message and "model.scale_shift_norm" in message
 
 
-def test_dropout_masks_follow_each_examples_key():
-  """With per-example keys, example 0's training output does not depend on its batch."""
-  model = IDDPMUNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.5,
-                    out_ch=3)
+def test_a_fixed_variance_state_dict_for_a_learned_variance_model_names_the_variance(golden):
+  _, cases = golden
+  spec = cases["plain_three_levels"]["spec"]
+  abstract = _abstract_params(ours_for(spec).clone(out_ch=6), spec["image_size"])
+  with pytest.raises(ValueError) as info:
+    iddpm_unet.params_from_torch(cases["plain_three_levels"]["state"], abstract)
+  message = str(info.value)
+  assert ("2 with another shape: out.2.bias (3,) for our out_2/bias (6,), out.2.weight "
+          "(3, 32, 3, 3) for our out_2/kernel (3, 3, 32, 6)") in message
+  assert "missing" not in message and "unexpected" not in message
+  assert "diffusion.var_type (a learned variance has 2C outputs)" in message
+
+
+# One small model, initialized once, for the initialization and dropout tests: attention with
+# two heads, a width change (1x1 skip), class labels, scale-shift norm and a learned variance.
+SMALL = IDDPMUNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5,
+                  out_ch=6, num_heads=2, scale_shift_norm=True, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def small_init():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
-  t = jnp.asarray([5, 9, 2])
-  params = jax.jit(lambda k: model.init(k, x, t))(jax.random.key(0))["params"]
+  t = jnp.asarray([5.0, 9.0, 123.4])
+  labels = jnp.asarray([0, 2, 1])
+  params = jax.jit(lambda k: SMALL.init(k, x, t, labels_B=labels))(jax.random.key(0))["params"]
+  return x, t, labels, params
+
+
+def _is_zero_layer(path) -> bool:
+  # The reference's zero_module layers: each ResBlock's last conv, attention's proj_out and the
+  # output conv.
+  return path[-2] in ("out_layers_3", "proj_out", "out_2")
+
+
+def test_initialization_is_pytorchs(small_init):
+  """Weights and biases uniform in +-1/sqrt(fan_in) (fan_in of the layer's weight), the zero
+  layers exactly zero, GroupNorm scale 1 and bias 0, label embeddings N(0, 1)."""
+  params = small_init[3]
+  flat = {tuple(k.key for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  seen = set()
+  for path, value in flat.items():
+    module, leaf = path[:-1], path[-1]
+    if _is_zero_layer(path):
+      assert not value.any(), path
+    elif leaf == "embedding":
+      assert abs(value.std() - 1.0) < 0.1 and abs(value.mean()) < 0.1
+    elif leaf == "scale" or "kernel" not in params_at(params, module):
+      # GroupNorm: the modules without a kernel.
+      want = 1.0 if leaf == "scale" else 0.0
+      assert (value == want).all(), path
+    else:
+      kernel = params_at(params, module)["kernel"]
+      bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+      # >= 32 draws: the largest is above half the bound but for a 2**-32 chance.
+      assert 0.5 * bound < np.abs(value).max() <= bound, path
+      if value.size >= 1000:  # uniform: std bound / sqrt(3), and the bound nearly reached
+        assert abs(value.std() * math.sqrt(3) / bound - 1) < 0.1, path
+        assert np.abs(value).max() > 0.95 * bound, path
+      seen.add(leaf)
+  assert seen == {"kernel", "bias"}
+
+
+def params_at(params, module_path):
+  for key in module_path:
+    params = params[key]
+  return params
+
+
+def test_dropout_masks_follow_each_examples_key(small_init):
+  """With per-example keys, example 0's training output does not depend on its batch."""
+  x, t, labels, params = small_init
   params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # the zero layers let noise through
   keys = jax.random.split(jax.random.key(2), 3)
-  apply = jax.jit(lambda p, x, t, k: model.apply({"params": p}, x, t, train=True,
-                                                 dropout_keys_B=k))
-  whole = apply(params, x, t, keys)
-  pair = apply(params, x[jnp.array([0, 2])], t[jnp.array([0, 2])], keys[jnp.array([0, 2])])
-  np.testing.assert_allclose(pair[0], whole[0], rtol=1e-5, atol=1e-6)
-  other_key = apply(params, x[jnp.array([0, 2])], t[jnp.array([0, 2])], keys[jnp.array([1, 2])])
+  apply = jax.jit(lambda p, x, t, y, k: SMALL.apply({"params": p}, x, t, train=True,
+                                                    dropout_keys_B=k, labels_B=y))
+  whole = apply(params, x, t, labels, keys)
+  pick = jnp.array([0, 2])
+  pair = apply(params, x[pick], t[pick], labels[pick], keys[pick])
+  # Equal up to float32 summation order, which XLA may pick by batch size (outputs are O(1);
+  # a different mask moves them by O(0.1)).
+  np.testing.assert_allclose(pair[0], whole[0], rtol=1e-5, atol=1e-5)
+  other_key = apply(params, x[pick], t[pick], labels[pick], keys[jnp.array([1, 2])])
   assert np.abs(np.asarray(other_key[0] - whole[0])).max() > 1e-3

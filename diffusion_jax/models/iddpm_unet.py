@@ -74,21 +74,24 @@ def _group_norm(name: str, dtype: Any) -> nn.GroupNorm:
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def timestep_embedding(t_B: jax.Array, dim: int) -> jax.Array:
+def timestep_embedding(t_B: jax.Array, dim: int, dtype: Any = jnp.float32) -> jax.Array:
   """The reference's sinusoidal timestep embedding (`nn.timestep_embedding`).
 
   Args:
     t_B: timesteps [B], integer or float (rescaled timesteps are fractional).
     dim: embedding size; an odd size gets one zero column.
+    dtype: compute dtype, promoted to at least float32 (the reference's): t * f reaches
+      thousands of radians, whose phase bf16 would lose.
 
   Returns:
-    float32 [B, dim]: [cos(t f_i), sin(t f_i)], f_i = exp(-ln(10000) i / half), half = dim // 2.
+    [B, dim]: [cos(t f_i), sin(t f_i)], f_i = exp(-ln(10000) i / half), half = dim // 2.
   """
   if t_B.ndim != 1:
     raise ValueError(f"timesteps must have shape [B], got {t_B.shape}")
+  dtype = jnp.promote_types(dtype, jnp.float32)
   half = dim // 2
-  freqs_F = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-  args_BxF = t_B.astype(jnp.float32)[:, None] * freqs_F[None, :]
+  freqs_F = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=dtype) / half)
+  args_BxF = t_B.astype(dtype)[:, None] * freqs_F[None, :]
   emb_BxD = jnp.concatenate([jnp.cos(args_BxF), jnp.sin(args_BxF)], axis=1)
   if dim % 2:
     emb_BxD = jnp.pad(emb_BxD, ((0, 0), (0, 1)))
@@ -187,8 +190,10 @@ def check_config(*, image_size: int, ch: int, ch_mult: Sequence[int],
                  num_head_channels: int = -1, num_heads_upsample: int = -1,
                  num_classes: int = 0) -> None:
   """Raises ValueError, saying what to set, for settings the U-Net cannot run; call before
-  compiling. On top of DDPM's geometry checks (`unet.check_config`): the heads of every
-  attention layer must split its width evenly."""
+  compiling. On top of DDPM's geometry checks (`unet.check_config`: image size, attention
+  resolutions reached, GroupNorm widths): num_classes >= 0, and the heads of every attention
+  layer split its width evenly (num_heads down and in the middle, num_heads_upsample on the way
+  up, or num_head_channels everywhere)."""
   unet.check_config(image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
                     block_size=1, ch=ch)
   if num_classes < 0:
@@ -199,28 +204,26 @@ def check_config(*, image_size: int, ch: int, ch_mult: Sequence[int],
       raise ValueError(f"{name}={value}: use a positive number"
                        + ("" if name == "num_heads" else " or -1 (unused)"))
   sizes = [image_size // 2 ** i for i in range(len(ch_mult))]
-  # Widths that get attention: each level's, where its size is in attn_resolutions, and the
-  # middle block's (the last level's width) always.
-  widths = sorted({ch * m for m, s in zip(ch_mult, sizes) if s in attn_resolutions}
-                  | {ch * ch_mult[-1]})
-  for width in widths:
-    if num_head_channels > 0:
-      if width % num_head_channels:
+  # The levels' attention widths (the same on the way down and up) and the middle block's,
+  # which always has attention but only with num_heads: the output blocks alone use
+  # num_heads_upsample, so it need not divide a width that only the middle block has.
+  level_widths = sorted({ch * m for m, s in zip(ch_mult, sizes) if s in attn_resolutions})
+  widths = sorted(set(level_widths) | {ch * ch_mult[-1]})
+  checks = [("num_head_channels", num_head_channels, widths)] if num_head_channels > 0 else [
+      ("num_heads", num_heads, widths), ("num_heads_upsample", num_heads_upsample, level_widths)]
+  for name, value, needed in checks:
+    for width in needed:
+      if value > 0 and width % value:
+        also = (" or -1 to use num_heads" if name == "num_head_channels" else "")
         raise ValueError(
-            f"num_head_channels={num_head_channels} does not divide the width {width} of an "
-            f"attention layer (widths with attention: {tuple(widths)}); set "
-            f"--config.model.num_head_channels to a divisor of every one, or -1 to use num_heads")
-      continue
-    for name, heads in (("num_heads", num_heads), ("num_heads_upsample", num_heads_upsample)):
-      if heads > 0 and width % heads:
-        raise ValueError(
-            f"{name}={heads} does not divide the width {width} of an attention layer (widths "
-            f"with attention: {tuple(widths)}); set --config.model.{name} to a divisor of "
-            f"every one")
+            f"{name}={value} does not divide the width {width} of an attention layer (the "
+            f"widths it must divide: {tuple(needed)}); set --config.model.{name} to a divisor "
+            f"of every one{also}")
 
 
 class IDDPMUNet(nn.Module):
-  """Improved DDPM's U-Net (`improved_diffusion/unet.py: UNetModel`).
+  """Improved DDPM's U-Net (`improved_diffusion/unet.py: UNetModel`). The defaults are the
+  reference's CIFAR-10 model (52,546,438 parameters; its dropout is 0.3).
 
   Attributes:
     ch: base width (the reference's model_channels); the embeddings are 4 * ch wide.
@@ -289,7 +292,7 @@ class IDDPMUNet(nn.Module):
     emb_ch = 4 * self.ch
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
-    emb = timestep_embedding(t_B, self.ch)
+    emb = timestep_embedding(t_B, self.ch, self.dtype)
     emb = _dense(emb_ch, self.ch, "time_embed_0", self.dtype)(emb)
     emb = _dense(emb_ch, emb_ch, "time_embed_2", self.dtype)(nn.silu(emb))
     if self.num_classes:
