@@ -103,7 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # How images are sampled: the training grids, every evaluation mode and the notebook sampler.
   config.sample = ml_collections.ConfigDict()
-  config.sample.sampler = "ancestral"  # one of sampling.SAMPLERS: ancestral, ddim.
+  # One of sampling.SAMPLERS: ancestral, ddim, dpmsolver++, dpmsolver.
+  config.sample.sampler = "ancestral"
   # Timesteps the sampler visits: 0 = all T, else K in 1..T, evenly spaced from 0 to T-1
   # (ancestral sampling over K < T steps runs on the schedule respaced to them).
   config.sample.num_steps = 0
@@ -112,6 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # T); ancestral sampling then runs on the respaced schedule. '' = none.
   config.sample.respacing = ""
   config.sample.eta = 0.0          # DDIM's noise scale (0 = deterministic); ancestral: 0.
+  # sampler 'dpmsolver++' / 'dpmsolver' (DPM-Solver, multistep; num_steps network calls): its
+  # order (1, 2 or 3) and its time grid ('time_uniform' or 'logSNR').
+  config.sample.solver_order = 2
+  config.sample.solver_grid = "time_uniform"
   config.sample.clip_denoised = True  # clip each x_0 prediction to [-1, 1] while sampling.
   # Images in each training grid, samples/grid_<step>.png (eval.num_samples is the count for
   # --mode sample and eval).

@@ -133,10 +133,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
   """The `sample` section as `sampling.sample`'s arguments: sampler, num_steps, respacing, eta,
-  clip_denoised; `overrides` (e.g. sampler='ddim', num_steps=50) replace single ones."""
+  clip_denoised, order and grid (DPM-Solver's `solver_order`, `solver_grid`); `overrides`
+  (e.g. sampler='ddim', num_steps=50) replace single ones."""
   s = config.sample
   out = dict(sampler=s.sampler, num_steps=s.num_steps, respacing=s.respacing, eta=s.eta,
-             clip_denoised=s.clip_denoised)
+             clip_denoised=s.clip_denoised, order=s.solver_order, grid=s.solver_grid)
   unknown = set(overrides) - set(out)
   if unknown:
     raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(out)}")
@@ -148,11 +149,13 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
   """A file-name suffix for the `sample` section's settings, so that results of one checkpoint
   under different samplers sit side by side: '' for ancestral sampling over all T steps with
   clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
-  '_ancestral_noclip'."""
+  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR'."""
   s = config.sample
   steps = ("_respaced" + s.respacing if s.respacing else
            str(s.num_steps) if s.num_steps not in (0, config.diffusion.num_timesteps) else "")
   parts = [s.sampler + steps] if (s.sampler != "ancestral" or steps) else []
+  if s.sampler in sampling.DPM_SAMPLERS:
+    parts.append(f"order{s.solver_order}_{s.solver_grid}")
   if s.eta:
     parts.append(f"eta{s.eta:g}")
   if not s.clip_denoised:
@@ -162,14 +165,14 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
 
 def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sampler: str,
                    num_steps: int, eta: float, clip_denoised: bool,
-                   respacing: str = "") -> Callable:
+                   respacing: str = "", order: int = 2, grid: str = "time_uniform") -> Callable:
   """The sampler as one compiled program over the mesh.
 
   Args:
     config: what to sample (image size, channels, diffusion types, the model's classes).
     model, sched: the U-Net and its schedule.
     mesh: the devices; the keys (and labels, and images) are split over its `data` axis.
-    sampler, num_steps, eta, clip_denoised, respacing: `sampling.sample`'s settings
+    sampler, num_steps, eta, clip_denoised, respacing, order, grid: `sampling.sample`'s settings
       (`sampler_kwargs`).
 
   Returns:
@@ -182,6 +185,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   def sample(params, keys, labels=None):
     return sampling.sample(sampler, sched, denoiser(model, params, labels), keys,
                            (keys.shape[0], size, size, channels), num_steps=num_steps,
+                           order=order, grid=grid,
                            respacing=respacing, eta=eta, clip_denoised=clip_denoised,
                            mean_type=d.mean_type, var_type=d.var_type)
 

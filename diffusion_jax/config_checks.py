@@ -19,6 +19,7 @@ import ml_collections
 
 from diffusion_jax import build
 from diffusion_jax import diffusion
+from diffusion_jax import dpm_solver
 from diffusion_jax import input_pipeline
 from diffusion_jax import parallel
 from diffusion_jax import sampling
@@ -125,6 +126,8 @@ RULES = (
     Rule("sample.num_steps", "int", 0, _T, modes=_SAMPLER_MODES, note="0 = all T"),
     Rule("sample.respacing", "str"),
     Rule("sample.eta", "float", 0, note="0 = deterministic DDIM"),
+    Rule("sample.solver_order", "int", choices=dpm_solver.ORDERS),
+    Rule("sample.solver_grid", "str", choices=dpm_solver.GRIDS),
     Rule("sample.clip_denoised", "bool"),
     Rule("sample.num_samples", "int", 1),
     Rule("eval.batch_size", "int", 1),
@@ -311,15 +314,18 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
   """
   if not _draws_samples(config, mode):
     return []
-  sampler, num_steps, eta, respacing, num_timesteps = (
+  sampler, num_steps, eta, respacing, num_timesteps, order, grid, mean_type = (
       _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta",
-                                      "sample.respacing", _T))
+                                      "sample.respacing", _T, "sample.solver_order",
+                                      "sample.solver_grid", "diffusion.mean_type"))
   if _MISSING in (sampler, num_steps, eta) or not _is_int(num_timesteps):
     return []
   respacing = "" if respacing is _MISSING else respacing
   try:
     sampling.check_sampler(sampler, num_steps, eta, num_timesteps, respacing=respacing,
-                           flag_prefix="--config.")
+                           flag_prefix="--config.", order=2 if order is _MISSING else order,
+                           grid="time_uniform" if grid is _MISSING else grid,
+                           mean_type="eps" if mean_type is _MISSING else mean_type)
   except ValueError as e:
     return [str(e)]
   return []
@@ -383,7 +389,8 @@ def problems(config, mode: str = "train") -> list[str]:
     out += model_problems(config, mode)
   # The sampler's own limits, once its fields and T have the right types and ranges.
   if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=",
-                            "sample.respacing=", _T + "="))
+                            "sample.respacing=", "sample.solver_order=", "sample.solver_grid=",
+                            _T + "="))
              for m in out):
     out += sampler_problems(config, mode)
   return out

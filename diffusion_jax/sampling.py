@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion
+from diffusion_jax import dpm_solver
 from diffusion_jax import prng
 from diffusion_jax import schedules
 from diffusion_jax.diffusion import ModelFn
@@ -331,8 +332,10 @@ def visited_timesteps(num_timesteps: int, num_steps: int = 0, respacing: str = "
 # --- Samplers by name ---------------------------------------------------------------------------
 
 def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
-                     clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
-  """`p_sample_loop` with the `SAMPLERS` signature; fewer steps than T respace the schedule.
+                     clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
+                     grid: str = "time_uniform") -> jax.Array:
+  """`p_sample_loop` with the `SAMPLERS` signature; fewer steps than T respace the schedule
+  (order and grid are DPM-Solver's, unused here).
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
@@ -353,8 +356,10 @@ def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timeste
 
 
 def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
-                clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
-  """`ddim_sample_loop` with the `SAMPLERS` signature.
+                clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
+                grid: str = "time_uniform") -> jax.Array:
+  """`ddim_sample_loop` with the `SAMPLERS` signature (order and grid are DPM-Solver's, unused
+  here).
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
@@ -368,14 +373,34 @@ def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, e
                           mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
 
 
+def _dpm_sampler(algorithm: str) -> Callable[..., jax.Array]:
+  def sample_dpm(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
+                 clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
+                 grid: str = "time_uniform") -> jax.Array:
+    if eta != 0:
+      raise ValueError(f"eta={eta} is DDIM's; DPM-Solver takes eta=0")
+    return dpm_solver.solve(sched, model_fn, keys, shape, num_steps=len(timesteps),
+                            order=order, algorithm=algorithm, grid=grid, mean_type=mean_type,
+                            var_type=var_type, clip_denoised=clip_denoised)
+
+  sample_dpm.__doc__ = (f"`dpm_solver.solve` ({algorithm}) with the `SAMPLERS` signature: "
+                        f"len(timesteps) network calls, of `order` on `grid`.")
+  return sample_dpm
+
+
 SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "ancestral": sample_ancestral,
     "ddim": sample_ddim,
+    # DPM-Solver++ (x_0 predictions) and DPM-Solver (noise predictions), multistep.
+    "dpmsolver++": _dpm_sampler("dpmsolver++"),
+    "dpmsolver": _dpm_sampler("dpmsolver"),
 }
+DPM_SAMPLERS = ("dpmsolver++", "dpmsolver")
 
 
 def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, *,
-                  respacing: str = "", flag_prefix: str = "") -> None:
+                  respacing: str = "", flag_prefix: str = "", order: int = 2,
+                  grid: str = "time_uniform", mean_type: str = "eps") -> None:
   """Raises ValueError, saying what to set, unless `sample` can run these settings.
 
   Args:
@@ -387,6 +412,9 @@ def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, 
     respacing: '' or a `schedules.space_timesteps` spec, which then sets the timesteps instead
       of num_steps (which must be 0).
     flag_prefix: put before the field names in the message ('--config.' for the command line).
+    order, grid: DPM-Solver's order (1, 2 or 3) and time grid ('time_uniform' or 'logSNR');
+      the other samplers take the defaults.
+    mean_type: the model's (DPM-Solver needs eps or xstart).
   """
   field = lambda name: f"{flag_prefix}sample.{name}"
   names = ", ".join(repr(name) for name in SAMPLERS)
@@ -431,22 +459,41 @@ def check_sampler(sampler: str, num_steps: int, eta: float, num_timesteps: int, 
         f"ancestral sampling over a respaced schedule needs at least 2 steps, got {count}: "
         f"set {field('num_steps')} or {field('respacing')} to keep more, or "
         f"{field('sampler')}='ddim'")
+  if sampler in DPM_SAMPLERS:
+    if respacing:
+      raise ValueError(f"sample.respacing={respacing!r}: {sampler} takes its steps from "
+                       f"{field('num_steps')} on its own grid ({field('solver_grid')}); set "
+                       f"{field('respacing')}=''")
+    if eta != 0:
+      raise ValueError(f"sample.eta={eta} is DDIM's noise scale, which {sampler} does not use: "
+                       f"set {field('eta')}=0.0")
+    try:
+      dpm_solver.check_solver(sampler, order, grid, count, num_timesteps, mean_type)
+    except ValueError as e:
+      raise ValueError(f"{e}: set {field('solver_order')}, {field('solver_grid')} or "
+                       f"{field('num_steps')}, or another {field('sampler')}") from None
+  elif (order, grid) != (2, "time_uniform"):
+    raise ValueError(f"sample.solver_order={order!r} and sample.solver_grid={grid!r} are "
+                     f"DPM-Solver's, which {sampler} does not use: set {field('sampler')}="
+                     f"'dpmsolver++' or leave them at 2 and 'time_uniform'")
 
 
 def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num_steps: int = 0,
            respacing: str = "", eta: float = 0.0, clip_denoised: bool = True, mean_type: str,
-           var_type: str) -> jax.Array:
+           var_type: str, order: int = 2, grid: str = "time_uniform") -> jax.Array:
   """Samples with the sampler named `sampler`, after `check_sampler`.
 
   Args:
-    sampler: a name in `SAMPLERS`: 'ancestral' or 'ddim'.
+    sampler: a name in `SAMPLERS`: 'ancestral', 'ddim', 'dpmsolver++' or 'dpmsolver'.
     sched, model_fn, keys, shape, mean_type, var_type: as in `p_sample_loop`.
     num_steps: timesteps to visit: 0 = all T, else 1..T spaced by `ddim_timesteps`.
     respacing: '' or a spec of `schedules.space_timesteps` ('ddim50', '50', '10,20,30') that
       chooses the timesteps instead (num_steps 0). Ancestral sampling over fewer than T steps
       runs on the respaced schedule, which needs `sched` concrete (closed over, not traced).
     eta: DDIM's noise scale (0 = deterministic); must be 0 for ancestral sampling.
-    clip_denoised: clip the x_0 predictions to [-1, 1] at every step.
+    clip_denoised: clip the x_0 predictions to [-1, 1] at every step (DPM-Solver: dpmsolver++
+      only).
+    order, grid: DPM-Solver's order and time grid (num_steps is then its network calls).
 
   Returns:
     Samples [B, H, W, C], nominally in [-1, 1].
@@ -454,7 +501,9 @@ def sample(sampler: str, sched: Schedule, model_fn: ModelFn, keys, shape, *, num
   Raises:
     ValueError: for settings `check_sampler` refuses.
   """
-  check_sampler(sampler, num_steps, eta, sched.num_timesteps, respacing=respacing)
+  check_sampler(sampler, num_steps, eta, sched.num_timesteps, respacing=respacing, order=order,
+                grid=grid, mean_type=mean_type)
   timesteps = visited_timesteps(sched.num_timesteps, num_steps, respacing)
   return SAMPLERS[sampler](sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
-                           clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type)
+                           clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type,
+                           order=order, grid=grid)

@@ -216,8 +216,23 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
      r"sample.eta=0.5 is DDIM's noise scale.*set --config.sample.eta=0.0, or "
      r"--config.sample.sampler='ddim'"),
     ({"sample.sampler": "plms"},
-     r"^sample.sampler='plms' must be one of ancestral, ddim: "
-     r"set --config.sample.sampler=ancestral\|ddim$"),
+     r"^sample.sampler='plms' must be one of ancestral, ddim, dpmsolver\+\+, dpmsolver: "
+     r"set --config.sample.sampler=ancestral\|ddim\|dpmsolver\+\+\|dpmsolver$"),
+    ({"sample.sampler": "dpmsolver++", "sample.solver_order": 4},
+     r"^sample.solver_order=4 must be an integer one of 1, 2, 3: set "
+     r"--config.sample.solver_order=N$"),
+    ({"sample.sampler": "dpmsolver++", "sample.solver_grid": "quadratic"},
+     r"^sample.solver_grid='quadratic' must be one of time_uniform, logSNR"),
+    ({"sample.sampler": "dpmsolver++", "sample.num_steps": 2, "sample.solver_order": 3},
+     r"^DPM-Solver of order 3 needs at least 3 steps, got 2: set --config.sample.solver_order, "
+     r"--config.sample.solver_grid or --config.sample.num_steps, or another "
+     r"--config.sample.sampler$"),
+    ({"sample.sampler": "dpmsolver", "diffusion.mean_type": "xprev"},
+     r"mean_type 'eps' or 'xstart'\), got mean_type 'xprev'"),
+    ({"sample.sampler": "dpmsolver++", "sample.num_steps": 0, "sample.respacing": "10"},
+     r"^sample.respacing='10': dpmsolver\+\+ takes its steps from --config.sample.num_steps"),
+    ({"sample.sampler": "ddim", "sample.solver_grid": "logSNR"},
+     r"are DPM-Solver's, which ddim does not use"),
     ({"sample.num_steps": 101},
      r"^sample.num_steps=101 must be an integer in \[0, diffusion.num_timesteps=100\] "
      r"\(0 = all T\): set --config.sample.num_steps=N$"),
@@ -235,7 +250,11 @@ def test_sampler_settings_are_refused_once_with_what_to_set(overrides, match):
 
 
 def test_ddim_and_ancestral_settings_pass():
-  for overrides in ({"sample.sampler": "ddim", "sample.num_steps": 0, "sample.eta": 1.0},
+  for overrides in ({"sample.sampler": "dpmsolver++", "sample.num_steps": 20,
+                     "sample.solver_order": 3, "sample.solver_grid": "logSNR"},
+                    {"sample.sampler": "dpmsolver", "sample.num_steps": 1,
+                     "sample.solver_order": 1},
+                    {"sample.sampler": "ddim", "sample.num_steps": 0, "sample.eta": 1.0},
                     {"sample.sampler": "ddim", "sample.num_steps": 100},
                     {"sample.sampler": "ancestral", "sample.num_steps": 100},
                     {"sample.sampler": "ancestral", "sample.num_steps": 10},

@@ -103,7 +103,7 @@ def test_upgrade_of_a_saved_test_config():
       "eval.bpd_clip_denoised=True, "
       "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
       "model.num_heads=1, model.num_heads_upsample=-1, model.scale_shift_norm=False, "
-      "sample.respacing=''")
+      "sample.respacing='', sample.solver_grid='time_uniform', sample.solver_order=2")
   # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
   # DDPM's U-Net, no labels.
   assert (config.diffusion.timestep_sampler, config.diffusion.rescale_timesteps,
@@ -172,7 +172,8 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
                           "model.architecture='ddpm', model.num_classes=0, "
                           "model.num_head_channels=-1, model.num_heads=1, "
                           "model.num_heads_upsample=-1, model.scale_shift_norm=False, "
-                          "optim.lr=0.0002, sample.respacing=''; "
+                          "optim.lr=0.0002, sample.respacing='', "
+                          "sample.solver_grid='time_uniform', sample.solver_order=2; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")
 

@@ -362,8 +362,8 @@ def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_
 
 def test_every_registered_sampler_has_the_one_signature():
   want = ["sched", "model_fn", "keys", "shape", "timesteps", "eta", "clip_denoised", "mean_type",
-          "var_type"]
-  assert set(sampling.SAMPLERS) == {"ancestral", "ddim"}
+          "var_type", "order", "grid"]
+  assert set(sampling.SAMPLERS) == {"ancestral", "ddim", "dpmsolver++", "dpmsolver"}
   for name, fn in sampling.SAMPLERS.items():
     params = inspect.signature(fn).parameters
     assert list(params) == want, name
