@@ -235,6 +235,12 @@ def check_sample_labels(config: ml_collections.ConfigDict, labels) -> np.ndarray
   return labels.astype(np.int32)
 
 
+def default_labels(config: ml_collections.ConfigDict, indices) -> np.ndarray | None:
+  """Sample i's class when none is asked for: i mod num_classes (None: unconditional)."""
+  classes = num_classes(config)
+  return np.asarray(indices) % classes if classes else None
+
+
 def sample_labels(config: ml_collections.ConfigDict, indices: np.ndarray, mesh,
                   labels: np.ndarray | None = None) -> tuple:
   """The labels argument of a class-conditional sampler, for the samples with these global
@@ -246,9 +252,9 @@ def sample_labels(config: ml_collections.ConfigDict, indices: np.ndarray, mesh,
   """
   indices = np.asarray(indices)
   if labels is None:
-    if not num_classes(config):
+    labels = default_labels(config, indices)
+    if labels is None:
       return ()
-    labels = indices % num_classes(config)
   labels = check_sample_labels(config, labels)
   if labels.shape != indices.shape:
     raise ValueError(f"{len(indices)} samples and {len(labels)} labels: give one per sample")

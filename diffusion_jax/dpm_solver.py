@@ -222,9 +222,7 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
   def step(carry, xs):
     x, m_prev1, m_prev2 = carry
     label, alpha_i, sigma_i, a_i, b_i = xs
-    t_model = jnp.full((batch,), label, dtype)
-    if sched.rescale_timesteps:
-      t_model = t_model * (1000.0 / sched.base_num_timesteps)
+    t_model = sched.model_timesteps(jnp.full((batch,), label, dtype))
     out, _ = diffusion.split_model_output(model_fn(x, t_model), x.shape, var_type=var_type)
     out = out.astype(x.dtype)
     if data_prediction:

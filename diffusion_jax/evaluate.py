@@ -111,7 +111,7 @@ def split_source(config, split: str):
 
 
 def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0, *,
-                  label: str = "", with_labels: bool = False):
+                  label: str = "", num_classes: int = 0):
   """Every example of a split (or the first max_examples) once, in global batches.
 
   The last batch is padded with copies of example 0, for the caller to drop with `valid`.
@@ -119,8 +119,8 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
 
   Yields:
     (indices [batch_size], valid bool [batch_size], uint8 images [batch_size, H, W, C] split
-    over the mesh, each host having read only its rows, and with `with_labels` their class
-    labels int32 [batch_size] split alike, else None).
+    over the mesh, each host having read only its rows, and with num_classes > 0 their class
+    labels int32 [batch_size] split alike, each checked to be below it, else None).
   """
   source = split_source(config, split)
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
@@ -129,16 +129,11 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
   for start in range(0, num, batch_size):
     indices = np.arange(start, start + batch_size)
     valid = indices < num
-    mine = np.where(valid, indices, 0)[rows]
-    labels = None
-    if with_labels:
-      examples = [source.example(int(i)) for i in mine]
-      local = np.stack([e["image"] for e in examples])
-      labels = parallel.global_batch(np.asarray([e["label"] for e in examples], np.int32),
-                                     mesh, batch_size)
-    else:
-      local = np.stack([source[int(i)] for i in mine])
-    yield indices, valid, parallel.global_batch(local, mesh, batch_size), labels
+    local = input_pipeline.read_examples(source, np.where(valid, indices, 0)[rows],
+                                         num_classes=num_classes)
+    labels = (parallel.global_batch(local["label"], mesh, batch_size) if "label" in local
+              else None)
+    yield indices, valid, parallel.global_batch(local["image"], mesh, batch_size), labels
     if progress is not None:
       progress.update(start + batch_size)
 
@@ -155,14 +150,13 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
                         clip_denoised=config.eval.bpd_clip_denoised)
   sums = np.zeros(3, np.float64)
   num = 0
-  conditional = bool(build.num_classes(config))
   for indices, valid, images, labels in split_batches(
       config, split, mesh, batch_size, max_examples, label=f"bits/dim ({split})",
-      with_labels=conditional):
+      num_classes=build.num_classes(config)):
     num += int(valid.sum())
     keys = prng.sharded_example_keys(seed, prng.RunStream.BPD, indices, mesh)
     total, prior, terms = parallel.fetch(fn(params, images, keys,
-                                            *([labels] if conditional else [])))
+                                            *([] if labels is None else [labels])))
     sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
   return dict(bpd=sums[0] / num, prior_bpd=sums[1] / num, terms_bpd=sums[2] / num,
               num_examples=int(num))
@@ -222,17 +216,18 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   source = split_source(config, settings.bpd_split)
   lams = np.linspace(0.0, 1.0, settings.interp_steps)
   pairs = settings.interp_pairs
-  firsts = np.stack([source[2 * i] for i in range(pairs)])
-  seconds = np.stack([source[2 * i + 1] for i in range(pairs)])
-  conditional = bool(build.num_classes(config))
+  first = input_pipeline.read_examples(source, 2 * np.arange(pairs),
+                                       num_classes=build.num_classes(config))
+  firsts = first["image"]
+  seconds = input_pipeline.read_examples(source, 2 * np.arange(pairs) + 1)["image"]
+  conditional = "label" in first
   # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
   columns = dict(x1=np.repeat(firsts, len(lams), axis=0),
                  x2=np.repeat(seconds, len(lams), axis=0),
                  lam=np.tile(lams, pairs).astype(np.float32),
                  pair=np.repeat(np.arange(pairs), len(lams)))
   if conditional:
-    columns["label"] = np.repeat(
-        np.asarray([source.example(2 * i)["label"] for i in range(pairs)], np.int32), len(lams))
+    columns["label"] = np.repeat(first["label"], len(lams))
   n = len(columns["lam"])
   batch = parallel.round_up_to_devices(n, mesh)
   # Padding rows repeat the first ones; they are dropped below.

@@ -134,7 +134,7 @@ class Sampler:
 
   def labels(self, indices: np.ndarray) -> np.ndarray | None:
     """The default labels of these samples: i mod num_classes (None: unconditional)."""
-    return np.asarray(indices) % self.num_classes if self.num_classes else None
+    return build.default_labels(self.config, indices)
 
   def sample_global(self, indices: np.ndarray, *, seed: int = 0,
                     labels: np.ndarray | None = None, **settings) -> jax.Array:

@@ -342,20 +342,35 @@ def load_batch(source, *, seed: int, step: int, global_batch: int, rows: slice,
     {'image': uint8 [len(rows), H, W, C]} and, with num_classes > 0, 'label' int32 [len(rows)].
   """
   indices = example_indices(seed, step, global_batch, len(source), rows)
-  if num_classes > 0:
-    examples = [source.example(i) for i in indices]
-    if any("label" not in e for e in examples):
-      raise ValueError("the dataset has no labels; a class-conditional model "
-                       "(model.num_classes > 0) needs them")
-    images = np.stack([e["image"] for e in examples])
-    batch = {"label": np.asarray([e["label"] for e in examples], np.int32)}
-    check_batch_labels(batch["label"], num_classes)
-  else:
-    images, batch = np.stack([source[i] for i in indices]), {}
+  batch = read_examples(source, indices, num_classes=num_classes)
   if random_flip:
     flips = flip_mask(seed, step, global_batch)[rows]
-    images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-  return {"image": images, **batch}
+    batch["image"] = np.where(flips[:, None, None, None], batch["image"][:, :, ::-1],
+                              batch["image"])
+  return batch
+
+
+def read_examples(source, indices, *, num_classes: int = 0) -> dict[str, np.ndarray]:
+  """The examples of a source at these indices, stacked.
+
+  Args:
+    source: random access examples (`source.example(i)` -> {'image', 'label'?}, `source[i]`
+      -> the image).
+    indices: which examples.
+    num_classes: > 0 to read the labels too, each checked to be below it.
+
+  Returns:
+    {'image': uint8 [n, H, W, C]} and, with num_classes > 0, 'label' int32 [n].
+  """
+  if num_classes <= 0:
+    return {"image": np.stack([source[int(i)] for i in indices])}
+  examples = [source.example(int(i)) for i in indices]
+  if any("label" not in e for e in examples):
+    raise ValueError("the dataset has no labels; a class-conditional model "
+                     "(model.num_classes > 0) needs them")
+  labels = np.asarray([e["label"] for e in examples], np.int32)
+  check_batch_labels(labels, num_classes)
+  return {"image": np.stack([e["image"] for e in examples]), "label": labels}
 
 
 # How the batches are prepared ahead: grain's prefetch threads in this process, or grain's worker

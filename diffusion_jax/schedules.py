@@ -184,11 +184,13 @@ class Schedule:
     return jnp.take(self.timestep_map, t)
 
   def model_timesteps(self, t: jax.Array) -> jax.Array:
-    """What the network is given for entries t [B]: the original timesteps, as int32, or as
-    float32 times 1000 / T with `rescale_timesteps`."""
+    """What the network is given for entries t [B]: the original timesteps as they are, or
+    times 1000 / T (in at least float32) with `rescale_timesteps`. Continuous times (DPM-Solver's,
+    float) pass through alike."""
     t = self.original_timesteps(t)
     if self.rescale_timesteps:
-      return t.astype(jnp.float32) * (1000.0 / self.base_num_timesteps)
+      t = t.astype(jnp.promote_types(t.dtype, jnp.float32))
+      return t * (1000.0 / self.base_num_timesteps)
     return t
 
   @classmethod
