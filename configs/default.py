@@ -50,6 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_heads_upsample = -1  # heads on the way up (-1 = num_heads)
   config.model.scale_shift_norm = False  # the timestep sets each block's norm scale and shift
   config.model.num_classes = 0         # class-conditional on the data's labels; 0 = unconditional
+  # Classifier-free guidance's training: each example's label is replaced by the null class
+  # (label num_classes, whose embedding row exists only when p_uncond > 0) with this
+  # probability. 0 = no null class (and no guidance).
+  config.model.p_uncond = 0.0
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = "linear"
@@ -118,6 +122,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.solver_order = 2
   config.sample.solver_grid = "time_uniform"
   config.sample.clip_denoised = True  # clip each x_0 prediction to [-1, 1] while sampling.
+  # Classifier-free guidance's w (a model trained with model.p_uncond > 0): every network call
+  # becomes (1 + w) f(x, c) - w f(x, null), both halves in one batched call. 0 = no guidance.
+  config.sample.guidance_scale = 0.0
   # Images in each training grid, samples/grid_<step>.png (eval.num_samples is the count for
   # --mode sample and eval).
   config.sample.num_samples = 64

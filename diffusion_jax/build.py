@@ -29,7 +29,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHITECTURES = ("ddpm", "iddpm")
 # model fields only Improved DDPM's U-Net has, with the value that means "as DDPM's".
 _IDDPM_ONLY = {"num_heads": 1, "num_head_channels": -1, "num_heads_upsample": -1,
-               "scale_shift_norm": False, "num_classes": 0}
+               "scale_shift_norm": False, "num_classes": 0, "p_uncond": 0.0}
 
 
 def make_model(config: ml_collections.ConfigDict):
@@ -46,7 +46,8 @@ def make_model(config: ml_collections.ConfigDict):
     return iddpm_unet.IDDPMUNet(**common, num_heads=m.num_heads,
                                 num_head_channels=m.num_head_channels,
                                 num_heads_upsample=m.num_heads_upsample,
-                                scale_shift_norm=m.scale_shift_norm, num_classes=m.num_classes)
+                                scale_shift_norm=m.scale_shift_norm, num_classes=m.num_classes,
+                                null_class=has_null_class(config))
   return unet.UNet(**common, block_size=m.block_size)
 
 
@@ -62,6 +63,30 @@ def init_params(config: ml_collections.ConfigDict, model, key: jax.Array):
 def num_classes(config: ml_collections.ConfigDict) -> int:
   """The model's classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1)."""
   return int(config.model.get("num_classes", 0))
+
+
+def has_null_class(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model has classifier-free guidance's null class (label num_classes): trained
+  with model.p_uncond > 0."""
+  return float(config.model.get("p_uncond", 0.0)) > 0
+
+
+def check_guidance(config: ml_collections.ConfigDict, guidance_scale: float) -> None:
+  """Raises ValueError, saying what to set, unless the model can be sampled with classifier-free
+  guidance of this scale (0: no guidance, always fine)."""
+  if not np.isfinite(guidance_scale) or guidance_scale < 0:
+    raise ValueError(f"sample.guidance_scale={guidance_scale!r}: use a number >= 0 "
+                     "(0 = no guidance)")
+  if not guidance_scale:
+    return
+  if not num_classes(config):
+    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a class-conditional model, and "
+                     "this one is unconditional (model.num_classes=0): set "
+                     "--config.sample.guidance_scale=0")
+  if not has_null_class(config):
+    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a model trained with a null class "
+                     "(model.p_uncond > 0, e.g. --config.model.p_uncond=0.1); this one has none: "
+                     "set --config.sample.guidance_scale=0")
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
@@ -83,13 +108,19 @@ def check_model(config: ml_collections.ConfigDict) -> None:
                       attn_resolutions=tuple(m.attn_resolutions), block_size=m.block_size,
                       ch=m.ch)
     return
+  if has_null_class(config) and not m.num_classes:
+    raise ValueError(f"model.p_uncond={m.p_uncond!r} trains classifier-free guidance's null "
+                     "class, which needs a class-conditional model: set "
+                     "--config.model.num_classes to the number of classes, or "
+                     "--config.model.p_uncond=0")
   if m.block_size != 1:
     raise ValueError(f"model.block_size={m.block_size}: Improved DDPM's U-Net has no "
                      f"space-to-depth input; set --config.model.block_size=1")
   iddpm_unet.check_config(image_size=config.data.image_size, ch=m.ch, ch_mult=tuple(m.ch_mult),
                           attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
                           num_head_channels=m.num_head_channels,
-                          num_heads_upsample=m.num_heads_upsample, num_classes=m.num_classes)
+                          num_heads_upsample=m.num_heads_upsample, num_classes=m.num_classes,
+                          null_class=has_null_class(config))
 
 
 def model_summary(config: ml_collections.ConfigDict) -> str:
@@ -132,12 +163,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
-  """The `sample` section as `sampling.sample`'s arguments: sampler, num_steps, respacing, eta,
-  clip_denoised, order and grid (DPM-Solver's `solver_order`, `solver_grid`); `overrides`
-  (e.g. sampler='ddim', num_steps=50) replace single ones."""
+  """The `sample` section as `make_sample_fn`'s settings: `sampling.sample`'s sampler,
+  num_steps, respacing, eta, clip_denoised, order and grid (DPM-Solver's `solver_order`,
+  `solver_grid`), and guidance_scale; `overrides` (e.g. sampler='ddim', num_steps=50) replace
+  single ones."""
   s = config.sample
   out = dict(sampler=s.sampler, num_steps=s.num_steps, respacing=s.respacing, eta=s.eta,
-             clip_denoised=s.clip_denoised, order=s.solver_order, grid=s.solver_grid)
+             clip_denoised=s.clip_denoised, order=s.solver_order, grid=s.solver_grid,
+             guidance_scale=s.guidance_scale)
   unknown = set(overrides) - set(out)
   if unknown:
     raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(out)}")
@@ -149,7 +182,7 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
   """A file-name suffix for the `sample` section's settings, so that results of one checkpoint
   under different samplers sit side by side: '' for ancestral sampling over all T steps with
   clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
-  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR'."""
+  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR', '_guidance3'."""
   s = config.sample
   steps = ("_respaced" + s.respacing if s.respacing else
            str(s.num_steps) if s.num_steps not in (0, config.diffusion.num_timesteps) else "")
@@ -160,12 +193,15 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
     parts.append(f"eta{s.eta:g}")
   if not s.clip_denoised:
     parts.append("noclip")
+  if s.guidance_scale:
+    parts.append(f"guidance{s.guidance_scale:g}")
   return "".join("_" + part for part in parts)
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sampler: str,
                    num_steps: int, eta: float, clip_denoised: bool,
-                   respacing: str = "", order: int = 2, grid: str = "time_uniform") -> Callable:
+                   respacing: str = "", order: int = 2, grid: str = "time_uniform",
+                   guidance_scale: float = 0.0) -> Callable:
   """The sampler as one compiled program over the mesh.
 
   Args:
@@ -174,6 +210,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
     mesh: the devices; the keys (and labels, and images) are split over its `data` axis.
     sampler, num_steps, eta, clip_denoised, respacing, order, grid: `sampling.sample`'s settings
       (`sampler_kwargs`).
+    guidance_scale: classifier-free guidance's w (`denoiser`); 0 = none.
 
   Returns:
     f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1]; for a class-conditional
@@ -181,9 +218,12 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   """
   d = config.diffusion
   size, channels = config.data.image_size, config.data.channels
+  check_guidance(config, guidance_scale)
 
   def sample(params, keys, labels=None):
-    return sampling.sample(sampler, sched, denoiser(model, params, labels), keys,
+    model_fn = denoiser(model, params, labels, guidance_scale=guidance_scale,
+                        var_type=d.var_type)
+    return sampling.sample(sampler, sched, model_fn, keys,
                            (keys.shape[0], size, size, channels), num_steps=num_steps,
                            order=order, grid=grid,
                            respacing=respacing, eta=eta, clip_denoised=clip_denoised,
@@ -267,8 +307,30 @@ def label_kwargs(labels) -> dict[str, Any]:
   return {} if labels is None else {"labels_B": labels}
 
 
-def denoiser(model, params, labels=None) -> Callable:
+def denoiser(model, params, labels=None, *, guidance_scale: float = 0.0,
+             var_type: str = "fixedlarge") -> Callable:
   """model_fn(x_t, t) of the math layer: the U-Net with `params`, in evaluation mode,
-  conditioned on `labels` [B] (int) for a class-conditional model."""
-  kwargs = label_kwargs(labels)
-  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False, **kwargs)
+  conditioned on `labels` [B] (int) for a class-conditional model.
+
+  With guidance_scale w > 0 (a model with a null class, `check_guidance`), each call runs the
+  network once on the batch doubled, [labels; null class], and returns
+  `diffusion.guided_output` of the two halves (var_type says which channels are a variance).
+  """
+  def apply(x_t, t, labels_):
+    return model.apply({"params": params}, x_t, t, train=False, **label_kwargs(labels_))
+
+  if not guidance_scale:
+    return lambda x_t, t: apply(x_t, t, labels)
+  if labels is None or not getattr(model, "null_class", False):
+    raise ValueError("classifier-free guidance needs labels and a model with a null class "
+                     "(model.p_uncond > 0)")
+  null = jnp.full_like(labels, model.num_classes)
+
+  def guided(x_t, t):
+    t = jnp.broadcast_to(jnp.asarray(t), x_t.shape[:1])
+    both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                 jnp.concatenate([labels, null]))
+    cond, uncond = jnp.split(both, 2)
+    return diffusion.guided_output(cond, uncond, guidance_scale, x_t.shape, var_type=var_type)
+
+  return guided

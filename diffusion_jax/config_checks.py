@@ -91,6 +91,7 @@ RULES = (
     Rule("model.num_heads_upsample", "int", -1, note="-1 = num_heads"),
     Rule("model.scale_shift_norm", "bool"),
     Rule("model.num_classes", "int", 0, note="0 = unconditional"),
+    Rule("model.p_uncond", "float", 0, 1, high_open=True, note="0 = no null class"),
     Rule("diffusion.beta_start", "float", 0, "diffusion.beta_end", low_open=True,
          when=_schedule_uses(*_RAMPS)),
     Rule("diffusion.beta_end", "float", 0, 1, low_open=True, high_open=True,
@@ -129,6 +130,7 @@ RULES = (
     Rule("sample.solver_order", "int", choices=dpm_solver.ORDERS),
     Rule("sample.solver_grid", "str", choices=dpm_solver.GRIDS),
     Rule("sample.clip_denoised", "bool"),
+    Rule("sample.guidance_scale", "float", 0, note="0 = no guidance"),
     Rule("sample.num_samples", "int", 1),
     Rule("eval.batch_size", "int", 1),
     Rule("eval.num_samples", "int", 1),
@@ -328,6 +330,15 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
                            mean_type="eps" if mean_type is _MISSING else mean_type)
   except ValueError as e:
     return [str(e)]
+  guidance = _get(config, "sample.guidance_scale")
+  if _is_number(guidance) and guidance > 0 and all(
+      _is_number(_get(config, p)) for p in ("model.num_classes", "model.p_uncond")):
+    try:
+      build.check_guidance(ml_collections.ConfigDict(
+          {"model": {"num_classes": _get(config, "model.num_classes"),
+                     "p_uncond": _get(config, "model.p_uncond")}}), guidance)
+    except ValueError as e:
+      return [str(e)]
   return []
 
 
@@ -344,7 +355,7 @@ def model_problems(config, mode: str = "train") -> list[str]:
   needed = ["data.image_size", "data.channels", "data.dataset"] + [
       f"model.{name}" for name in ("architecture", "dtype", "ch", "ch_mult", "attn_resolutions",
                                    "block_size", "num_heads", "num_head_channels",
-                                   "num_heads_upsample", "num_classes")]
+                                   "num_heads_upsample", "num_classes", "p_uncond")]
   if any(_get(config, path) is _MISSING for path in needed):
     return []
   if not isinstance(config, ml_collections.ConfigDict):

@@ -238,6 +238,30 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
   return MeanVar(mean, variance, log_variance, pred_xstart)
 
 
+def guided_output(cond_output, uncond_output, guidance_scale, x_shape, *, var_type: str):
+  """Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) of one network output.
+
+  The mean parts combine as (1 + w) cond - w uncond. For eps this is the paper's guided noise;
+  x_0, v and x_{t-1} outputs are each an affine function of eps at a given x_t (eps's weights
+  sum to one here), so combining them directly equals converting both to eps, combining and
+  converting back. A learned variance comes from the conditional output.
+
+  Args:
+    cond_output, uncond_output: the network's outputs at the same (x_t, t) with the labels and
+      with the null class.
+    guidance_scale: w >= 0 (0 gives cond_output).
+    x_shape: x_t's shape.
+    var_type: as in `p_mean_variance` (learned types: the extra channels are the variance).
+
+  Returns:
+    the guided output, cond_output's shape.
+  """
+  cond_mean, cond_var = split_model_output(cond_output, x_shape, var_type=var_type)
+  uncond_mean, _ = split_model_output(uncond_output, x_shape, var_type=var_type)
+  mean = (1.0 + guidance_scale) * cond_mean - guidance_scale * uncond_mean
+  return mean if cond_var is None else jnp.concatenate([mean, cond_var], axis=-1)
+
+
 # --- The variational bound ---------------------------------------------------------------------
 
 def vb_terms_bpd(sched: Schedule, model_output, x_start, x_t, t, *, mean_type: str,

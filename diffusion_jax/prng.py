@@ -39,6 +39,7 @@ class ExampleStream(enum.IntEnum):
   TIMESTEP = 0
   NOISE = 1
   DROPOUT = 2
+  LABEL_DROP = 3   # classifier-free guidance's training: the label replaced by the null class
 
 
 def run_key(seed: int, stream: RunStream) -> jax.Array:

@@ -61,7 +61,17 @@ def init_state(config, model, optimizer, key) -> TrainState:
                     opt_state=optimizer.init(params), loss_history=history)
 
 
-def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw):
+def drop_labels(labels_B, keys_B, p_uncond: float, null_label: int) -> jax.Array:
+  """Classifier-free guidance's training labels: each example's label replaced by the null
+  class with probability p_uncond, drawn from the example's own key (so the same examples are
+  dropped whatever the device count)."""
+  drop_keys = prng.fold_in_each(keys_B, prng.ExampleStream.LABEL_DROP)
+  drop_B = jax.vmap(lambda k: jax.random.bernoulli(k, p_uncond))(drop_keys)
+  return jnp.where(drop_B, jnp.asarray(null_label, labels_B.dtype), labels_B)
+
+
+def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw,
+            p_uncond: float = 0.0):
   """Mean training loss of a batch whose randomness comes from per-example keys.
 
   Args:
@@ -70,6 +80,8 @@ def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw):
     keys_B: one typed key per example.
     loss_history: the importance sampler's history (a dict), or None to draw t uniformly.
     model, sched, diffusion_kw: fixed parts.
+    p_uncond: the probability that an example's label is replaced by the model's null class
+      (label num_classes; `drop_labels`); 0 for none.
 
   Returns:
     (the mean of the (importance-weighted) losses, aux): aux holds 't' and 'losses' [B] (the
@@ -86,7 +98,10 @@ def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw):
         timestep_keys, timestep_sampling.LossHistory(**loss_history))
   noise = prng.normal_each(prng.fold_in_each(keys_B, prng.ExampleStream.NOISE),
                            x_start.shape[1:])
-  model_kw = build.label_kwargs(batch.get("label"))
+  labels_B = batch.get("label")
+  if p_uncond > 0:
+    labels_B = drop_labels(labels_B, keys_B, p_uncond, model.num_classes)
+  model_kw = build.label_kwargs(labels_B)
   if model.dropout > 0:
     model_kw["dropout_keys_B"] = prng.fold_in_each(keys_B, prng.ExampleStream.DROPOUT)
 
@@ -102,7 +117,8 @@ def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw):
 
 
 def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
-               diffusion_kw, ema_decay: float, grad_accum_steps: int = 1):
+               diffusion_kw, ema_decay: float, grad_accum_steps: int = 1,
+               p_uncond: float = 0.0):
   """One update, run on each device for its rows of the global batch (inside shard_map).
 
   Args:
@@ -113,6 +129,7 @@ def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
     model, sched, optimizer, diffusion_kw: fixed parts (bound with functools.partial).
     ema_decay: EMA decay after the first step.
     grad_accum_steps: split the rows into this many micro-batches, summing gradients.
+    p_uncond: classifier-free guidance's label dropout (`loss_fn`).
 
   Returns:
     (new state, metrics dict of replicated scalars: loss, grad_norm, param_norm and the
@@ -123,7 +140,8 @@ def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
   positions = first_row + jnp.arange(local_batch)
   keys = prng.example_keys(jax.random.fold_in(rng, state.step), positions)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, sched=sched,
-                                                 diffusion_kw=diffusion_kw), has_aux=True)
+                                                 diffusion_kw=diffusion_kw, p_uncond=p_uncond),
+                               has_aux=True)
   # Differentiate with respect to a per-device ('varying') copy of the replicated parameters.
   # The gradient with respect to the replicated (unvarying) parameters themselves would come
   # back already summed over the mesh (the transpose of their implicit broadcast), N times the
@@ -193,7 +211,8 @@ def make_train_step(config, model, sched, optimizer, mesh):
   step = functools.partial(train_step, model=model, sched=sched, optimizer=optimizer,
                            diffusion_kw=build.diffusion_kwargs(config),
                            ema_decay=config.optim.ema_decay,
-                           grad_accum_steps=config.optim.grad_accum_steps)
+                           grad_accum_steps=config.optim.grad_accum_steps,
+                           p_uncond=float(config.model.p_uncond))
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
                          out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=(0,))

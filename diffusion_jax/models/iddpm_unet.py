@@ -188,16 +188,19 @@ class Upsample(nn.Module):
 def check_config(*, image_size: int, ch: int, ch_mult: Sequence[int],
                  attn_resolutions: Sequence[int], num_heads: int = 1,
                  num_head_channels: int = -1, num_heads_upsample: int = -1,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, null_class: bool = False) -> None:
   """Raises ValueError, saying what to set, for settings the U-Net cannot run; call before
   compiling. On top of DDPM's geometry checks (`unet.check_config`: image size, attention
-  resolutions reached, GroupNorm widths): num_classes >= 0, and the heads of every attention
+  resolutions reached, GroupNorm widths): num_classes >= 0 (> 0 with a null class), and the heads of every attention
   layer split its width evenly (num_heads down and in the middle, num_heads_upsample on the way
   up, or num_head_channels everywhere)."""
   unet.check_config(image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
                     block_size=1, ch=ch)
   if num_classes < 0:
     raise ValueError(f"num_classes={num_classes}: use 0 (unconditional) or the number of classes")
+  if null_class and not num_classes:
+    raise ValueError("a null class (for classifier-free guidance) needs a class-conditional "
+                     "model: set num_classes to the number of classes")
   for name, value in (("num_heads", num_heads), ("num_heads_upsample", num_heads_upsample),
                       ("num_head_channels", num_head_channels)):
     if value == 0 or value < -1 or (name == "num_heads" and value < 1):
@@ -236,6 +239,8 @@ class IDDPMUNet(nn.Module):
     num_heads, num_head_channels, num_heads_upsample: the attention heads (`attention_heads`).
     scale_shift_norm: the timestep embedding gives each block's norm a scale and a shift.
     num_classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1).
+    null_class: one more label embedding, for label num_classes, "no class": classifier-free
+      guidance's unconditional model (trained by replacing labels with it now and then).
     dtype: compute dtype; parameters are always float32.
     remat: recompute ResBlock activations in the backward pass.
   """
@@ -250,6 +255,7 @@ class IDDPMUNet(nn.Module):
   num_heads_upsample: int = -1
   scale_shift_norm: bool = True
   num_classes: int = 0
+  null_class: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
 
@@ -287,7 +293,8 @@ class IDDPMUNet(nn.Module):
       check_config(image_size=size, ch=self.ch, ch_mult=self.ch_mult,
                    attn_resolutions=self.attn_resolutions, num_heads=self.num_heads,
                    num_head_channels=self.num_head_channels,
-                   num_heads_upsample=self.num_heads_upsample, num_classes=self.num_classes)
+                   num_heads_upsample=self.num_heads_upsample, num_classes=self.num_classes,
+                   null_class=self.null_class)
     attn = tuple(self.attn_resolutions)
     emb_ch = 4 * self.ch
     block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -296,7 +303,7 @@ class IDDPMUNet(nn.Module):
     emb = _dense(emb_ch, self.ch, "time_embed_0", self.dtype)(emb)
     emb = _dense(emb_ch, emb_ch, "time_embed_2", self.dtype)(nn.silu(emb))
     if self.num_classes:
-      emb = emb + nn.Embed(self.num_classes, emb_ch, embedding_init=nn.initializers.normal(1.0),
+      emb = emb + nn.Embed(self.num_classes + int(self.null_class), emb_ch, embedding_init=nn.initializers.normal(1.0),
                            param_dtype=jnp.float32, name="label_emb")(labels_B).astype(emb.dtype)
 
     def res(out_ch, name, h):
