@@ -102,8 +102,9 @@ def test_upgrade_of_a_saved_test_config():
       "diffusion.rescale_timesteps=False, diffusion.timestep_sampler='uniform', "
       "eval.bpd_clip_denoised=True, "
       "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
-      "model.num_heads=1, model.num_heads_upsample=-1, model.scale_shift_norm=False, "
-      "sample.respacing='', sample.solver_grid='time_uniform', sample.solver_order=2")
+      "model.num_heads=1, model.num_heads_upsample=-1, model.p_uncond=0.0, "
+      "model.scale_shift_norm=False, sample.guidance_scale=0.0, sample.respacing='', "
+      "sample.solver_grid='time_uniform', sample.solver_order=2")
   # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
   # DDPM's U-Net, no labels.
   assert (config.diffusion.timestep_sampler, config.diffusion.rescale_timesteps,
@@ -171,8 +172,9 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
                           "'uniform', eval.bpd_clip_denoised=True, eval.watch=False, "
                           "model.architecture='ddpm', model.num_classes=0, "
                           "model.num_head_channels=-1, model.num_heads=1, "
-                          "model.num_heads_upsample=-1, model.scale_shift_norm=False, "
-                          "optim.lr=0.0002, sample.respacing='', "
+                          "model.num_heads_upsample=-1, model.p_uncond=0.0, "
+                          "model.scale_shift_norm=False, optim.lr=0.0002, "
+                          "sample.guidance_scale=0.0, sample.respacing='', "
                           "sample.solver_grid='time_uniform', sample.solver_order=2; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")
