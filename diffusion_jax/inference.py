@@ -98,7 +98,8 @@ class Sampler:
   """Draws samples from a loaded model over every device.
 
   The sampler settings default to the config's `sample` section; `sample`, `sample_batch` and
-  `sample_fn` take any of them (sampler, num_steps, eta, clip_denoised) as keywords.
+  `sample_fn` take any of them (sampler, num_steps, eta, clip_denoised, guidance_scale, ...) as
+  keywords.
   """
 
   def __init__(self, loaded: Loaded, mesh=None):
