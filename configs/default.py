@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # loss_type 'hybrid': the bound's term times T / 1000 (Improved DDPM's L_hybrid); False adds it
   # unscaled, as the reference's class-conditional ImageNet-64 run did.
   config.diffusion.rescale_learned_sigmas = True
+  # Min-SNR-gamma weighting of the mse term (Hang et al. 2023; mean types eps, xstart, v; losses
+  # mse and hybrid): each example's x_0 error weighted by min(SNR_t, gamma). 0 = off; 5 is the
+  # paper's choice.
+  config.diffusion.min_snr_gamma = 0.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 2e-4

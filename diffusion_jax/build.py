@@ -138,11 +138,12 @@ def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
 
 
 def diffusion_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The diffusion types of `diffusion.training_losses`: mean_type, var_type, loss_type and
-  rescale_learned_sigmas."""
+  """The diffusion types of `diffusion.training_losses`: mean_type, var_type, loss_type,
+  rescale_learned_sigmas and min_snr_gamma."""
   d = config.diffusion
   return dict(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type,
-              rescale_learned_sigmas=d.rescale_learned_sigmas)
+              rescale_learned_sigmas=d.rescale_learned_sigmas,
+              min_snr_gamma=float(d.min_snr_gamma))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

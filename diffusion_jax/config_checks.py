@@ -100,6 +100,7 @@ RULES = (
     Rule("diffusion.timestep_sampler", "str", choices=timestep_sampling.TIMESTEP_SAMPLERS),
     Rule("diffusion.rescale_timesteps", "bool"),
     Rule("diffusion.rescale_learned_sigmas", "bool"),
+    Rule("diffusion.min_snr_gamma", "float", 0, note="0 = no weighting"),
     Rule("optim.lr", "float", 0, low_open=True),
     Rule("optim.warmup_steps", "int", 0, note="0 = no warmup"),
     Rule("optim.grad_clip", "float", 0, note="0 = no clipping"),
@@ -286,6 +287,19 @@ def diffusion_problems(config) -> list[str]:
           f"loss_type={loss_type} "
           f"with --config.diffusion.var_type={'|'.join(var_types)} (config argument "
           f":var_type={'|'.join(var_types)})")
+  gamma = _get(config, "diffusion.min_snr_gamma")
+  if _is_number(gamma) and gamma > 0 and "mean_type" in known and "loss_type" in known:
+    try:
+      diffusion.check_min_snr(gamma, mean_type=known["mean_type"], loss_type=known["loss_type"])
+    except ValueError:
+      out.append(
+          f"diffusion.min_snr_gamma={gamma!r} weights the mse term of mean types "
+          f"{', '.join(diffusion.MIN_SNR_MEAN_TYPES)} (losses "
+          f"{', '.join(diffusion.MIN_SNR_LOSS_TYPES)}), not mean_type "
+          f"{_fmt(known['mean_type'])} with loss_type {_fmt(known['loss_type'])}: set "
+          f"--config.diffusion.min_snr_gamma=0, or --config.diffusion.mean_type="
+          f"{'|'.join(diffusion.MIN_SNR_MEAN_TYPES)} with --config.diffusion.loss_type="
+          f"{'|'.join(diffusion.MIN_SNR_LOSS_TYPES)}")
   return out
 
 

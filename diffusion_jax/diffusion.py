@@ -27,7 +27,7 @@ from diffusion_jax import likelihood
 from diffusion_jax import prng
 from diffusion_jax.schedules import Schedule
 
-MEAN_TYPES = ("eps", "xstart", "xprev")
+MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs 2C channels
 LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
@@ -144,6 +144,28 @@ def predict_xstart_from_xprev(sched: Schedule, x_t, t, xprev) -> jax.Array:
           - extract(sched.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t)
 
 
+def predict_xstart_from_v(sched: Schedule, x_t, t, v) -> jax.Array:
+  """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v (Salimans & Ho, arXiv 2202.00512)."""
+  _check_same_shape(x_t=x_t, v=v)
+  return (extract(sched.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+          - extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+
+def predict_eps_from_v(sched: Schedule, x_t, t, v) -> jax.Array:
+  """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v."""
+  _check_same_shape(x_t=x_t, v=v)
+  return (extract(sched.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t
+          + extract(sched.sqrt_alphas_cumprod, t, x_t.shape) * v)
+
+
+def v_target(sched: Schedule, x_start, t, noise) -> jax.Array:
+  """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 that diffuses x_0 with
+  `noise` (eps) to x_t = q_sample(x_0, t, noise); what a mean_type 'v' network predicts."""
+  _check_same_shape(x_start=x_start, noise=noise)
+  return (extract(sched.sqrt_alphas_cumprod, t, x_start.shape) * noise
+          - extract(sched.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start)
+
+
 def predict_eps_from_xstart(sched: Schedule, x_t, t, x_start) -> jax.Array:
   """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
   _check_same_shape(x_t=x_t, x_start=x_start)
@@ -185,6 +207,8 @@ def pred_xstart_from_output(sched: Schedule, mean_output, x_t, t, *, mean_type: 
     return mean_output
   if mean_type == "xprev":
     return predict_xstart_from_xprev(sched, x_t, t, mean_output)
+  if mean_type == "v":
+    return predict_xstart_from_v(sched, x_t, t, mean_output)
   raise ValueError(f"Unknown mean_type {mean_type!r}; choose one of {', '.join(MEAN_TYPES)}.")
 
 
@@ -198,7 +222,7 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
       var_type is 'learned' or 'learned_range'.
     x_t: [B, ...].
     t: int [B].
-    mean_type: 'eps', 'xstart' or 'xprev'.
+    mean_type: 'eps', 'xstart', 'xprev' or 'v' (sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0).
     var_type: 'fixedlarge', 'fixedsmall', 'learned' (the extra channels are the log-variance) or
       'learned_range' (they are v, and the log-variance is frac log beta_t + (1 - frac)
       log beta_tilde_t with frac = (v + 1) / 2, v unclipped, beta_tilde_t's log clipped as the
@@ -342,9 +366,56 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x_start, keys, *, mean_typ
 
 # --- Training ----------------------------------------------------------------------------------
 
+# The losses and mean types min-SNR weighting applies to (the mse term of these losses).
+MIN_SNR_LOSS_TYPES = ("mse", "hybrid")
+MIN_SNR_MEAN_TYPES = ("eps", "xstart", "v")
+
+
+def check_min_snr(min_snr_gamma: float, *, mean_type: str, loss_type: str) -> None:
+  """Raises ValueError, saying what to change, unless min-SNR weighting with this gamma (0: none)
+  can weight this loss."""
+  if not (isinstance(min_snr_gamma, (int, float)) and math.isfinite(min_snr_gamma)
+          and min_snr_gamma >= 0):
+    raise ValueError(f"min_snr_gamma={min_snr_gamma!r}: use a number >= 0 (0 = no weighting)")
+  if not min_snr_gamma:
+    return
+  if mean_type not in MIN_SNR_MEAN_TYPES:
+    raise ValueError(f"min_snr_gamma weights the mse of {', '.join(MIN_SNR_MEAN_TYPES)} "
+                     f"predictions, not mean_type {mean_type!r}: set min_snr_gamma=0 or another "
+                     "mean_type")
+  if loss_type not in MIN_SNR_LOSS_TYPES:
+    raise ValueError(f"min_snr_gamma weights the mse term, which loss_type {loss_type!r} does not "
+                     f"have: set min_snr_gamma=0 or loss_type {' or '.join(MIN_SNR_LOSS_TYPES)}")
+
+
+def min_snr_weight(sched: Schedule, t, min_snr_gamma: float, *, mean_type: str) -> jax.Array:
+  """Min-SNR-gamma loss weights (Hang et al., arXiv 2303.09556) of timesteps t [B].
+
+  With SNR_t = alpha_bar_t / (1 - alpha_bar_t): min(SNR_t, gamma) / SNR_t for eps,
+  min(SNR_t, gamma) for xstart and min(SNR_t, gamma) / (SNR_t + 1) for v: each weight times its
+  mse is min(SNR_t, gamma) times the squared error of the x_0 the output implies.
+
+  Returns:
+    float [B].
+  """
+  abar = sched.alphas_cumprod[t]
+  # 1 - alpha_bar_t from its float64-computed square root: 1 - alpha_bar_t in float32 would
+  # lose most of its digits near t = 0, where alpha_bar_t ~ 1.
+  one_minus_abar = jnp.square(sched.sqrt_one_minus_alphas_cumprod[t])
+  snr = abar / one_minus_abar
+  clipped = jnp.minimum(snr, min_snr_gamma)
+  if mean_type == "eps":
+    return clipped / snr
+  if mean_type == "xstart":
+    return clipped
+  if mean_type == "v":
+    return clipped * one_minus_abar  # 1 / (SNR_t + 1) = 1 - alpha_bar_t
+  raise ValueError(f"min-SNR weights exist for mean_type {', '.join(MIN_SNR_MEAN_TYPES)}, not "
+                   f"{mean_type!r}")
+
 def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, mean_type: str,
-                    var_type: str, loss_type: str,
-                    rescale_learned_sigmas: bool = True) -> dict[str, jax.Array]:
+                    var_type: str, loss_type: str, rescale_learned_sigmas: bool = True,
+                    min_snr_gamma: float = 0.0) -> dict[str, jax.Array]:
   """Per-example training losses and the terms they are made of.
 
   Args:
@@ -362,13 +433,16 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, me
     rescale_learned_sigmas: hybrid only: the bound's term times T / 1000 (True, Improved
       DDPM's L_hybrid, lambda = 0.001 per step), or as it is (False: what the reference
       calls rescale_learned_sigmas=False, used for its class-conditional ImageNet-64 model).
+    min_snr_gamma: > 0 weights the mse term of each example by `min_snr_weight` (mse and hybrid
+      losses, mean types eps, xstart and v); 0 (default) leaves it unweighted.
 
   Returns:
-    dict of [B] arrays: 'loss' (what to minimize), with 'mse' for mse and hybrid and 'vb' (the
-    bound's term as it enters the loss, rescaled for rescaled_kl and hybrid) for kl,
-    rescaled_kl and hybrid.
+    dict of [B] arrays: 'loss' (what to minimize), with 'mse' (as it enters the loss: weighted
+    with min_snr_gamma) for mse and hybrid and 'vb' (the bound's term as it enters the loss,
+    rescaled for rescaled_kl and hybrid) for kl, rescaled_kl and hybrid.
   """
   check_types(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+  check_min_snr(min_snr_gamma, mean_type=mean_type, loss_type=loss_type)
   x_t = q_sample(sched, x_start, t, noise)
   model_output = call_model(sched, model_fn, x_t, t)
   num_timesteps = sched.num_timesteps
@@ -384,9 +458,13 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, me
     target = noise
   elif mean_type == "xstart":
     target = x_start
+  elif mean_type == "v":
+    target = v_target(sched, x_start, t, noise)
   else:
     target, _, _ = q_posterior_mean_variance(sched, x_start, x_t, t)
   mse = likelihood.mean_flat(jnp.square(target - mean_output))
+  if min_snr_gamma:
+    mse = mse * min_snr_weight(sched, t, min_snr_gamma, mean_type=mean_type).astype(mse.dtype)
   if loss_type == "mse":
     return dict(loss=mse, mse=mse)
   # hybrid: the bound's gradient reaches only the variance channels.

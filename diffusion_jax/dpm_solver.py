@@ -178,9 +178,9 @@ def check_solver(algorithm: str, order: int, grid: str, num_steps: int, num_time
   if num_steps < order:
     raise ValueError(f"DPM-Solver of order {order} needs at least {order} steps, got "
                      f"{num_steps}")
-  if mean_type not in ("eps", "xstart"):
-    raise ValueError(f"DPM-Solver needs a model of the noise or of x_0 (mean_type 'eps' or "
-                     f"'xstart'), got mean_type {mean_type!r}")
+  if mean_type not in ("eps", "xstart", "v"):
+    raise ValueError(f"DPM-Solver needs a model of the noise, of x_0 or of v (mean_type 'eps', "
+                     f"'xstart' or 'v'), got mean_type {mean_type!r}")
 
 
 def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, order: int = 2,
@@ -225,12 +225,15 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
     t_model = sched.model_timesteps(jnp.full((batch,), label, dtype))
     out, _ = diffusion.split_model_output(model_fn(x, t_model), x.shape, var_type=var_type)
     out = out.astype(x.dtype)
+    # v = alpha eps - sigma x_0 with x = alpha x_0 + sigma eps, alpha^2 + sigma^2 = 1.
     if data_prediction:
-      m = (x - sigma_i * out) / alpha_i if mean_type == "eps" else out
+      m = {"eps": lambda: (x - sigma_i * out) / alpha_i, "xstart": lambda: out,
+           "v": lambda: alpha_i * x - sigma_i * out}[mean_type]()
       if clip_denoised:
         m = jnp.clip(m, -1.0, 1.0)
     else:
-      m = out if mean_type == "eps" else (x - alpha_i * out) / sigma_i
+      m = {"eps": lambda: out, "xstart": lambda: (x - alpha_i * out) / sigma_i,
+           "v": lambda: sigma_i * x + alpha_i * out}[mean_type]()
     x = a_i * x + b_i[0] * m + b_i[1] * m_prev1 + b_i[2] * m_prev2
     return (x, m, m_prev1), None
 

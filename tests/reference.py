@@ -72,6 +72,24 @@ def x0_from_eps(c, xt, t, eps):
   return (xt - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
 
 
+def x0_from_v(c, xt, t, v):
+  # v = sqrt(abar) eps - sqrt(1 - abar) x0 and xt = sqrt(abar) x0 + sqrt(1 - abar) eps: solve
+  # the 2x2 system (determinant abar + (1 - abar) = 1) for x0.
+  ab = bcast(c["abar"], t, xt.ndim)
+  return np.sqrt(ab) * xt - np.sqrt(1 - ab) * v
+
+
+def v_of(c, x0, t, noise):
+  ab = bcast(c["abar"], t, x0.ndim)
+  return np.sqrt(ab) * noise - np.sqrt(1 - ab) * x0
+
+
+def min_snr_weight(c, t, gamma, mean_type):
+  """Hang et al. 2023: min(SNR, gamma) / SNR (eps), min(SNR, gamma) (x0), / (SNR + 1) (v)."""
+  snr = c["abar"][t] / (1 - c["abar"][t])
+  return np.minimum(snr, gamma) / {"eps": snr, "xstart": 1.0, "v": snr + 1}[mean_type]
+
+
 def x0_from_xprev(c, xt, t, xprev):
   return (xprev - bcast(c["coef2"], t, xt.ndim) * xt) / bcast(c["coef1"], t, xt.ndim)
 
@@ -94,6 +112,8 @@ def p_mean_variance(c, out, xt, t, mean_type, var_type, clip):
     x0 = x0_from_eps(c, xt, t, out)
   elif mean_type == "xstart":
     x0 = out
+  elif mean_type == "v":
+    x0 = x0_from_v(c, xt, t, out)
   else:
     x0 = x0_from_xprev(c, xt, t, out)
   if clip:
@@ -131,9 +151,10 @@ def vb_term(c, out, x0, xt, t, mean_type, var_type, clip):
   return np.where(t == 0, nll, kl), x0_pred
 
 
-def training_loss(c, out, x0, xt, t, noise, mean_type, var_type, loss_type):
+def training_loss(c, out, x0, xt, t, noise, mean_type, var_type, loss_type, min_snr_gamma=0.0):
   """Improved DDPM's losses: the bound's term (kl; times T for rescaled_kl) or the squared error
-  of the mean part (mse; plus the bound's term times T / 1000 for hybrid). Returns a dict."""
+  of the mean part (mse, weighted by min_snr_weight when min_snr_gamma > 0; plus the bound's term
+  times T / 1000 for hybrid). Returns a dict."""
   T = len(c["betas"])
   vb, _ = vb_term(c, out, x0, xt, t, mean_type, var_type, False)
   if loss_type == "kl":
@@ -141,8 +162,11 @@ def training_loss(c, out, x0, xt, t, noise, mean_type, var_type, loss_type):
   if loss_type == "rescaled_kl":
     return dict(loss=vb * T, vb=vb * T)
   mean_part = np.split(out, 2, axis=-1)[0] if var_type.startswith("learned") else out
-  target = {"eps": noise, "xstart": x0, "xprev": q_posterior(c, x0, xt, t)[0]}[mean_type]
+  target = {"eps": noise, "xstart": x0, "xprev": q_posterior(c, x0, xt, t)[0],
+            "v": v_of(c, x0, t, noise)}[mean_type]
   mse = flat_mean((target - mean_part) ** 2)
+  if min_snr_gamma:
+    mse = mse * min_snr_weight(c, t, min_snr_gamma, mean_type)
   if loss_type == "mse":
     return dict(loss=mse, mse=mse)
   return dict(loss=mse + vb * T / 1000, mse=mse, vb=vb * T / 1000)

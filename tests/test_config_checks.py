@@ -228,7 +228,7 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
      r"--config.sample.solver_grid or --config.sample.num_steps, or another "
      r"--config.sample.sampler$"),
     ({"sample.sampler": "dpmsolver", "diffusion.mean_type": "xprev"},
-     r"mean_type 'eps' or 'xstart'\), got mean_type 'xprev'"),
+     r"mean_type 'eps', 'xstart' or 'v'\), got mean_type 'xprev'"),
     ({"sample.sampler": "dpmsolver++", "sample.num_steps": 0, "sample.respacing": "10"},
      r"^sample.respacing='10': dpmsolver\+\+ takes its steps from --config.sample.num_steps"),
     ({"sample.sampler": "ddim", "sample.solver_grid": "logSNR"},
@@ -313,7 +313,7 @@ def test_hybrid_needs_a_learned_variance():
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("mean_type", "v", "eps|xstart|xprev"),
+    ("mean_type", "velocity", "eps|xstart|xprev|v"),
     ("var_type", "big", "fixedlarge|fixedsmall|learned|learned_range"),
     ("loss_type", "l1", "mse|kl|rescaled_kl|hybrid"),
     ("timestep_sampler", "importance", "uniform|loss_second_moment"),

@@ -98,7 +98,8 @@ def test_upgrade_of_a_saved_test_config():
       "config saved by an older version, upgraded: eval.ddim_steps=0, eval.ddim_eta=0.0 -> "
       "sample.sampler='ancestral', sample.num_steps=0, sample.eta=0.0; dropped "
       "sample.ddim_steps=5 (the training grids' own sampler setting: the grids now use "
-      "sample.sampler too); added diffusion.rescale_learned_sigmas=True, "
+      "sample.sampler too); added diffusion.min_snr_gamma=0.0, "
+      "diffusion.rescale_learned_sigmas=True, "
       "diffusion.rescale_timesteps=False, diffusion.timestep_sampler='uniform', "
       "eval.bpd_clip_denoised=True, "
       "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
@@ -167,7 +168,8 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
   config, message = config_lib.upgrade(tree)
   assert "colour" not in config.eval and "extra" not in config
   assert config.optim.lr == 2e-4 and config.eval.watch is False  # from the base
-  assert message.endswith("added diffusion.rescale_learned_sigmas=True, "
+  assert message.endswith("added diffusion.min_snr_gamma=0.0, "
+                          "diffusion.rescale_learned_sigmas=True, "
                           "diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
                           "'uniform', eval.bpd_clip_denoised=True, eval.watch=False, "
                           "model.architecture='ddpm', model.num_classes=0, "

@@ -30,7 +30,8 @@ def gaussian_model(vp, num_timesteps_seen, *, mean_type="eps"):
     alpha = jnp.exp(log_alpha)
     sigma = jnp.sqrt(-jnp.expm1(2 * log_alpha))
     x0 = MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
-    return x0 if mean_type == "xstart" else (x - alpha * x0) / sigma
+    eps = (x - alpha * x0) / sigma
+    return {"xstart": x0, "eps": eps, "v": alpha * eps - sigma * x0}[mean_type]
 
   return model_fn
 
@@ -125,6 +126,21 @@ def test_each_update_matches_the_papers_formulas(keys, algorithm, order, steps, 
   np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("algorithm", dpm_solver.ALGORITHMS)
+def test_a_v_model_solves_as_the_eps_and_x0_models_do(keys, algorithm):
+  """The same exact model predicting v (x_0 = alpha x - sigma v, eps = sigma x + alpha v) gives
+  the samples of its eps and x_0 forms (float64)."""
+  sched = schedules.make_schedule("linear", num_diffusion_timesteps=1000)
+  vp = dpm_solver.discrete_vp(sched)
+  with jax.enable_x64(True):
+    got = {mean_type: np.asarray(dpm_solver.solve(
+        sched, gaussian_model(vp, vp.num_steps, mean_type=mean_type), keys, SHAPE,
+        num_steps=12, order=3, algorithm=algorithm, grid="logSNR", mean_type=mean_type,
+        dtype=jnp.float64)) for mean_type in ("eps", "xstart", "v")}
+  np.testing.assert_allclose(got["v"], got["eps"], rtol=1e-9, atol=1e-11)
+  np.testing.assert_allclose(got["v"], got["xstart"], rtol=1e-9, atol=1e-11)
+
+
 def test_error_falls_at_the_solvers_order(keys):
   """Against the exact flow of Gaussian data (float64, logSNR grid): doubling the steps from 20
   to 40 to 80 divides the error by 2^order for orders 1 and 2 (measured rates 0.96-0.98 and
@@ -207,7 +223,7 @@ def test_samples_do_not_depend_on_the_device_count():
     (dict(grid="quadratic"), r"unknown grid 'quadratic'; allowed: time_uniform, logSNR"),
     (dict(num_steps=101), r"steps 101 must be in 1..T = 100"),
     (dict(num_steps=2, order=3), r"order 3 needs at least 3 steps"),
-    (dict(mean_type="xprev"), r"mean_type 'eps' or 'xstart'\), got mean_type 'xprev'"),
+    (dict(mean_type="xprev"), r"mean_type 'eps', 'xstart' or 'v'\), got mean_type 'xprev'"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
   settings = dict(algorithm="dpmsolver++", order=2, grid="time_uniform", num_steps=10,
