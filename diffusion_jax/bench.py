@@ -22,6 +22,14 @@ them (all T when T < 50) and the full bound in bits/dim as evaluation runs it
 size of its lowered text. Each is one `lax.scan`, so none of these should grow
 with T beyond the T-long coefficient arrays, which the programs hold as constants. Nothing is
 run there, only compiled (thousands of U-Net calls would take minutes on a CPU).
+
+`--samplers ancestral,ddim50,dpmsolver++20` prices an evaluation: for each sampler as
+`--mode sample` would run it (`build.make_sample_fn`; the config's `sample.solver_order` and
+`solver_grid` for DPM-Solver), its images per second at the batch and the projected time of
+`--eval_samples` (50,000) samples. Every step of a sampler is one network call plus a few
+elementwise updates, so a sampler of more than `--sample_steps` calls is timed over that many
+(ancestral sampling over a schedule respaced to them) and its time per call scaled up to its
+own count.
 """
 from __future__ import annotations
 
@@ -57,6 +65,13 @@ def _parse(argv):
   parser.add_argument("--scaling", type=_timesteps_list, default="", metavar="T1,T2,...",
                       help="numbers of diffusion steps at which to compile (not run) the "
                            "samplers and the bound, e.g. 1000,4000 (default: none)")
+  parser.add_argument("--samplers", type=_sampler_list, default="",
+                      metavar="NAME[N],...",
+                      help="samplers to price for an evaluation, each with its network calls: "
+                           "ancestral (all T), ancestralN (respaced), ddimN, dpmsolver++N, "
+                           "dpmsolverN (default: none)")
+  parser.add_argument("--eval_samples", type=int, default=50_000,
+                      help="the sample count --samplers projects its time to")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set model.remat=True (repeatable)")
   parser.add_argument("--profile", default=None, metavar="DIR",
@@ -82,6 +97,33 @@ def _timesteps_list(text: str) -> list[int]:
       raise argparse.ArgumentTypeError(f"T={value} is given twice")
     values.append(value)
   return values
+
+
+class UsageError(ValueError):
+  """Settings the benchmark cannot run; `main` prints it as one `error:` line, exit code 2."""
+
+
+_SAMPLER_NAMES = ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
+
+
+def _sampler_list(text: str) -> list[tuple[str, int]]:
+  """'ancestral,ddim50' -> [('ancestral', 0), ('ddim', 50)]: 0 means all T steps."""
+  out = []
+  for item in (s.strip() for s in text.split(",")):
+    if not item:
+      continue
+    name = max((n for n in _SAMPLER_NAMES if item.startswith(n)), key=len, default=None)
+    count = item[len(name):] if name else ""
+    if name is None or (count and not count.isdigit()) or (count and int(count) < 1):
+      raise argparse.ArgumentTypeError(
+          f"{item!r} is not a sampler with its calls: want one of {', '.join(_SAMPLER_NAMES)} "
+          f"followed by a positive count, e.g. ddim50 (ancestral alone: all T steps)")
+    if name != "ancestral" and not count:
+      raise argparse.ArgumentTypeError(f"{item!r} needs its number of calls, e.g. {name}20")
+    if (name, int(count or 0)) in out:
+      raise argparse.ArgumentTypeError(f"{item!r} is given twice")
+    out.append((name, int(count or 0)))
+  return out
 
 
 def profile_summary(trace_dir: str, top: int = 15) -> list[str]:
@@ -243,6 +285,73 @@ def _scaling(args, overrides, model, params, images, labels, mesh) -> dict[str, 
   return out
 
 
+def _sampler_programs(args, config) -> list[tuple[str, int, int, dict]]:
+  """(tag, calls, timed calls, `make_sample_fn` settings) for each sampler of `--samplers`,
+  checked as `--mode sample` checks them, before anything compiles.
+
+  A sampler of more calls than `--sample_steps` is timed over that many (ancestral sampling
+  over a schedule respaced to them: the same step on other coefficients).
+  """
+  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  num_timesteps = config.diffusion.num_timesteps
+  programs = []
+  for name, count in args.samplers:
+    tag = f"{name}{count or ''}"
+    calls = count or num_timesteps
+    if calls > num_timesteps:
+      raise UsageError(f"--samplers {tag}: {calls} calls, more than the T={num_timesteps} "
+                       "steps of the schedule; give at most T")
+    timed_calls = min(calls, args.sample_steps)
+    settings = dict(sampler=name, num_steps=0, respacing="", eta=0.0, clip_denoised=True)
+    if name != "ancestral":
+      settings["num_steps"] = timed_calls
+    elif timed_calls != num_timesteps:
+      settings["respacing"] = str(timed_calls)
+    kwargs = build.sampler_kwargs(config, **settings)
+    try:
+      sampling.check_sampler(kwargs["sampler"], kwargs["num_steps"], kwargs["eta"],
+                             num_timesteps, respacing=kwargs["respacing"], order=kwargs["order"],
+                             grid=kwargs["grid"], mean_type=config.diffusion.mean_type)
+    except ValueError as e:
+      raise UsageError(f"--samplers {tag} (timed over {timed_calls} calls, --sample_steps): "
+                       f"{e}") from None
+    programs.append((tag, calls, timed_calls, kwargs))
+  return programs
+
+
+def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> dict[str, dict]:
+  """The 'samplers' part: for each of `_sampler_programs`, the time of one network call in its
+  program and what it makes of an evaluation of `--eval_samples` samples at this batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax import prng  # pylint: disable=g-import-not-at-top
+
+  sched = build.make_schedule(config)
+  keys = prng.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)
+  out = {}
+  for tag, calls, timed_calls, kwargs in programs:
+    sample_fn = build.make_sample_fn(config, model, sched, mesh, **kwargs)
+    start = time.perf_counter()
+    compiled = sample_fn.lower(params, keys, *labels).compile()
+    compile_s = time.perf_counter() - start
+    run_s = _median_time(lambda: jax.block_until_ready(compiled(params, keys, *labels)),
+                         max(1, args.steps // 2), min(1, args.warmup))
+    call_s = run_s / timed_calls
+    images_per_s = args.batch / (call_s * calls)
+    out[tag] = dict(calls=calls, timed_calls=timed_calls, compile_s=compile_s,
+                    call_median_s=call_s, images_per_s=images_per_s,
+                    eval_samples=args.eval_samples,
+                    eval_hours=args.eval_samples / images_per_s / 3600)
+    _log(f"{tag}: {calls} calls, {call_s:.3f} s per call (timed over {timed_calls}, compiled "
+         f"in {compile_s:.1f} s): {images_per_s:.4g} images/s, "
+         f"{args.eval_samples:,} samples in {out[tag]['eval_hours']:.3g} h")
+  return out
+
+
 def _parse_override(text: str):
   key, sep, value = text.partition("=")
   if not key or not sep:
@@ -272,6 +381,9 @@ def run(args) -> dict:
     overrides["model.dtype"] = args.dtype
   config = config_lib.load_config(args.config, overrides)
   skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+  if args.eval_samples < 1:
+    raise UsageError(f"--eval_samples must be at least 1, got {args.eval_samples}")
+  sampler_programs = _sampler_programs(args, config)
 
   devices = jax.local_devices()
   mesh = parallel.make_mesh(devices)
@@ -364,6 +476,10 @@ def run(args) -> dict:
     record.update(sample_steps=args.sample_steps, sample_step_median_s=loop_s / args.sample_steps)
     _log(f"sample step: {record['sample_step_median_s']:.3f} s median")
 
+  if args.samplers:
+    record["samplers"] = _evaluation_costs(args, sampler_programs, config, model, state.params,
+                                           labels, mesh)
+
   if args.scaling and "scaling" not in skip:
     record["scaling"] = _scaling(args, overrides, model, state.params, images, labels, mesh)
   return record
@@ -371,7 +487,11 @@ def run(args) -> dict:
 
 def main(argv=None) -> None:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  record = run(args)
+  try:
+    record = run(args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
   print(json.dumps(record), flush=True)
 
 

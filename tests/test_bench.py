@@ -48,7 +48,8 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
        "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace"),
-       "--scaling", "30,60,240"],
+       "--scaling", "30,60,240", "--samplers", "ancestral,ddim3,dpmsolver++2,ancestral2",
+       "--eval_samples", "1000"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
@@ -73,6 +74,19 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   ops = lines[lines.index(profile[0]) + 1:]
   shares = [float(l.split()[-1].rstrip("%")) for l in ops if l.endswith("%")]
   assert shares and all(0 < s <= 100 for s in shares) and sum(shares) <= 100.5, ops
+
+  # --samplers: each sampler's program timed over at most --sample_steps (2) calls and its cost
+  # per call scaled to its own calls (ancestral alone: all T = 100 of configs/test.py).
+  samplers = record["samplers"]
+  assert list(samplers) == ["ancestral", "ddim3", "dpmsolver++2", "ancestral2"], samplers
+  for tag, calls in (("ancestral", 100), ("ddim3", 3), ("dpmsolver++2", 2), ("ancestral2", 2)):
+    got = samplers[tag]
+    assert got["calls"] == calls and got["timed_calls"] == min(calls, 2), (tag, got)
+    assert got["call_median_s"] > 0 and got["compile_s"] > 0, (tag, got)
+    assert got["images_per_s"] * got["call_median_s"] * calls == pytest.approx(2), (tag, got)
+    assert got["eval_samples"] == 1000
+    assert got["eval_hours"] * 3600 * got["images_per_s"] == pytest.approx(1000), (tag, got)
+  assert [l for l in lines if l.startswith("[bench] ddim3: 3 calls")], proc.stdout
 
   # --scaling: each program compiled at every T; T=30 is shorter than the 50 steps of DDIM and
   # of the respaced schedule, so both visit all 30 there. 60 and 240 both respace.
@@ -112,15 +126,37 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
     assert large["output_bytes"] == small["output_bytes"], (name, small, large)
 
 
-@pytest.mark.parametrize("value, message", [("1000,abc", "'abc' is not a whole number"),
-                                            ("1000,1", "T must be at least 2")])
-def test_bench_refuses_a_bad_scaling_list_before_starting_jax(value, message):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--scaling", "1000,abc", "'abc' is not a whole number"),
+    ("--scaling", "1000,1", "T must be at least 2"),
+    ("--samplers", "ddim", "needs its number of calls, e.g. ddim20"),
+    ("--samplers", "euler20", "'euler20' is not a sampler with its calls"),
+    ("--samplers", "ddim0", "'ddim0' is not a sampler with its calls"),
+    ("--samplers", "ddim5,ddim5", "'ddim5' is given twice")])
+def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # With jax blocked too, getting past the argument parsing would end in an ImportError.
   proc = subprocess.run(
       [sys.executable, "-c", _blocker(BLOCKED + ("jax", "jaxlib", "flax")), "--config",
-       "configs/test.py", "--scaling", value],
+       "configs/test.py", flag, value],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 2, proc.stderr[-4000:]
-  assert "argument --scaling" in proc.stderr and message in proc.stderr, proc.stderr
+  assert f"argument {flag}" in proc.stderr and message in proc.stderr, proc.stderr
   assert proc.stdout == "", proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samplers", "ddim500"], "ddim500: 500 calls, more than the T=100 steps"),
+    (["--samplers", "dpmsolver++3", "--sample_steps", "2", "--set", "sample.solver_order=3"],
+     "dpmsolver++3 (timed over 2 calls, --sample_steps)"),
+    (["--samplers", "ddim5", "--eval_samples", "0"], "--eval_samples must be at least 1")])
+def test_bench_refuses_samplers_it_cannot_price_before_compiling(args, message):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.bench", "--config", "configs/test.py", *args],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  assert proc.stderr.startswith("error: --") and message in proc.stderr, proc.stderr
+  # Refused before the training step compiles: nothing was timed.
+  assert "train step compiled" not in proc.stdout, proc.stdout
