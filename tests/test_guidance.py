@@ -36,6 +36,8 @@ def _np_eps_from(output, kind, x_t, abar, abar_prev, alpha):
   """eps implied by an output of mean type `kind` at x_t (float64, the papers' formulas)."""
   if kind == "eps":
     return output
+  if kind == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+    return np.sqrt(1 - abar) * x_t + np.sqrt(abar) * output
   if kind == "xprev":
     # posterior mean = c1 x0 + c2 x_t (Ho et al. eq. 7) -> x0 -> eps.
     c1 = np.sqrt(abar_prev) * (1 - alpha) / (1 - abar)
@@ -50,6 +52,8 @@ def _np_output_from(eps, kind, x_t, abar, abar_prev, alpha):
   x0 = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
   if kind == "xstart":
     return x0
+  if kind == "v":
+    return np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0
   c1 = np.sqrt(abar_prev) * (1 - alpha) / (1 - abar)
   c2 = np.sqrt(alpha) * (1 - abar_prev) / (1 - abar)
   return c1 * x0 + c2 * x_t

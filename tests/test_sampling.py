@@ -334,7 +334,7 @@ def test_sampler_errors(sched):
                               mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="Unknown mean_type"):
     sampling.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=4,
-                              mean_type="v", var_type="fixedlarge")
+                              mean_type="velocity", var_type="fixedlarge")
   with pytest.raises(ValueError, match=r"keys must be a key array \[B\]"):
     sampling.p_sample_loop(sched, model_fn, jnp.zeros((4,), jnp.uint32), (4, 2, 2, 1),
                            mean_type="eps", var_type="fixedlarge")

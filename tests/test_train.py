@@ -323,7 +323,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(straight, tmp_path
 @pytest.mark.parametrize("field,value,match", [
     ("data.dataset", "mnist", "allowed: cifar10"),
     ("data.channels", 1, "has 3 channels: set --config.data.channels=3"),
-    ("diffusion.mean_type", "v", "mean_type"),
+    ("diffusion.mean_type", "velocity", "mean_type"),
     ("diffusion.var_type", "big", "var_type"),
     ("diffusion.loss_type", "l1", "loss_type"),
     ("train.batch_size", 12, "not divisible by the number of devices"),
