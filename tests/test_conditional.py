@@ -124,17 +124,18 @@ def test_training_reads_labels_and_draws_labelled_grids(tmp_path, capsys):
   assert "Wrote" in capsys.readouterr().out
 
 
-def test_conditional_steps_do_not_depend_on_the_device_count():
-  """Labels are split with their images: 1 device, 8 devices and 2 devices with micro-batches
-  train the same parameters over 3 steps; other labels give other losses."""
-  config = conditional_config()
+def assert_steps_do_not_depend_on_the_devices(config, layouts):
+  """Trains 3 steps on a labelled batch on 1 device and on each (devices, micro-batches) of
+  `layouts`, asserting the same losses and parameters; returns (batch, the 1-device params,
+  the loss function of a batch and p_uncond at those params plus noise, so that the zero-init
+  layers do not hide the labels)."""
   config.optim.eps = 1e-4  # see tests/test_train.py: keeps the comparison about the gradient
   config.optim.grad_clip = 0.0
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
            "label": rng.integers(0, 10, 8).astype(np.int32)}
   want_params, want_history, _ = test_train._run_steps(config, jax.devices()[:1], batch, 3)
-  for devices, accum in ((8, 1), (2, 2)):
+  for devices, accum in layouts:
     config_n = copy.deepcopy(config)
     config_n.optim.grad_accum_steps = accum
     params, history, _ = test_train._run_steps(config_n, jax.devices()[:devices], batch, 3)
@@ -143,16 +144,27 @@ def test_conditional_steps_do_not_depend_on_the_device_count():
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params),
                     strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  # The labels enter the loss (at weights away from the init, whose zero layers hide them).
   model, sched = build.make_model(config), build.make_schedule(config)
   noise = np.random.default_rng(1)
   noisy = jax.tree_util.tree_map(
       lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), want_params)
   keys = prng.example_keys(jax.random.key(0), np.arange(8))
-  loss = jax.jit(lambda b: train_step.loss_fn(noisy, b, keys, None, model=model, sched=sched,
-                                              diffusion_kw=build.diffusion_kwargs(config))[0])
+
+  def loss(b, p_uncond=0.0):
+    return float(jax.jit(lambda b_: train_step.loss_fn(
+        noisy, b_, keys, None, model=model, sched=sched,
+        diffusion_kw=build.diffusion_kwargs(config), p_uncond=p_uncond)[0])(b))
+
+  return batch, want_params, loss
+
+
+def test_conditional_steps_do_not_depend_on_the_device_count():
+  """Labels are split with their images: 1 device, 8 devices and 2 devices with micro-batches
+  train the same parameters over 3 steps; other labels give other losses."""
+  batch, _, loss = assert_steps_do_not_depend_on_the_devices(conditional_config(),
+                                                             ((8, 1), (2, 2)))
   shifted = dict(batch, label=(batch["label"] + 1) % 10)
-  assert abs(float(loss(shifted)) - float(loss(batch))) > 1e-3 * float(loss(batch))
+  assert abs(loss(shifted) - loss(batch)) > 1e-3 * loss(batch)
 
 
 @pytest.mark.parametrize("change,match", [

@@ -1,7 +1,6 @@
 """Classifier-free guidance: the guided output against a float64 NumPy combination in eps space,
 the doubled batch against two separate network calls, the null class's training dropout, the
 device count, sample mode end to end, and the settings refused before compiling."""
-import copy
 import os
 
 import jax
@@ -11,7 +10,7 @@ import pytest
 
 from diffusion_jax import build, config_checks, config_lib, diffusion, evaluate, inference
 from diffusion_jax import parallel, prng, sampling, train_step
-from tests import checkpoint_fixtures, test_conditional, test_train
+from tests import checkpoint_fixtures, test_conditional
 
 STEP = 4
 
@@ -143,26 +142,8 @@ def test_guided_training_does_not_depend_on_the_device_count():
   the dropout changes the loss (the dropped labels reach the model)."""
   config = guided_config()
   config.model.p_uncond = 0.5
-  config.optim.eps = 1e-4
-  config.optim.grad_clip = 0.0
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
-           "label": rng.integers(0, 10, 8).astype(np.int32)}
-  want_params, want_history, _ = test_train._run_steps(config, jax.devices()[:1], batch, 3)
-  params, history, _ = test_train._run_steps(copy.deepcopy(config), jax.devices()[:8], batch, 3)
-  np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in want_history],
-                             rtol=1e-5)
-  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params),
-                  strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  model, sched = build.make_model(config), build.make_schedule(config)
-  noise = np.random.default_rng(1)
-  noisy = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), want_params)
-  keys = prng.example_keys(jax.random.key(0), np.arange(8))
-  losses = [float(jax.jit(lambda b, p=p: train_step.loss_fn(
-      noisy, b, keys, None, model=model, sched=sched,
-      diffusion_kw=build.diffusion_kwargs(config), p_uncond=p)[0])(batch)) for p in (0.0, 0.5)]
+  batch, _, loss = test_conditional.assert_steps_do_not_depend_on_the_devices(config, ((8, 1),))
+  losses = [loss(batch, p_uncond) for p_uncond in (0.0, 0.5)]
   assert abs(losses[1] - losses[0]) > 1e-4 * losses[0], losses
 
 

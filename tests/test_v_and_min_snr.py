@@ -15,14 +15,8 @@ from tests import reference, test_diffusion, test_dpm_solver
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def sched():
-  return schedules.make_schedule("linear", num_diffusion_timesteps=T)
-
-
-@pytest.fixture(scope="module")
-def ref():
-  return reference.coefficients(np.linspace(1e-4, 0.02, T))
+# The module-scoped schedule and its float64 NumPy coefficients of tests/test_diffusion.py.
+sched, ref = test_diffusion.sched, test_diffusion.ref
 
 
 def test_v_eps_and_x0_convert_into_each_other_exactly(ref):
