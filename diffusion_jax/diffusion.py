@@ -405,7 +405,8 @@ def min_snr_weight(sched: Schedule, t, min_snr_gamma: float, *, mean_type: str) 
   snr = abar / one_minus_abar
   clipped = jnp.minimum(snr, min_snr_gamma)
   if mean_type == "eps":
-    return clipped / snr
+    # min(1, gamma / SNR_t): 1, not 0 / 0, where a schedule ends with alpha_bar_T = 0.
+    return jnp.minimum(1.0, min_snr_gamma * one_minus_abar / abar)
   if mean_type == "xstart":
     return clipped
   if mean_type == "v":

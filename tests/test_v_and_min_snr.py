@@ -90,6 +90,15 @@ def test_min_snr_weights_at_both_ends_of_the_schedule(sched, ref):
   np.testing.assert_allclose(got["v"], [5 / (snr[0] + 1), snr[1] / (snr[1] + 1)], rtol=1e-5)
 
 
+def test_min_snr_weights_are_finite_where_alpha_bar_is_zero():
+  """A schedule may end with beta = 1 (alpha_bar_T = 0, SNR 0): weight 1 for eps, 0 otherwise."""
+  end = schedules.Schedule.from_betas(np.append(np.linspace(1e-4, 0.02, 9), 1.0))
+  t = jnp.array([9])
+  got = {m: float(diffusion.min_snr_weight(end, t, 5.0, mean_type=m)[0])
+         for m in diffusion.MIN_SNR_MEAN_TYPES}
+  assert got == {"eps": 1.0, "xstart": 0.0, "v": 0.0}, got
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mean_type="xprev"), r"not mean_type 'xprev'"),
     (dict(loss_type="kl", var_type="learned"), r"loss_type 'kl' does not have"),
