@@ -80,13 +80,13 @@ def check_guidance(config: ml_collections.ConfigDict, guidance_scale: float) -> 
   if not guidance_scale:
     return
   if not num_classes(config):
-    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a class-conditional model, and "
-                     "this one is unconditional (model.num_classes=0): set "
+    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a class-conditional "
+                     "model, and this one is unconditional (model.num_classes=0): set "
                      "--config.sample.guidance_scale=0")
   if not has_null_class(config):
-    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a model trained with a null class "
-                     "(model.p_uncond > 0, e.g. --config.model.p_uncond=0.1); this one has none: "
-                     "set --config.sample.guidance_scale=0")
+    raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a model trained with a "
+                     "null class (model.p_uncond > 0, e.g. --config.model.p_uncond=0.1); this "
+                     "one has none: set --config.sample.guidance_scale=0")
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:

@@ -35,7 +35,7 @@ def _np_eps_from(output, kind, x_t, abar, abar_prev, alpha):
   """eps implied by an output of mean type `kind` at x_t (float64, the papers' formulas)."""
   if kind == "eps":
     return output
-  if kind == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0, x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+  if kind == "v":  # v = sqrt(abar) eps - sqrt(1 - abar) x0; x_t = sqrt(abar) x0 + ...
     return np.sqrt(1 - abar) * x_t + np.sqrt(abar) * output
   if kind == "xprev":
     # posterior mean = c1 x0 + c2 x_t (Ho et al. eq. 7) -> x0 -> eps.

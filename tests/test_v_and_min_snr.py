@@ -115,8 +115,9 @@ def test_min_snr_settings_the_loss_cannot_use_are_refused(sched, kwargs, match):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"diffusion.mean_type": "xprev"}, r"diffusion.min_snr_gamma=5.0 weights the mse term.*"
-                                       r"not mean_type 'xprev'.*--config.diffusion.min_snr_gamma=0"),
+    ({"diffusion.mean_type": "xprev"},
+     r"diffusion.min_snr_gamma=5.0 weights the mse term.*not mean_type 'xprev'.*"
+     r"--config.diffusion.min_snr_gamma=0"),
     ({"diffusion.var_type": "learned", "diffusion.loss_type": "kl"},
      r"not mean_type 'eps' with loss_type 'kl'"),
     ({"diffusion.min_snr_gamma": -2.0}, r"diffusion.min_snr_gamma=-2.0 must be a finite number"),

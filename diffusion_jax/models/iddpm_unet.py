@@ -191,9 +191,9 @@ def check_config(*, image_size: int, ch: int, ch_mult: Sequence[int],
                  num_classes: int = 0, null_class: bool = False) -> None:
   """Raises ValueError, saying what to set, for settings the U-Net cannot run; call before
   compiling. On top of DDPM's geometry checks (`unet.check_config`: image size, attention
-  resolutions reached, GroupNorm widths): num_classes >= 0 (> 0 with a null class), and the heads of every attention
-  layer split its width evenly (num_heads down and in the middle, num_heads_upsample on the way
-  up, or num_head_channels everywhere)."""
+  resolutions reached, GroupNorm widths): num_classes >= 0 (> 0 with a null class), and the
+  heads of every attention layer split its width evenly (num_heads down and in the middle,
+  num_heads_upsample on the way up, or num_head_channels everywhere)."""
   unet.check_config(image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
                     block_size=1, ch=ch)
   if num_classes < 0:
@@ -303,8 +303,10 @@ class IDDPMUNet(nn.Module):
     emb = _dense(emb_ch, self.ch, "time_embed_0", self.dtype)(emb)
     emb = _dense(emb_ch, emb_ch, "time_embed_2", self.dtype)(nn.silu(emb))
     if self.num_classes:
-      emb = emb + nn.Embed(self.num_classes + int(self.null_class), emb_ch, embedding_init=nn.initializers.normal(1.0),
-                           param_dtype=jnp.float32, name="label_emb")(labels_B).astype(emb.dtype)
+      embed = nn.Embed(self.num_classes + int(self.null_class), emb_ch,
+                       embedding_init=nn.initializers.normal(1.0), param_dtype=jnp.float32,
+                       name="label_emb")
+      emb = emb + embed(labels_B).astype(emb.dtype)
 
     def res(out_ch, name, h):
       return block(out_ch, emb_ch, self.dropout, self.scale_shift_norm, self.dtype,
