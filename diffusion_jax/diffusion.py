@@ -414,6 +414,7 @@ def min_snr_weight(sched: Schedule, t, min_snr_gamma: float, *, mean_type: str) 
   raise ValueError(f"min-SNR weights exist for mean_type {', '.join(MIN_SNR_MEAN_TYPES)}, not "
                    f"{mean_type!r}")
 
+
 def training_losses(sched: Schedule, model_fn: ModelFn, x_start, t, noise, *, mean_type: str,
                     var_type: str, loss_type: str, rescale_learned_sigmas: bool = True,
                     min_snr_gamma: float = 0.0) -> dict[str, jax.Array]:
