@@ -135,7 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # --mode sample / eval / progressive / interpolate.
   config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 256     # images per sampling batch, global (rounded up to the devices).
+  config.eval.batch_size = 256     # images per sampling batch at most, global (never more than the
+  #                                  samples asked for; rounded up to the devices).
   # Images --mode sample draws, and --mode eval draws for FID / Inception Score
   # (sample.num_samples is the count in each training grid).
   config.eval.num_samples = 50_000

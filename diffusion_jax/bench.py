@@ -329,6 +329,7 @@ def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> di
 
   from diffusion_jax import build  # pylint: disable=g-import-not-at-top
   from diffusion_jax import prng  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.progress import format_duration  # pylint: disable=g-import-not-at-top
 
   sched = build.make_schedule(config)
   keys = prng.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)
@@ -348,7 +349,7 @@ def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> di
                     eval_hours=args.eval_samples / images_per_s / 3600)
     _log(f"{tag}: {calls} calls, {call_s:.3f} s per call (timed over {timed_calls}, compiled "
          f"in {compile_s:.1f} s): {images_per_s:.4g} images/s, "
-         f"{args.eval_samples:,} samples in {out[tag]['eval_hours']:.3g} h")
+         f"{args.eval_samples:,} samples in {format_duration(args.eval_samples / images_per_s)}")
   return out
 
 

@@ -38,7 +38,9 @@ other corruption with probability 1 - 2^-32.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import zlib
 from typing import Any
 
@@ -46,6 +48,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from diffusion_jax import outputs
 
 STATE = "state"
 CONFIG = "config"
@@ -60,6 +64,30 @@ def _item_handlers(partial: bool = False):
   state = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
   return {STATE: state, CONFIG: ocp.JsonCheckpointHandler(),
           CHECKSUMS: ocp.JsonCheckpointHandler()}
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Drops orbax's warning that a manager is read-only: ours are on purpose (an evaluation may
+  read the checkpoints of a training run that is still writing them)."""
+
+  def filter(self, record):
+    return not (f"{os.sep}orbax{os.sep}" in record.pathname
+                and str(record.msg).startswith("Given directory is read only"))
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+
+
+def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
+  """A manager that only reads `directory` (part of a state, the config, the checksums)."""
+  logger = logging.getLogger("absl")  # orbax logs through absl
+  if _READ_ONLY_NOTICE not in logger.filters:
+    logger.addFilter(_READ_ONLY_NOTICE)
+  # The options a read-only manager implies, set here so that orbax has none to correct (it
+  # warns of each).
+  options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers=_item_handlers(partial=True))
 
 
 class ShapeMismatchError(ValueError):
@@ -144,12 +172,63 @@ def describe(error: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What to do about a failed write, by its OS error. orbax and TensorStore wrap the OSError (as
+# the cause or context of their own exception) or keep only its text, e.g.
+# "... No space left on device [os_error_code='28']".
+_WRITE_ADVICE = (
+    ((errno.ENOSPC,), "Free space in {directory} (its disk is full)"),
+    ((errno.EDQUOT,), "Free space in {directory} (its disk quota is exceeded)"),
+    ((errno.EACCES, errno.EPERM), "Make {directory} writable by this user"),
+    ((errno.EROFS,), "Make {directory} writable (its file system is mounted read-only)"),
+    ((errno.EFBIG,), "Raise the limit on file sizes (`ulimit -f`), or put {directory} on a "
+                     "file system that takes larger files"),
+)
+
+
+def _chained(error: BaseException) -> list[BaseException]:
+  """`error` and every exception it was raised from or while handling, each once."""
+  found, pending = [], [error]
+  while pending:
+    current = pending.pop()
+    if current is None or any(current is seen for seen in found):
+      continue
+    found.append(current)
+    pending += [current.__cause__, current.__context__]
+  return found
+
+
+def _write_error_code(error: BaseException) -> int | None:
+  """The errno of the OS error behind `error` (one that `_WRITE_ADVICE` knows), looked for in
+  its chain of causes and in their messages; None if none is found."""
+  chain = _chained(error)
+  for codes, _ in _WRITE_ADVICE:
+    for code in codes:
+      for e in chain:
+        text = str(e)
+        if (getattr(e, "errno", None) == code or f"os_error_code='{code}'" in text
+            or os.strerror(code) in text):
+          return code
+  return None
+
+
+def _save_advice(error: BaseException, directory) -> str:
+  """What to do after a checkpoint could not be written to `directory` because of `error`."""
+  code = _write_error_code(error)
+  for codes, advice in _WRITE_ADVICE:
+    if code in codes:
+      return advice.format(directory=directory)
+  return f"Fix writing to {directory} (the {type(error).__name__} above)"
+
+
 def _report_unreadable(step: int, directory, error: Exception, then: str) -> None:
-  logging.error("checkpoint at step %d in %s cannot be used (%s); %s", step, directory,
-                describe(error), then)
+  """One line: printed by process 0 (beside the run's other output), logged by the others
+  (each of which may have met another error, or none)."""
+  message = (f"checkpoint at step {step} in {directory} cannot be used ({describe(error)}); "
+             f"{then}")
   if jax.process_index() == 0:
-    print(f"WARNING: checkpoint at step {step} in {directory} cannot be used "
-          f"({describe(error)}); {then}", flush=True)
+    print(f"WARNING: {message}", flush=True)
+  else:
+    logging.warning("%s", message)
 
 
 def _has_checksums(manager, directory: epath.Path, step: int) -> bool:
@@ -194,12 +273,13 @@ def move_aside(path: epath.Path) -> epath.Path:
   Returns:
     the new path.
   """
+  path = outputs.resolve(path)
   target = path.parent / (path.name + CORRUPT_SUFFIX)
   n = 0
   while target.exists():
     n += 1
     target = path.parent / f"{path.name}{CORRUPT_SUFFIX}.{n}"
-  if str(path).startswith("gs://"):
+  if outputs.is_object_store(path):
     _copytree(path, target)
     path.rmtree()
   else:
@@ -211,14 +291,15 @@ class Checkpointer:
   """Saves and restores the train state (plus config and checksums) under `directory`.
 
   Args:
-    directory: usually WORKDIR/checkpoints (local or gs://).
+    directory: usually WORKDIR/checkpoints (gs://, or local: a relative one starts at the
+      current directory, once, here).
     keep: how many of the most recent checkpoints to keep.
     async_save: write in a background thread (the device-to-host copy happens before `save`
       returns, so the caller may donate or overwrite the state right after).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = outputs.resolve(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -286,11 +367,12 @@ class Checkpointer:
     kept = [s for s in self.all_steps() if s != step]
     kept_text = (f"the older checkpoints {kept} are kept" if kept
                  else "no older checkpoint exists")
+    resumes = f"it resumes from step {kept[-1]}" if kept else "it starts from step 0"
     return SaveError(
         f"saving the checkpoint of step {step} in {self.directory} failed "
-        f"({describe(error, 600)}); training stopped, {kept_text}. Free space in (or "
-        f"fix writing to) {self.directory}, then restart with the same --workdir: it resumes "
-        f"from the newest of them")
+        f"({describe(error, 600)}); training stopped, {kept_text}. "
+        f"{_save_advice(error, self.directory)}, then restart with the same --workdir: "
+        f"{resumes}")
 
   def wait(self) -> None:
     """Blocks until the save in progress is written. Raises SaveError if it failed."""
@@ -411,7 +493,7 @@ def _restore_state_verified(manager, directory: epath.Path, step: int, state_arg
 def complete_steps(directory) -> list[int]:
   """The steps with a complete (committed) checkpoint in `directory` (none if it is missing),
   read from the files alone (no manager: safe from any thread)."""
-  directory = epath.Path(directory)
+  directory = outputs.resolve(directory)
   if not directory.exists():
     return []
   return sorted(ocp.step.checkpoint_steps(directory))
@@ -423,6 +505,7 @@ def select_step(directory, step: int | None = None) -> int:
   Raises:
     FileNotFoundError: no checkpoint at all, or none of `step` (naming the steps there).
   """
+  directory = outputs.resolve(directory)
   steps = complete_steps(directory)
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}: train first (--mode train), or "
@@ -435,9 +518,7 @@ def select_step(directory, step: int | None = None) -> int:
 
 def read_config(directory, step: int) -> dict[str, Any]:
   """The config saved with the checkpoint of `step`, as the dict it was saved as."""
-  manager = ocp.CheckpointManager(epath.Path(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_item_handlers(partial=True))
+  manager = _read_only_manager(outputs.resolve(directory))
   try:
     return manager.restore(step, args=ocp.args.Composite(
         **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
@@ -487,10 +568,8 @@ def restore_params(directory: str, step: int | None = None, *, ema: bool = True)
     FileNotFoundError: no checkpoint in `directory`.
     UnreadableCheckpointError: `step` (or, without one, every checkpoint) cannot be used.
   """
-  directory = epath.Path(directory)
-  manager = ocp.CheckpointManager(directory,
-                                  options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_item_handlers(partial=True))
+  directory = outputs.resolve(directory)
+  manager = _read_only_manager(directory)
   try:
     steps = sorted(manager.all_steps())
     if not steps:
@@ -518,7 +597,7 @@ def restore_params(directory: str, step: int | None = None, *, ema: bool = True)
 
 def check_new_workdir(workdir: str) -> epath.Path:
   """WORKDIR/checkpoints for a converted checkpoint; raises FileExistsError if it holds some."""
-  out_dir = epath.Path(workdir) / "checkpoints"
+  out_dir = outputs.resolve(workdir) / "checkpoints"
   if out_dir.exists() and any(out_dir.iterdir()):
     raise FileExistsError(f"{out_dir} already holds checkpoints; choose a new --out directory")
   return out_dir

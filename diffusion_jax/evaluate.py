@@ -2,17 +2,31 @@
 (the latest, or `step`), as the original evaluated, and runs over every device of every host:
 
   sample       `eval.num_samples` samples in global batches sharded over all devices; each
-               process writes its share to WORKDIR/samples/<step><tag>/samples_<process>.npz
+               process writes its share to WORKDIR/samples/<name>/samples_<process>.npz
                (`images` uint8 [n, H, W, C], `index` int64 [n], each image's global example
                index, and for a class-conditional model `labels` int64 [n], sample i's class
-               i mod num_classes) and process 0 a PNG grid.
+               i mod num_classes) and process 0 a PNG grid (one column per class for a
+               class-conditional model).
   eval         FID against train- and test-set statistics, Inception Score (10 splits) and
-               bits/dim of a split, into WORKDIR/eval/<step><tag>.json and TensorBoard; for one
+               bits/dim of a split, into WORKDIR/eval/<name>.json and TensorBoard; for one
                step, or for every new checkpoint while training runs (`eval.watch`). For dataset
                'digits', the measures of metrics/digits.py (a small classifier trained here)
                take the place of FID and IS, so no Inception weights are needed.
-  progressive  a grid of the x_0 predictions along the sampling chain.
-  interpolate  a grid of interpolations between pairs of dataset images.
+  progressive  a grid of the x_0 predictions along the sampling chain, WORKDIR/samples/<step>/
+               progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
+  interpolate  a grid of interpolations between pairs of dataset images, WORKDIR/samples/<step>/
+               interpolate_<split>_t<t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+
+<name> is `run_name`: <step><tag>_n<num_samples>[_seed<seed>], e.g. 400_n1000, 400_ddim50_n100,
+400_n1000_seed1, where <tag> names the sampler settings (`build.sampler_tag`: '' for the
+original's) and the seed appears unless it is 0. Dumps and results made with other settings
+therefore never replace each other, and the same settings again give the same name and the same
+numbers (every sample's key depends only on the seed and its index). An evaluation also records
+the settings its name leaves out (`result_settings`) and refuses to replace a result of the
+same name made with others.
+
+Batches are `eval.batch_size` at most, but never larger than the samples or examples asked for
+(rounded up to a multiple of the devices): 100 samples cost 100, not a batch of 500.
 
 Samples come from `inference.Sampler` with the config's `sample` section (sampler, steps, eta,
 clipping); every use of randomness has its own `prng.RunStream`.
@@ -21,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import time
 from typing import Iterator
@@ -46,20 +61,81 @@ def _is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _seed_suffix(seed: int) -> str:
+  return f"_seed{seed}" if seed else ""
+
+
+def run_name(config, step: int) -> str:
+  """The name of `step`'s sample dump and evaluation results under the config's settings:
+  <step><tag>_n<eval.num_samples>, then _seed<eval.seed> unless the seed is 0; <tag> is
+  `build.sampler_tag` ('' for the original's sampler)."""
+  settings = config.eval
+  return (f"{step}{build.sampler_tag(config)}_n{settings.num_samples}"
+          f"{_seed_suffix(settings.seed)}")
+
+
+def samples_dir(config, workdir: str, step: int) -> epath.Path:
+  """WORKDIR/samples/`run_name`: where `--mode sample` writes `step`'s samples."""
+  return outputs.resolve(workdir) / "samples" / run_name(config, step)
+
+
 def results_path(config, workdir: str, step: int) -> epath.Path:
-  """WORKDIR/eval/<step><tag>.json: the metrics of `step` under the config's sampler settings
-  (`build.sampler_tag`), so evaluations of one checkpoint with different samplers are all kept."""
-  return epath.Path(workdir) / "eval" / f"{step}{build.sampler_tag(config)}.json"
+  """WORKDIR/eval/`run_name`.json: the metrics of `step` under the config's sampler, sample
+  count and seed, so evaluations of one checkpoint with other settings are all kept."""
+  return outputs.resolve(workdir) / "eval" / f"{run_name(config, step)}.json"
 
 
-def _batch_size(config, mesh) -> int:
-  return parallel.round_up_to_devices(max(1, config.eval.batch_size), mesh)
+# What else changes an evaluation's numbers: recorded in its results, checked before replacing.
+_RESULT_SETTINGS = ("bpd_split", "bpd_max_examples", "bpd_clip_denoised", "fid_splits",
+                    "fid_max_real", "fid_stats_train", "fid_stats_test", "inception_size",
+                    "is_splits", "digits_confidence")
+
+
+def result_settings(config) -> dict:
+  """The `eval` settings that change an evaluation's numbers but not `run_name`, as stored in
+  its results (JSON values)."""
+  settings = config.eval
+  return json.loads(json.dumps({k: settings.get(k) for k in _RESULT_SETTINGS}))
+
+
+def _has_results(config, workdir: str, step: int) -> bool:
+  """Whether `results_path` holds `step`'s results under the config's settings.
+
+  Raises:
+    FileExistsError: it holds results made with other settings (or unreadable ones), which an
+      evaluation under these settings would replace.
+  """
+  path = results_path(config, workdir, step)
+  if not path.exists():
+    return False
+  try:
+    written = json.loads(path.read_text())
+  except ValueError:
+    written = None
+  recorded = written.get("settings") if isinstance(written, dict) else None
+  ours = result_settings(config)
+  if recorded != ours:
+    differ = (", ".join(f"{k}={recorded.get(k)!r} there, {ours[k]!r} here" for k in ours
+                        if recorded.get(k) != ours[k])
+              if isinstance(recorded, dict) else "no settings recorded")
+    raise FileExistsError(
+        f"{path} holds results made with other eval settings ({differ}); evaluate with its "
+        f"settings, or move it away to keep it and evaluate with these")
+  return True
+
+
+def _batch_size(requested: int, num: int, mesh) -> int:
+  """The global batch for `num` samples or examples: `requested` (eval.batch_size) at most, but
+  no more than `num` needs, rounded up to a multiple of the devices."""
+  return parallel.round_up_to_devices(max(1, min(requested, num)), mesh)
 
 
 def _sample_batches(sampler: inference.Sampler, num: int, batch_size: int, *, seed: int,
                     label: str) -> Iterator[tuple[np.ndarray, jax.Array]]:
   """Yields (indices, global float samples in [-1, 1]) of samples 0 .. num-1 in global batches
-  (the last one runs past num), printing progress as each batch is consumed."""
+  of `_batch_size(batch_size, num)` (the last one runs past num), printing progress as each
+  batch is consumed."""
+  batch_size = _batch_size(batch_size, num, sampler.mesh)
   progress = progress_lib.Progress(label, num, unit="images")
   for start in range(0, num, batch_size):
     indices = np.arange(start, start + batch_size)
@@ -73,13 +149,18 @@ def _sample_batches(sampler: inference.Sampler, num: int, batch_size: int, *, se
 # --mode sample
 
 def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
-  """`--mode sample`: writes WORKDIR/samples/<step><tag>/samples_<process>.npz and grid.png,
-  where <tag> names the sampler settings (`build.sampler_tag`: '' for the original's)."""
+  """`--mode sample`: writes WORKDIR/samples/`run_name`/samples_<process>.npz and grid.png
+  (a class-conditional model's grid: one column per class).
+
+  Returns:
+    the samples' directory.
+  """
   config_checks.check(config, mode="sample")
+  workdir = outputs.resolve(workdir)
   sampler = inference.Sampler(inference.load(workdir, config, step=step))
-  batch = _batch_size(config, sampler.mesh)
-  rows = parallel.host_rows(sampler.mesh, batch)
   num = config.eval.num_samples
+  batch = _batch_size(config.eval.batch_size, num, sampler.mesh)
+  rows = parallel.host_rows(sampler.mesh, batch)
   images, index = [], []
   for indices, samples in _sample_batches(sampler, num, batch, seed=config.eval.seed,
                                           label="sample"):
@@ -91,10 +172,11 @@ def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
   arrays = dict(images=images, index=index)
   if sampler.num_classes:
     arrays["labels"] = sampler.labels(index).astype(np.int64)
-  out_dir = epath.Path(workdir) / "samples" / f"{sampler.step}{build.sampler_tag(config)}"
+  out_dir = samples_dir(config, workdir, sampler.step)
   outputs.write_npz(out_dir / f"samples_{jax.process_index()}.npz", **arrays)
   if _is_main():
-    grid = images_lib.image_grid(images[:64])
+    labels = arrays.get("labels")
+    grid = images_lib.image_grid(images[:64], labels=None if labels is None else labels[:64])
     outputs.write_atomically(out_dir / "grid.png", images_lib.encode_png(
         grid, upscale=images_lib.grid_upscale(config.data.image_size)))
     print(f"wrote {len(images)} samples of step {sampler.step} to {out_dir}", flush=True)
@@ -112,7 +194,8 @@ def split_source(config, split: str):
 
 def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0, *,
                   label: str = "", num_classes: int = 0):
-  """Every example of a split (or the first max_examples) once, in global batches.
+  """Every example of a split (or the first max_examples) once, in global batches of
+  `batch_size`, or fewer where the examples are fewer (rounded up to the devices).
 
   The last batch is padded with copies of example 0, for the caller to drop with `valid`.
   With a `label`, a progress line counts the examples the caller has finished with.
@@ -124,6 +207,7 @@ def split_batches(config, split: str, mesh, batch_size: int, max_examples: int =
   """
   source = split_source(config, split)
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  batch_size = _batch_size(batch_size, num, mesh)
   rows = parallel.host_rows(mesh, batch_size)
   progress = progress_lib.Progress(label, num, unit="images") if label else None
   for start in range(0, num, batch_size):
@@ -165,8 +249,13 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
 # ----------------------------------------------------------------------------------------------
 # --mode progressive / interpolate
 
+def _grid_suffix(config) -> str:
+  """What the grid modes' names add for the settings every grid shares."""
+  return _seed_suffix(config.eval.seed) + ("" if config.sample.clip_denoised else "_noclip")
+
+
 def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
-  path = epath.Path(workdir) / "samples" / str(step) / name
+  path = outputs.resolve(workdir) / "samples" / str(step) / name
   if _is_main():
     outputs.write_atomically(path, images_lib.encode_png(
         images_lib.rows_grid(rows_NxKxHxWxC),
@@ -178,13 +267,17 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
 def _chain_setup(config, workdir: str, step: int | None, mode: str):
   """What a grid mode starts from: (loaded checkpoint, mesh, model, schedule)."""
   config_checks.check(config, mode=mode)
-  loaded = inference.load(workdir, config, step=step)
+  loaded = inference.load(outputs.resolve(workdir), config, step=step)
   return loaded, parallel.make_mesh(), build.make_model(config), build.make_schedule(config)
 
 
 def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
-  t = T - freq down to 0), then the sample."""
+  t = T - freq down to 0), then the sample.
+
+  Returns:
+    its path, WORKDIR/samples/<step>/progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
+  """
   loaded, mesh, model, sched = _chain_setup(config, workdir, step, "progressive")
   settings, d = config.eval, config.diffusion
   size, channels = config.data.image_size, config.data.channels
@@ -205,12 +298,19 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
       parallel.replicate(loaded.params, mesh), keys, *labels))
   # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
   rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
-  return _write_rows_grid(rows, workdir, loaded.step, "progressive.png", config)
+  name = (f"progressive_n{settings.progressive_num}_every{settings.progressive_freq}"
+          f"{_grid_suffix(config)}.png")
+  return _write_rows_grid(rows, workdir, loaded.step, name, config)
 
 
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam (a
-  class-conditional model denoises each row with the label of the pair's first image)."""
+  class-conditional model denoises each row with the label of the pair's first image).
+
+  Returns:
+    its path, WORKDIR/samples/<step>/
+    interpolate_<bpd_split>_t<interp_t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+  """
   loaded, mesh, model, sched = _chain_setup(config, workdir, step, "interpolate")
   settings, d = config.eval, config.diffusion
   source = split_source(config, settings.bpd_split)
@@ -252,14 +352,17 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   # Frame each row with the two originals.
   grid_rows = np.concatenate([images_lib.to_float(firsts)[:, None], grid_rows,
                               images_lib.to_float(seconds)[:, None]], axis=1)
-  return _write_rows_grid(grid_rows, workdir, loaded.step, "interpolate.png", config)
+  name = (f"interpolate_{settings.bpd_split}_t{settings.interp_t}_{pairs}x"
+          f"{settings.interp_steps}{_grid_suffix(config)}.png")
+  return _write_rows_grid(grid_rows, workdir, loaded.step, name, config)
 
 
 # ----------------------------------------------------------------------------------------------
 # --mode eval: FID, Inception Score and bits/dim for a checkpoint
 
 def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: int) -> dict:
-  """FID against each of `eval.fid_splits` and the Inception Score of the samples."""
+  """FID against each of `eval.fid_splits` and the Inception Score of the samples, in batches
+  of `batch` at most."""
   from diffusion_jax.metrics import fid  # pylint: disable=g-import-not-at-top
   from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   settings, mesh = config.eval, sampler.mesh
@@ -303,8 +406,8 @@ def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: i
 
 def digits_metrics(config, workdir: str, sampler: inference.Sampler, batch: int) -> dict:
   """The digits classifier's measures of the samples (metrics/digits.py), keys `digits_*`
-  (with `digits_label_accuracy` for a class-conditional model); the classifier is trained on
-  first use and cached in `eval.digits_classifier_dir`."""
+  (with `digits_label_accuracy` for a class-conditional model), sampled in batches of `batch`
+  at most; the classifier is trained on first use and cached in `eval.digits_classifier_dir`."""
   from diffusion_jax.metrics import digits  # pylint: disable=g-import-not-at-top
   settings = config.eval
   cache_dir = settings.digits_classifier_dir or os.fspath(epath.Path(workdir) / "eval")
@@ -328,22 +431,30 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   """Sample quality and bits/dim of one checkpoint (`loaded`, when given, is that of `step`).
 
   Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
-  'digits' the `digits_*` measures of `digits_metrics`. Writes `results_path` (atomically) and
-  TensorBoard scalars under WORKDIR/eval.
+  'digits' the `digits_*` measures of `digits_metrics`. Writes `results_path` (atomically, with
+  `result_settings` under "settings") and TensorBoard scalars under WORKDIR/eval.
 
   Returns:
     the metrics dict.
+
+  Raises:
+    FileExistsError: `results_path` holds results made with other settings (before anything
+      is sampled).
   """
   from diffusion_jax.metrics import inception  # pylint: disable=g-import-not-at-top
   settings = config.eval
+  workdir = outputs.resolve(workdir)
   is_digits = config.data.dataset == "digits"
   if not is_digits and not settings.inception_weights:
     raise FileNotFoundError(
         "--mode eval needs the FID Inception weights: set --config.eval.inception_weights="
         "PATH.npz. " + inception._missing_weights_message("PATH.npz"))  # pylint: disable=protected-access
-  sampler = inference.Sampler(loaded or inference.load(workdir, config, step=step), mesh=mesh)
+  loaded = loaded or inference.load(workdir, config, step=step)
+  _has_results(config, workdir, loaded.step)  # refuses to replace other settings' results
+  sampler = inference.Sampler(loaded, mesh=mesh)
   mesh = sampler.mesh
-  batch = _batch_size(config, mesh)
+  # Each consumer bounds it by its own count (samples; examples of a split).
+  batch = parallel.round_up_to_devices(max(1, settings.batch_size), mesh)
   t0 = time.time()
   quality_fn = digits_metrics if is_digits else inception_metrics
   metrics = quality_fn(config, workdir, sampler, batch)
@@ -356,7 +467,8 @@ def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
   metrics = {k: (float(v) if not isinstance(v, (int, list)) else v) for k, v in metrics.items()}
   if _is_main():
     path = results_path(config, workdir, sampler.step)
-    outputs.write_json(path, {"step": sampler.step, **metrics})
+    outputs.write_json(path, {"step": sampler.step, **metrics,
+                              "settings": result_settings(config)})
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     log = outputs.MetricsLog(os.fspath(path.parent), enabled=True)
     log.scalars(sampler.step, {f"eval/{k}": v for k, v in scalars.items()})
@@ -371,14 +483,15 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   """`--mode eval`: one checkpoint, or (eval.watch) every new one until training ends.
 
   Watching polls WORKDIR/checkpoints every `eval.watch_poll_s` seconds, evaluates each step that
-  has no `results_path` yet, and stops after the step `train.num_steps` or when no
-  new checkpoint arrived for `eval.watch_timeout_s` seconds.
+  has no results under the current settings yet (`results_path`), and stops after the step
+  `train.num_steps` or when no new checkpoint arrived for `eval.watch_timeout_s` seconds.
 
   Returns:
     {step: metrics} of what was evaluated.
   """
   config_checks.check(config, mode="eval")
   settings = config.eval
+  workdir = outputs.resolve(workdir)
   if not settings.watch:
     loaded = inference.load(workdir, config, step=step)  # the newest usable one when None
     return {loaded.step: evaluate_step(config, workdir, loaded.step, loaded=loaded)}
@@ -386,9 +499,9 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   unusable: set[int] = set()
   last_new = time.time()
   while True:
-    steps = checkpoints.complete_steps(epath.Path(workdir) / "checkpoints")
+    steps = checkpoints.complete_steps(workdir / "checkpoints")
     todo = [s for s in steps if s not in done and s not in unusable
-            and not results_path(config, workdir, s).exists()]
+            and not _has_results(config, workdir, s)]
     for s in todo:
       try:
         done[s] = evaluate_step(config, workdir, s)

@@ -29,23 +29,46 @@ def to_uint8_values(images):
   return jnp.clip(jnp.round((images + 1.0) * 127.5), 0.0, 255.0)
 
 
-def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2, cols: int | None = None) -> np.ndarray:
-  """uint8 images -> one uint8 grid image, `pad` black pixels apart, filled row by row.
+def image_grid(images_NxHxWxC: np.ndarray, pad: int = 2, cols: int | None = None,
+               labels=None) -> np.ndarray:
+  """uint8 images -> one uint8 grid image, `pad` black pixels apart.
 
   Args:
     images_NxHxWxC: the images.
     pad: black pixels between images and around the grid.
-    cols: images per row; by default as square as possible.
+    cols: images per row, filled row by row; by default as square as possible.
+    labels: each image's class (a class-conditional model's samples), instead of `cols`: one
+      column per class present, in increasing order, each holding that class's images top to
+      bottom, so that every column shows one label.
 
   Returns:
     uint8 [rows * (H + pad) + pad, cols * (W + pad) + pad, C].
   """
   n, h, w, c = images_NxHxWxC.shape
-  cols = int(math.ceil(math.sqrt(n))) if cols is None else cols
-  rows = int(math.ceil(n / cols))
+  if labels is not None:
+    if cols is not None:
+      raise ValueError("image_grid: give `cols` or `labels`, not both (labels give one column "
+                       "per class)")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+      raise ValueError(f"image_grid: {n} images but labels of shape {labels.shape}; give one "
+                       f"label per image")
+    classes, columns = np.unique(labels, return_inverse=True)
+    columns = columns.reshape(-1)
+    # Row of each image: how many images of its class came before it.
+    order = np.argsort(columns, kind="stable")
+    counts = np.bincount(columns, minlength=len(classes))
+    rows_at = np.empty(n, np.int64)
+    rows_at[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = len(classes)
+    rows = int(rows_at.max()) + 1 if n else 0
+    places = zip(rows_at.tolist(), columns.tolist())
+  else:
+    cols = int(math.ceil(math.sqrt(n))) if cols is None else cols
+    rows = int(math.ceil(n / cols))
+    places = (divmod(i, cols) for i in range(n))
   grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-  for i, image in enumerate(images_NxHxWxC):
-    r, col = divmod(i, cols)
+  for image, (r, col) in zip(images_NxHxWxC, places):
     top, left = pad + r * (h + pad), pad + col * (w + pad)
     grid[top:top + h, left:left + w] = image
   return grid

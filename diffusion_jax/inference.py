@@ -22,12 +22,12 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
 from diffusion_jax import images as images_lib
+from diffusion_jax import outputs
 from diffusion_jax import parallel
 from diffusion_jax import prng
 
@@ -43,7 +43,7 @@ class Loaded:
 def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
   """The config saved with a checkpoint (default: the latest), in today's layout: a config
   saved by an older version is upgraded (`config_lib.upgrade`), saying so once."""
-  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  ckpt_dir = outputs.resolve(workdir) / "checkpoints"
   step = checkpoints.select_step(ckpt_dir, step)
   config, message = config_lib.upgrade(checkpoints.read_config(ckpt_dir, step))
   if message and jax.process_index() == 0:
@@ -56,7 +56,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   """Loads a workdir's (or a converted checkpoint's) parameters.
 
   Args:
-    workdir: the training workdir, or the --out of `convert_tf_checkpoint`.
+    workdir: the training workdir, or the --out of `convert_tf_checkpoint` (relative to the
+      current directory, `~` expanded, or gs://).
     config: the config to build the model with; default: the one saved with the checkpoint.
     step: which checkpoint (default: the newest that reads back intact; a damaged newer one
       is reported and skipped).
@@ -69,7 +70,8 @@ def load(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     FileNotFoundError: no checkpoint, or no checkpoint at `step` (naming the ones there), or
       (`checkpoints.UnreadableCheckpointError`) none that can be used.
   """
-  ckpt_dir = epath.Path(workdir) / "checkpoints"
+  workdir = outputs.resolve(workdir)
+  ckpt_dir = workdir / "checkpoints"
   checkpoints.select_step(ckpt_dir, step)  # none, or none at `step`: says which steps there are
   # Only the parameters are read and verified: a damaged optimizer state does not matter here.
   params, got = checkpoints.restore_params(os.fspath(ckpt_dir), step, ema=ema)
@@ -113,7 +115,7 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str, config=None, *, step: int | None = None) -> "Sampler":
-    return cls(load(workdir, config, step=step))
+    return cls(load(outputs.resolve(workdir), config, step=step))
 
   def sample_fn(self, **settings) -> Callable:
     """The compiled sampler f(params, keys) for these settings (built once, then reused)."""
@@ -157,11 +159,17 @@ class Sampler:
     Args:
       num: how many.
       seed: sample i of a seed is the same whatever `num` and the devices.
-      batch_size: samples per compiled call (default min(num, 256), rounded up to the devices).
+      batch_size: samples per compiled call, at most (default 256); never more than `num`,
+        rounded up to a multiple of the devices.
       labels: a class-conditional model's classes: one int for all, or `num` of them (default:
         sample i of class i mod num_classes); refused for an unconditional model.
       **settings: sampler settings replacing the config's (`build.sampler_kwargs`).
     """
+    if num < 1:
+      raise ValueError(f"sample: num={num}; ask for at least one sample")
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"sample: batch_size={batch_size}; give a positive batch size, or None "
+                       f"for the default")
     if labels is not None:
       labels = np.asarray(labels)
       labels = build.check_sample_labels(self.config, np.broadcast_to(labels, (num,))
@@ -169,7 +177,7 @@ class Sampler:
       if labels.shape != (num,):
         raise ValueError(f"labels: {num} samples asked for, {len(labels)} labels given; give "
                          f"one label, or one per sample")
-    batch = parallel.round_up_to_devices(batch_size or min(num, 256), self.mesh)
+    batch = parallel.round_up_to_devices(min(batch_size or 256, num), self.mesh)
     out = []
     for start in range(0, num, batch):
       indices = np.arange(start, start + batch)

@@ -9,7 +9,9 @@ when given, else in a temporary directory removed at the end):
     (PNG-encoded images, as tfds stores cifar10), read through `input_pipeline.TfdsSource`, the
     class training uses for cifar10 (`tfds.data_source`);
   * `png_folder`: one PNG file per image, read through `input_pipeline.FolderSource`.
-Each is read through `input_pipeline.BatchIterator`, as train.py reads it, for every
+Writing the ArrayRecord data set needs TensorFlow (`pip install -e ".[tf]"`); without it the
+benchmark says so in one line and measures the PNG folder alone (asking for `array_record` alone
+is refused). Each is read through `input_pipeline.BatchIterator`, as train.py reads it, for every
 parallelism and worker count asked for, one host holding all rows of the global batch. Prints
 one JSON line per case; `images_per_s` counts batches after `--warmup` untimed ones. The paper
 trained CIFAR-10 on a TPU v3-8 at about 21 steps/s of 128 images: 2,688 images/s for its one
@@ -18,6 +20,7 @@ host (`paper_images_per_s`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -62,6 +65,11 @@ def _parse(argv):
   for name in args.sources:
     if name not in SOURCES:
       parser.error(f"unknown source {name!r}; allowed: {', '.join(SOURCES)}")
+  if "array_record" in args.sources and not tensorflow_installed():
+    if args.sources == ["array_record"]:
+      parser.error(f"--sources array_record: {_NEEDS_TENSORFLOW}")
+    args.sources.remove("array_record")
+    print(f"[input_bench] skipping array_record: {_NEEDS_TENSORFLOW}", flush=True)
   args.parallelism = args.parallelism.split(",")
   for name in args.parallelism:
     try:
@@ -70,6 +78,18 @@ def _parse(argv):
       parser.error(str(e))
   args.workers = [int(w) for w in args.workers.split(",")]
   return args
+
+
+_NEEDS_TENSORFLOW = ('writing the tfds ArrayRecord data set needs TensorFlow, which is not '
+                     'installed: pip install -e ".[tf]"')
+
+
+def tensorflow_installed() -> bool:
+  """Whether TensorFlow can be imported (without importing it: that takes seconds)."""
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):  # a broken install, or a module set to None in sys.modules
+    return False
 
 
 def _random_images(num_images: int):

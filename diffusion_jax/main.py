@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusion_jax.main --config configs/<name>.py --workdir DIR`.
+r"""Command line: `python -m diffusion_jax.main --config configs/<name>.py --workdir DIR`.
 
 Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell:
 
@@ -7,9 +7,10 @@ Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell
       --config.optim.lr=1e-4 --workdir gs://bucket/cifar10
   python -m diffusion_jax.main --config configs/cifar10.py --mode summary
 
-Exit status: 0 done (or stopped by SIGTERM/Ctrl-C with a checkpoint); 2 a mistake in the flags
-or config (one `error:` line); 75 another process of a multi-process training run was lost
-(`parallel.LOST_PROCESS_EXIT_CODE`: start every process again, it resumes); 130 a second Ctrl-C.
+Exit status: 0 done (or stopped by SIGTERM/Ctrl-C with a checkpoint; or --help shown); 2 a
+mistake in the flags or config (one `error:` line); 75 another process of a multi-process
+training run was lost (`parallel.LOST_PROCESS_EXIT_CODE`: start every process again, it
+resumes); 130 a second Ctrl-C.
 """
 import difflib
 import logging as std_logging
@@ -175,14 +176,22 @@ def _flag_error_message(error: Exception, argv) -> str | None:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with mistakes in the flags reported as one `error:` line, exit 2.
+  """absl's flag parsing, with mistakes in the flags reported as one `error:` line, exit 2,
+  and --help (--helpshort, --helpfull, --helpxml) exiting 0 once the help is printed.
 
-  absl itself exits with code 1 and, for a config file or a `--config.x` override, a
-  traceback; a wrapper script cannot tell those from a crash.
+  absl itself exits with code 1 for both and, for a config file or a `--config.x` override,
+  prints a traceback; a wrapper script cannot tell those from a crash.
   """
   try:
     rest = flags.FLAGS(argv)
     _CONFIG.value.keys()  # a config file that failed to load raises only on first use
+  except SystemExit as e:
+    # absl's help flags print the help, then exit with 1 while parsing.
+    if e.code == 1 and any(re.fullmatch(r"--?(\?|help|helpshort|helpfull|helpxml)(=.*)?", arg)
+                           for arg in argv[1:]):
+      sys.stdout.flush()
+      sys.exit(0)
+    raise
   except Exception as e:  # pylint: disable=broad-except
     message = _flag_error_message(e, argv)
     if message is None:
@@ -208,23 +217,35 @@ def main(argv):
     _exit_with_error(str(e))
 
 
-class _OneLineOrbaxErrors(std_logging.Filter):
-  """Shortens orbax's error records to their first line: a failed background save (a full
-  disk) logs one traceback per array write, hundreds in all, and the run reports the failure
-  itself in one `error:` line."""
+class _OrbaxConsoleRecords(std_logging.Filter):
+  """orbax's log records on the console: its errors shortened to their first line (a failed
+  background save, a full disk say, logs one traceback per array write, hundreds in all, and
+  the run reports the failure itself in one `error:` line); its info and warnings (each save,
+  each read-only reader) left out, unless `keep_notices` (--verbosity was given)."""
+
+  def __init__(self, keep_notices: bool):
+    super().__init__()
+    self._keep_notices = keep_notices
 
   def filter(self, record):
-    if f"{os.sep}orbax{os.sep}" in record.pathname and record.levelno >= std_logging.ERROR:
-      message = record.getMessage().strip().splitlines()
-      record.msg, record.args = (message[0][:300] if message else ""), ()
-      record.exc_info = record.exc_text = record.stack_info = None
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno < std_logging.ERROR:
+      return self._keep_notices
+    message = record.getMessage().strip().splitlines()
+    record.msg, record.args = (message[0][:300] if message else ""), ()
+    record.exc_info = record.exc_text = record.stack_info = None
     return True
 
 
 def _quiet_library_logs() -> None:
-  if logging.get_verbosity() == logging.INFO and not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # keeps checkpointing chatter off the console
-  logging.get_absl_logger().addFilter(_OneLineOrbaxErrors())
+  """Keeps the console to the run's own lines and one line per library error."""
+  asked = flags.FLAGS["verbosity"].present
+  if logging.get_verbosity() == logging.INFO and not asked:
+    logging.set_verbosity(logging.WARNING)
+  # On the handler, which both absl's logger (most of orbax) and Python's root logger (the
+  # rest of orbax) reach.
+  logging.get_absl_handler().addFilter(_OrbaxConsoleRecords(keep_notices=asked))
   # orbax's failed writes also end as asyncio tasks whose exceptions nobody retrieves; asyncio
   # logs each with a traceback when it is garbage collected. Nothing else here uses asyncio.
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
@@ -247,6 +268,11 @@ def _quiet_library_logs() -> None:
 
 
 def _run(argv):
+  from diffusion_jax import stopping  # pylint: disable=g-import-not-at-top
+  if _MODE.value != "train":
+    # Only training stops cleanly on a signal; the other modes keep the usual behaviour
+    # (Ctrl-C interrupts them, SIGTERM ends them), for a signal received so far too.
+    stopping.hand_back_signals()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _quiet_library_logs()
@@ -265,4 +291,13 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  from diffusion_jax import stopping  # pylint: disable=g-import-not-at-top
+  # Caught before the flags are parsed: a stop requested at any point of a training run's
+  # start-up ends it before its first step.
+  with stopping.catch_signals():
+    stopping.begin_stage("flags")
+    try:
+      app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # a second Ctrl-C while the flags were parsed
+      print("Interrupted (SIGINT); stopped without saving", file=sys.stderr, flush=True)
+      sys.exit(INTERRUPTED_EXIT_CODE)

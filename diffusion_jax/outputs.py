@@ -20,6 +20,15 @@ def is_object_store(path) -> bool:
   return "://" in os.fspath(path)
 
 
+def resolve(path) -> epath.Path:
+  """`path` as the library hands it on: a local path with `~` expanded and made absolute (orbax
+  and TensorStore refuse relative paths, and a later change of directory must not move it); an
+  object-store path (gs://) unchanged."""
+  if is_object_store(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def write_atomically(path: epath.Path | str, data: bytes) -> epath.Path:
   """Writes `data` to `path` whole. Locally: under a temporary name unique to this call, then
   renamed to `path` (parents made), so writers racing for one file (processes caching the same

@@ -27,8 +27,6 @@ import sys
 import threading
 import time
 
-from etils import epath
-
 from diffusion_jax import outputs
 
 LOCK_NAME = "run.lock"
@@ -79,7 +77,8 @@ class WorkdirLock:
   """Holds WORKDIR/run.lock for one run (see the module docstring).
 
   Args:
-    workdir: the run's workdir (local or gs://); it must exist.
+    workdir: the run's workdir (gs://, or local: a relative one starts at the current
+      directory); it must exist.
     heartbeat_s: object stores only: how often the holder refreshes its heartbeat.
     stale_after_s: object stores only: a heartbeat older than this marks a dead run.
     clock: time source (tests).
@@ -88,8 +87,8 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, *, heartbeat_s: float = 60.0, stale_after_s: float = 600.0,
                clock=time.time, print_fn=None):
-    self.path = epath.Path(workdir) / LOCK_NAME
-    self.local = not outputs.is_object_store(str(workdir))
+    self.path = outputs.resolve(workdir) / LOCK_NAME
+    self.local = not outputs.is_object_store(workdir)
     self._heartbeat_s = heartbeat_s
     self._stale_after_s = stale_after_s
     self._clock = clock

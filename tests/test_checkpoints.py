@@ -1,5 +1,8 @@
 """Checkpoint integrity: damaged checkpoints are verified, set aside and skipped."""
+import errno
 import json
+import logging
+import os
 import pathlib
 import shutil
 
@@ -8,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from diffusion_jax import build
 from diffusion_jax import checkpoints
@@ -216,3 +220,100 @@ def test_checksums_cover_every_array_by_path(trained):
   assert {k: v for k, v in saved["arrays"].items() if k in want} == want
   assert any(k.startswith("['opt_state']") for k in saved["arrays"])
   assert len(saved["arrays"]) == len(jax.tree_util.tree_leaves(state))
+
+
+def small_state(step):
+  weights = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  return {"step": np.int32(step), "params": weights, "ema_params": weights}
+
+
+def test_relative_directories_start_at_the_current_directory(tmp_path, monkeypatch, caplog):
+  monkeypatch.chdir(tmp_path)
+  saver = checkpoints.Checkpointer("run/checkpoints")  # asynchronous, as training saves
+  assert saver.directory == tmp_path / "run" / "checkpoints"
+  saver.save(3, small_state(3), {"seed": 1})
+  saver.close()
+  assert checkpoints.complete_steps("run/checkpoints") == [3]
+  assert checkpoints.select_step("run/checkpoints") == 3
+  assert checkpoints.read_config("run/checkpoints", 3) == {"seed": 1}
+  params, step = checkpoints.restore_params("run/checkpoints")
+  assert step == 3
+  np.testing.assert_array_equal(params["w"], small_state(3)["params"]["w"])
+  # orbax has nothing to warn of (the read-only readers are read-only on purpose).
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING], (
+      caplog.text)
+  with pytest.raises(FileExistsError, match=f"{tmp_path}/run/checkpoints already holds"):
+    checkpoints.check_new_workdir("run")
+  assert checkpoints.move_aside("run/checkpoints/3") == tmp_path / "run/checkpoints/3.corrupt"
+  assert (tmp_path / "run" / "checkpoints" / "3.corrupt" / "state").is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def fail_writes_under(directory, code, monkeypatch):
+  """Makes every write of a small file (orbax's metadata and JSON items) under `directory`
+  fail with the OS error `code`, as a full (or otherwise failing) disk does."""
+  path_type = type(epath.Path(directory))
+  write_text = path_type.write_text
+
+  def failing(self, *args, **kwargs):
+    if str(directory) in os.fspath(self):
+      raise OSError(code, os.strerror(code), os.fspath(self))
+    return write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(path_type, "write_text", failing)
+
+
+@pytest.mark.parametrize("code,advice", [
+    (errno.ENOSPC, "Free space in {directory} (its disk is full), then restart"),
+    (errno.EACCES, "Make {directory} writable by this user, then restart"),
+    (errno.EIO, "Fix writing to {directory} (the OSError above), then restart"),
+])
+def test_a_failed_save_says_what_to_do_about_its_cause(tmp_path, monkeypatch, code, advice):
+  directory = tmp_path / "checkpoints"
+  saver = checkpoints.Checkpointer(str(directory), async_save=False)
+  saver.save(1, small_state(1), {})
+  fail_writes_under(directory, code, monkeypatch)
+  with pytest.raises(checkpoints.SaveError) as failed:
+    saver.save(2, small_state(2), {})
+  saver.close()
+  message = str(failed.value)
+  assert os.strerror(code) in message
+  assert advice.format(directory=directory) in message, message
+  assert message.endswith("--workdir: it resumes from step 1"), message
+  assert ("Free space" in message) == (code == errno.ENOSPC)
+  assert checkpoints.complete_steps(directory) == [1]
+
+
+def raised_while_handling(cause: BaseException, error: BaseException) -> BaseException:
+  """`error` as raised from `cause` (its __cause__ and __context__ set)."""
+  try:
+    try:
+      raise cause
+    except type(cause) as e:
+      raise error from e
+  except type(error) as e:
+    return e
+
+
+@pytest.mark.parametrize("error,code", [
+    # TensorStore's own words, all that orbax passes on of a full disk.
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0.0" in OCDBT database at local '
+                'file "/x/ocdbt.process_0/": Failed to write 929129 bytes to file 11: No space '
+                "left on device [os_error_code='28']"), errno.ENOSPC),
+    (raised_while_handling(PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
+                           RuntimeError("the save failed")), errno.EACCES),
+    (RuntimeError("the save failed"), None),
+])
+def test_the_os_error_is_found_in_messages_and_causes(error, code):
+  assert checkpoints._write_error_code(error) == code  # pylint: disable=protected-access
+
+
+def test_an_unusable_checkpoint_is_reported_once(trained, tmp_path, capsys, caplog):
+  directory = copy_checkpoints(trained, tmp_path)
+  shutil.rmtree(directory / "8" / "checksums")  # whichever arrays are read, step 8 is refused
+  _, step = checkpoints.restore_params(str(directory))
+  assert step == 4
+  captured = capsys.readouterr()
+  everything = captured.out + captured.err + caplog.text
+  assert everything.count("checkpoint at step 8") == 1, everything
+  assert f"WARNING: checkpoint at step 8 in {directory} cannot be used" in captured.out

@@ -44,6 +44,9 @@ def test_sample_mode_saves_each_samples_label_and_samples_follow_their_labels(wo
     images, index, labels = f["images"], f["index"], f["labels"]
   np.testing.assert_array_equal(index, np.arange(10))
   np.testing.assert_array_equal(labels, np.arange(10) % 10)  # sample i: class i mod 10
+  # The grid has one column per class: one row of 10 8x8 images, 2 px apart, upscaled 16x.
+  upscale = images_lib.grid_upscale(config.data.image_size)
+  assert Image.open(out_dir / "grid.png").size == ((10 * 10 + 2) * upscale, 12 * upscale)
 
   one = inference.Sampler(inference.load(os.fspath(path), config),
                           mesh=parallel.make_mesh(jax.devices()[:1]))
@@ -120,7 +123,10 @@ def test_training_reads_labels_and_draws_labelled_grids(tmp_path, capsys):
     state = train.train_and_evaluate(config, os.fspath(tmp_path))
   assert int(state.step) == 3
   assert "label_emb" in state.params
-  assert (tmp_path / "samples" / "grid_3.png").exists()
+  # 8 samples, of classes 0..7: one column per class, one row.
+  upscale = images_lib.grid_upscale(config.data.image_size)
+  assert Image.open(tmp_path / "samples" / "grid_3.png").size == ((8 * 10 + 2) * upscale,
+                                                                  12 * upscale)
   assert "Wrote" in capsys.readouterr().out
 
 

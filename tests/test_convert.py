@@ -37,7 +37,7 @@ def config():
   return config_lib.load_config("configs/test.py")
 
 
-def test_every_variable_lands_in_place_and_the_model_agrees(config, tmp_path):
+def test_every_variable_lands_in_place_and_the_model_agrees(config, tmp_path, monkeypatch):
   raw = original_variables(config, seed=0)
   ema = {name + convert_tf_checkpoint.EMA_SUFFIX: value + 1.0 for name, value in raw.items()}
   extras = {"global_step": np.int64(790000)}
@@ -77,12 +77,15 @@ def test_every_variable_lands_in_place_and_the_model_agrees(config, tmp_path):
   apply = jax.jit(lambda p: model.apply({"params": p}, x, t, train=False))
   np.testing.assert_array_equal(np.asarray(apply(params)), np.asarray(apply(direct)))
 
-  # A directory containing the checkpoint works too; an occupied --out is refused.
+  # A directory containing the checkpoint works too; an occupied --out is refused; a relative
+  # --out starts at the current directory.
   (prefix.parent / "checkpoint").write_text(f'model_checkpoint_path: "{prefix.name}"\n')
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
     convert_tf_checkpoint.convert(str(prefix.parent), config, str(tmp_path / "out"))
-  step2, _ = convert_tf_checkpoint.convert(str(prefix.parent), config, str(tmp_path / "out2"))
+  monkeypatch.chdir(tmp_path)
+  step2, _ = convert_tf_checkpoint.convert(str(prefix.parent), config, "out2")
   assert step2 == 790000
+  assert checkpoints.restore_params(str(tmp_path / "out2" / "checkpoints"))[1] == 790000
 
 
 def test_checkpoint_without_ema_uses_the_raw_variables(config, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from diffusion_jax import build, checkpoints, config_lib, diffusion, dpm_solver, evaluate
 from diffusion_jax import inference
 from diffusion_jax import images as images_lib
-from diffusion_jax import parallel, prng
+from diffusion_jax import outputs, parallel, prng
 from tests import checkpoint_fixtures
 
 STEP = 5
@@ -47,9 +47,9 @@ def test_sample_mode_writes_this_process_share_and_is_device_count_independent(w
   config, path, _ = workdir
   out_dir = evaluate.run_sample(config, os.fspath(path))
   assert "sample: 10/10 images (" in capsys.readouterr().out  # the last progress line
-  # The test config samples with DDIM over 4 steps: its results are named for it.
+  # Named for the test config's sampler (DDIM over 4 steps), sample count and seed.
   assert (config.sample.sampler, config.sample.num_steps) == ("ddim", 4)
-  assert out_dir == path / "samples" / f"{STEP}_ddim4"
+  assert out_dir == path / "samples" / f"{STEP}_ddim4_n10_seed3"
   with np.load(out_dir / "samples_0.npz") as f:
     images, index = f["images"], f["index"]
   assert images.dtype == np.uint8 and images.shape == (10, 8, 8, 3)
@@ -88,7 +88,97 @@ def test_dpm_solver_by_name_in_every_sampling_mode(workdir):
   np.testing.assert_allclose(got, np.asarray(direct), atol=1e-5)
   assert got.std() > 0.05
   out_dir = evaluate.run_sample(config, os.fspath(path))
-  assert out_dir == path / "samples" / f"{STEP}_dpmsolver++4_order2_time_uniform"
+  assert out_dir == path / "samples" / f"{STEP}_dpmsolver++4_order2_time_uniform_n10_seed3"
+
+
+def _record_batches(monkeypatch) -> list[int]:
+  """The length of every batch the Sampler draws from here on."""
+  seen = []
+  original = inference.Sampler.sample_global
+
+  def sample_global(self, indices, **kwargs):
+    seen.append(len(indices))
+    return original(self, indices, **kwargs)
+
+  monkeypatch.setattr(inference.Sampler, "sample_global", sample_global)
+  return seen
+
+
+def test_batches_are_no_larger_than_the_samples_asked_for(workdir, monkeypatch):
+  """eval.batch_size is a bound: 100 samples run in one batch of 104 (rounded up to the 8
+  devices), not 504, and give the same samples bit for bit as eval.batch_size=100."""
+  config, path, _ = workdir
+  seen = _record_batches(monkeypatch)
+  config = config_lib.apply_overrides(copy.deepcopy(config), {
+      "eval.num_samples": 100, "eval.batch_size": 500})
+  out_dir = evaluate.run_sample(config, os.fspath(path))
+  assert seen == [104]
+  with np.load(out_dir / "samples_0.npz") as f:
+    large = f["images"]
+  assert large.shape == (100, 8, 8, 3)
+  config.eval.batch_size = 100
+  assert evaluate.run_sample(config, os.fspath(path)) == out_dir  # the same settings, name
+  assert seen == [104, 104]
+  with np.load(out_dir / "samples_0.npz") as f:
+    np.testing.assert_array_equal(f["images"], large)
+  # The Python API likewise; bits/dim and the real images' statistics by their examples.
+  sampler = inference.Sampler(inference.load(os.fspath(path), config))
+  assert sampler.sample(10, seed=3, batch_size=500).shape == (10, 8, 8, 3)
+  assert seen[2:] == [16]
+  with mock_cifar():
+    indices, valid, _, _ = next(evaluate.split_batches(config, "test", sampler.mesh, 500, 10))
+  assert len(indices) == 16 and valid.sum() == 10
+  with pytest.raises(ValueError, match="ask for at least one sample"):
+    sampler.sample(0)
+
+
+def test_dumps_of_other_settings_are_kept_and_the_same_settings_give_the_same_name(workdir):
+  config, path, _ = workdir
+  config = config_lib.apply_overrides(copy.deepcopy(config), {"eval.seed": 0})
+  ten = evaluate.run_sample(config, os.fspath(path))
+  config.eval.num_samples = 4
+  four = evaluate.run_sample(config, os.fspath(path))
+  assert (ten.name, four.name) == (f"{STEP}_ddim4_n10", f"{STEP}_ddim4_n4")
+  with np.load(ten / "samples_0.npz") as f10, np.load(four / "samples_0.npz") as f4:
+    assert (len(f10["images"]), len(f4["images"])) == (10, 4)
+    # Sample i depends on the seed and i only: the 4 are the first of the 10.
+    np.testing.assert_array_equal(f4["images"], f10["images"][:4])
+  first = (four / "samples_0.npz").read_bytes()
+  assert evaluate.run_sample(config, os.fspath(path)) == four
+  assert (four / "samples_0.npz").read_bytes() == first
+  # A relative workdir is the same directory.
+  relative = os.path.relpath(path)
+  assert evaluate.samples_dir(config, relative, STEP) == four
+  assert inference.load(relative, config).step == STEP
+
+
+def test_result_names_and_results_of_other_settings_are_refused(workdir, monkeypatch):
+  config, path, _ = workdir
+  config = config_lib.apply_overrides(copy.deepcopy(config), {
+      "eval.num_samples": 7, "eval.bpd_max_examples": 6, "eval.watch": True,
+      "eval.inception_weights": "never_read.npz", "eval.is_splits": 1,
+      "eval.watch_poll_s": 0.01, "eval.watch_timeout_s": 0.01, "train.num_steps": STEP})
+  digits = config_lib.load_config("configs/digits.py")
+  assert evaluate.run_name(digits, 400) == "400_n1000"  # the digits config: 1,000 samples
+  digits.eval.update(dict(num_samples=100, seed=2))
+  digits.sample.update(dict(sampler="ddim", num_steps=50))
+  assert evaluate.run_name(digits, 400) == "400_ddim50_n100_seed2"
+  assert evaluate.results_path(digits, "/runs/d", 400) == pathlib.Path(
+      "/runs/d/eval/400_ddim50_n100_seed2.json")
+  # A step with results under these settings is skipped by eval.watch.
+  path_7 = evaluate.results_path(config, os.fspath(path), STEP)
+  assert path_7.name == f"{STEP}_ddim4_n7_seed3.json"
+  outputs.write_json(path_7, {"step": STEP, "settings": evaluate.result_settings(config)})
+  assert evaluate.run_eval(config, os.fspath(path)) == {}
+  # Other settings under the same name: refused before anything is sampled.
+  monkeypatch.setattr(inference.Sampler, "sample_global", None)
+  config.eval.bpd_max_examples = 8
+  with pytest.raises(FileExistsError, match="bpd_max_examples=6 there, 8 here.*move it away"):
+    evaluate.run_eval(config, os.fspath(path))
+  config.eval.watch = False
+  with pytest.raises(FileExistsError, match="holds results made with other eval settings"):
+    evaluate.run_eval(config, os.fspath(path))
+  assert json.loads(path_7.read_text())["settings"]["bpd_max_examples"] == 6
 
 
 def test_notebook_api_reads_the_saved_config(workdir):
@@ -146,13 +236,22 @@ def test_sharded_example_keys_do_not_depend_on_the_mesh():
 def test_progressive_and_interpolate_grids(workdir):
   config, path, _ = workdir
   progressive = evaluate.run_progressive(config, os.fspath(path))
+  # Named for the settings that change it: 3 rows, a prediction every 5 steps, seed 3.
+  assert progressive == path / "samples" / str(STEP) / "progressive_n3_every5_seed3.png"
   width, height = Image.open(progressive).size
   # 3 rows; 20 // 5 = 4 predictions + the sample per row; 8x8 images upscaled 8x, 2 px gaps.
   assert (width, height) == ((5 * 10 + 2) * 8, (3 * 10 + 2) * 8)
   with mock_cifar():
     interp = evaluate.run_interpolate(config, os.fspath(path))
+  assert interp == path / "samples" / str(STEP) / "interpolate_test_t10_2x3_seed3.png"
   width, height = Image.open(interp).size
   assert (width, height) == ((5 * 10 + 2) * 8, (2 * 10 + 2) * 8)  # 2 originals + 3 lams
+  # Another seed draws another grid beside the first, which is kept as it was.
+  first = progressive.read_bytes()
+  other = evaluate.run_progressive(
+      config_lib.apply_overrides(copy.deepcopy(config), {"eval.seed": 0}), os.fspath(path))
+  assert other == path / "samples" / str(STEP) / "progressive_n3_every5.png"
+  assert progressive.read_bytes() == first and other.read_bytes() != first
 
 
 def test_missing_checkpoints_are_reported(workdir, tmp_path):
@@ -189,23 +288,26 @@ def inception_weights(tmp_path_factory):
 
 
 def test_eval_mode_writes_fid_is_and_bpd_for_each_checkpoint(workdir, inception_weights,
-                                                             tmp_path):
+                                                             monkeypatch):
   config, path, ema = workdir
   config = config.copy_and_resolve_references()
   config.eval.update(dict(inception_weights=inception_weights, inception_size=75,
                           num_samples=12, is_splits=2, fid_max_real=12, bpd_max_examples=6,
-                          watch=True, watch_poll_s=0.1, watch_timeout_s=0.5))
+                          watch=True, watch_poll_s=0.1, watch_timeout_s=0.5, batch_size=500))
   config.train.num_steps = 10_000
+  seen = _record_batches(monkeypatch)
   with mock_cifar():
     results = evaluate.run_eval(config, os.fspath(path))
   assert list(results) == [STEP]
-  # Named for the test config's sampler (DDIM over 4 steps), beside other samplers' results.
-  written = json.loads((path / "eval" / f"{STEP}_ddim4.json").read_text())
+  assert seen == [16]  # 12 samples in one batch, rounded up to the 8 devices: not 504
+  # Named for the test config's sampler (DDIM over 4 steps), sample count and seed.
+  written = json.loads((path / "eval" / f"{STEP}_ddim4_n12_seed3.json").read_text())
   for key in ("fid_train", "fid_test", "inception_score", "inception_score_std", "bpd_test",
               "prior_bpd_test", "terms_bpd_test"):
     assert np.isfinite(written[key]), key
   assert written["inception_score"] >= 1.0
   assert written["fid_train"] > 0 and written["num_samples"] == 12
+  assert written["settings"]["bpd_max_examples"] == 6 and written["settings"]["is_splits"] == 2
   assert list((path / "eval" / "stats").glob("cifar10_train_8px_inception75_first12.npz"))
   assert list((path / "eval" / "tensorboard").iterdir())
   # Watching again finds nothing new and returns after the timeout.
@@ -242,7 +344,7 @@ def test_command_line_sample_mode_uses_the_saved_config_without_config(workdir):
                         f"--step={STEP}"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  with np.load(path / "samples" / f"{STEP}_ddim2" / "samples_0.npz") as f:
+  with np.load(path / "samples" / f"{STEP}_ddim2_n3_seed3" / "samples_0.npz") as f:
     assert f["images"].shape == (3, 8, 8, 3)
   bad = subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--config",
                         "configs/test.py", "--mode", "sample", f"--workdir={path}", "--step=99"],
@@ -288,7 +390,7 @@ def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(t
              config.to_dict())
   saver.close()
   results = evaluate.run_eval(config, os.fspath(tmp_path))
-  written = json.loads((tmp_path / "eval" / f"{STEP}.json").read_text())
+  written = json.loads((tmp_path / "eval" / f"{STEP}_n16_seed1.json").read_text())
   assert results[STEP]["digits_class_counts"] == written["digits_class_counts"]
   assert written["num_samples"] == 16 and sum(written["digits_class_counts"]) == 16
   assert len(written["digits_class_counts"]) == 10
@@ -350,7 +452,7 @@ def test_sample_mode_skips_a_corrupt_latest_and_ignores_a_damaged_optimizer_stat
     manager.restore(STEP, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
 
   out_dir = evaluate.run_sample(config, os.fspath(tmp_path))
-  assert out_dir == tmp_path / "samples" / f"{STEP}_ddim4"
+  assert out_dir == tmp_path / "samples" / f"{STEP}_ddim4_n10_seed3"
   out = capsys.readouterr().out
   assert f"checkpoint at step {STEP + 2}" in out and "trying the previous one" in out, out
   assert f"parameters of step {STEP} from" in out, out

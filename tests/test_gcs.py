@@ -141,14 +141,14 @@ def test_train_eval_watch_and_sample_on_a_gs_workdir(gcs_env):
                        "--config.eval.watch_timeout_s=5"])
   assert "eval step 2:" in out and "eval step 4:" in out, out[-3000:]
   for step in (2, 4):
-    metrics = json.loads(_read(gcs_env, f"{workdir}/eval/{step}.json"))
+    metrics = json.loads(_read(gcs_env, f"{workdir}/eval/{step}_n8.json"))
     assert metrics["step"] == step and metrics["num_samples"] == 8
     assert np.isfinite(metrics["bpd_test"]), metrics
 
   _run(gcs_env, ["--mode", "sample", "--workdir", workdir, "--config.eval.num_samples=4",
                  "--config.eval.batch_size=4"])
   import io  # pylint: disable=g-import-not-at-top
-  with np.load(io.BytesIO(_read(gcs_env, f"{workdir}/samples/4/samples_0.npz",
+  with np.load(io.BytesIO(_read(gcs_env, f"{workdir}/samples/4_n4/samples_0.npz",
                                 binary=True))) as f:
     assert f["images"].shape == (4, 8, 8, 1) and f["images"].dtype == np.uint8
     np.testing.assert_array_equal(f["index"], np.arange(4))

@@ -2,6 +2,8 @@
 and the input benchmark."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -174,6 +176,35 @@ def test_input_benchmark_prints_one_json_record_per_case(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["array_record_256", "png_folder_256"]
   assert input_bench.main(argv[:4] + ["--sources", "png_folder", "--workers", "1",
                                       "--steps", "1"])[0]["num_images"] == 256
+
+
+def _input_bench_without_tensorflow(tmp_path, *argv):
+  """Runs input_bench in a fresh interpreter where `import tensorflow` fails, as on the base
+  install."""
+  code = ("import sys; sys.modules['tensorflow'] = None\n"
+          "from diffusion_jax import input_bench\n"
+          f"input_bench.main({list(argv)!r})\n")
+  return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+def test_input_benchmark_without_tensorflow_measures_the_png_folder_and_says_why(tmp_path):
+  quick = ["--num_images", "64", "--cache_dir", str(tmp_path), "--steps", "1", "--warmup", "1",
+           "--workers", "1", "--global_batch", "8"]
+  run = _input_bench_without_tensorflow(tmp_path, *quick)
+  assert run.returncode == 0, run.stderr
+  assert "Traceback" not in run.stderr
+  skipped = [l for l in run.stdout.splitlines() if "skipping array_record" in l]
+  assert len(skipped) == 1 and 'pip install -e ".[tf]"' in skipped[0]
+  records = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
+  assert [r["source"] for r in records] == ["png_folder"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["png_folder_64"]
+
+  # Asked for alone, the ArrayRecord case is refused in one line, before anything is built.
+  refused = _input_bench_without_tensorflow(tmp_path, *quick, "--sources", "array_record")
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines()[-1].endswith('pip install -e ".[tf]"')
+  assert "Traceback" not in refused.stderr
 
 
 def test_cifar10_through_tfds_data_source_mock():

@@ -296,6 +296,18 @@ def test_command_line_user_errors_exit_2_without_a_traceback(tmp_path, args, mes
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag", ["--help", "--helpfull"])
+def test_command_line_help_exits_0(flag):
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.main", flag], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert proc.stdout.startswith("Command line: `python -m diffusion_jax.main"), proc.stdout[:500]
+  assert "--workdir: Directory for checkpoints" in proc.stdout
+  # The usage lines are shown as typed: a shell's line continuation kept.
+  assert "var_type=fixedsmall \\\n      --config.optim.lr=1e-4" in proc.stdout
+  assert proc.stderr == "", proc.stderr
+
+
 def test_command_line_keyboard_interrupt_exits_130_without_a_traceback():
   script = textwrap.dedent("""
       import sys
@@ -398,6 +410,9 @@ def test_full_disk_stops_at_the_first_failed_save_with_one_error_line(tmp_path):
   assert len(errors) == 1, second.stderr[-3000:]
   assert errors[0].startswith(f"error: saving the checkpoint of step 6 in {checkpoints_dir}")
   assert "File too large" in errors[0] and "the older checkpoints [3] are kept" in errors[0]
+  # Not a full disk: the advice fits the cause, a limit on file sizes.
+  assert "Free space" not in errors[0] and "Raise the limit on file sizes" in errors[0]
+  assert errors[0].endswith("it resumes from step 3"), errors[0]
   steps = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("step ")]
   print(f"the failed save of step 6 was noticed after step {steps[-1]}")
   assert "10/30" not in steps  # noticed as soon as the background save ended, by step 9's save
@@ -456,6 +471,7 @@ def test_a_damaged_checkpoint_is_set_aside_in_a_few_lines(tmp_path):
           in second.stdout), second.stdout[-3000:]
   assert f"moved it to {workdir / 'checkpoints' / '6.corrupt'}" in second.stdout
   assert f"Resumed from {workdir / 'checkpoints' / '3'}" in second.stdout
+  assert "cannot be used" not in second.stderr, second.stderr[-3000:]  # said once, above
   assert "Traceback" not in second.stderr and len(second.stderr.splitlines()) < 30, (
       second.stderr[-3000:])
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [

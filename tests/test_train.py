@@ -420,3 +420,34 @@ def test_resuming_with_another_timestep_sampler_is_refused_and_keeps_the_checkpo
     checkpoints_dir = tmp_path / trained / "checkpoints"
     assert (checkpoints_dir / "2").is_dir() and not list(checkpoints_dir.glob("*.corrupt"))
 
+
+
+class _SteppingClock:
+  """`time` for train.py whose clock moves 4 s at each read: progress lines fall due within a
+  few steps, whatever the machine's speed."""
+
+  def __init__(self):
+    self.now = 1000.0
+
+  def time(self):
+    self.now += 4.0
+    return self.now
+
+
+def test_progress_lines_come_every_10_s_not_only_every_log_every_steps(tmp_path, capsys,
+                                                                       monkeypatch):
+  config = load_config()
+  config.train.log_every = 100
+  config.train.checkpoint_every = 100
+  monkeypatch.setattr(train, "time", _SteppingClock())
+  run(config, tmp_path)
+  out = capsys.readouterr().out
+  assert "Compiling the training step ...\nCompiled the training step in " in out
+  lines = [line for line in out.splitlines() if line.startswith("step ")]
+  # The first step, then every 10 s (of this clock), then the last: more than the last alone.
+  assert len(lines) >= 3, out
+  assert lines[0].startswith("step 1/6  loss ") and lines[-1].startswith("step 6/6  loss ")
+  for line in lines:
+    assert " steps/s " in line and " images/s  ETA " in line
+  # Metrics are still logged every log_every steps (and at the end) only.
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1

@@ -22,6 +22,20 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+def test_a_relative_workdir_is_locked_where_it_was_when_the_run_began(tmp_path, monkeypatch):
+  (tmp_path / "run").mkdir()
+  monkeypatch.chdir(tmp_path)
+  lock = workdir_lock.WorkdirLock("run")
+  assert lock.path == tmp_path / "run" / "run.lock"
+  lock.acquire()
+  monkeypatch.chdir(tmp_path / "run")
+  with pytest.raises(workdir_lock.WorkdirBusyError, match=f"--workdir {tmp_path}/run is in use"):
+    workdir_lock.WorkdirLock(str(tmp_path / "run")).acquire()
+  lock.release()
+  assert (tmp_path / "run" / "run.lock").read_text() == ""
+  assert not (tmp_path / "run" / "run" / "run.lock").exists()
+
+
 def _dead_pid() -> int:
   proc = subprocess.Popen([sys.executable, "-c", "pass"])
   proc.wait()
