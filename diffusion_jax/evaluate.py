@@ -124,6 +124,20 @@ def _has_results(config, workdir: str, step: int) -> bool:
   return True
 
 
+def _has_unnamed_results(config, workdir: str, step: int) -> bool:
+  """Whether `step` was evaluated before results were named by their count and seed: an
+  `eval/<step><tag>.json` of as many samples, under the default seed (which `eval.watch` then
+  does not evaluate again)."""
+  path = outputs.resolve(workdir) / "eval" / f"{step}{build.sampler_tag(config)}.json"
+  if config.eval.seed or not path.exists():
+    return False
+  try:
+    written = json.loads(path.read_text())
+  except ValueError:
+    return False
+  return isinstance(written, dict) and written.get("num_samples") == config.eval.num_samples
+
+
 def _batch_size(requested: int, num: int, mesh) -> int:
   """The global batch for `num` samples or examples: `requested` (eval.batch_size) at most, but
   no more than `num` needs, rounded up to a multiple of the devices."""
@@ -501,7 +515,8 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
   while True:
     steps = checkpoints.complete_steps(workdir / "checkpoints")
     todo = [s for s in steps if s not in done and s not in unusable
-            and not _has_results(config, workdir, s)]
+            and not _has_results(config, workdir, s)
+            and not _has_unnamed_results(config, workdir, s)]
     for s in todo:
       try:
         done[s] = evaluate_step(config, workdir, s)

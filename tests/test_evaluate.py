@@ -181,6 +181,28 @@ def test_result_names_and_results_of_other_settings_are_refused(workdir, monkeyp
   assert json.loads(path_7.read_text())["settings"]["bpd_max_examples"] == 6
 
 
+def test_watch_skips_steps_evaluated_under_the_names_before_count_and_seed(workdir,
+                                                                         monkeypatch):
+  config, path, _ = workdir
+  config = config_lib.apply_overrides(copy.deepcopy(config), {
+      "eval.num_samples": 7, "eval.seed": 0, "eval.is_splits": 1, "eval.watch": True,
+      "eval.watch_poll_s": 0.01,
+      "eval.watch_timeout_s": 0.01, "train.num_steps": STEP})
+  earlier = path / "eval" / f"{STEP}_ddim4.json"  # <step><tag>.json, as results were named
+  assert not evaluate.results_path(config, os.fspath(path), STEP).exists()
+  monkeypatch.setattr(inference.Sampler, "sample_global", None)  # evaluating would fail
+  try:
+    outputs.write_json(earlier, {"step": STEP, "num_samples": 7})
+    assert evaluate.run_eval(config, os.fspath(path)) == {}
+    # Of another count, or under another seed, it is not the same evaluation.
+    assert not evaluate._has_unnamed_results(  # pylint: disable=protected-access
+        config_lib.apply_overrides(copy.deepcopy(config), {"eval.num_samples": 8}), path, STEP)
+    assert not evaluate._has_unnamed_results(  # pylint: disable=protected-access
+        config_lib.apply_overrides(copy.deepcopy(config), {"eval.seed": 1}), path, STEP)
+  finally:
+    earlier.unlink()
+
+
 def test_notebook_api_reads_the_saved_config(workdir):
   config, path, ema = workdir
   loaded = inference.load(os.fspath(path))  # config from the checkpoint
