@@ -2,37 +2,123 @@
 does on the command line, for notebooks, scripts and tests), parsing config arguments, and
 upgrading a config saved with a checkpoint to today's layout.
 
-The files in configs/ hold values only; the code they share lives here.
+The files in configs/ hold values only; the code they share lives here. They ship with the
+package as `diffusion_jax.configs` (setup.cfg maps the folder to that name), so a config is
+named by its path (`configs/cifar10.py`) or, anywhere, by its name (`cifar10`).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import pathlib
+import re
 from typing import Any, Mapping
 
 import ml_collections
 
-# configs/ beside the package in a checkout (pip install -e .).
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+SHIPPED_PACKAGE = "diffusion_jax.configs"
+
+
+def shipped_dir() -> pathlib.Path:
+  """The folder of the configs installed with the package: the checkout's configs/ under
+  `pip install -e .`, site-packages/diffusion_jax/configs/ under `pip install .`.
+
+  Raises:
+    FileNotFoundError: when the installed package lacks its configs (an editable install made
+      before they were part of the package).
+  """
+  try:
+    package = importlib.import_module(SHIPPED_PACKAGE)
+  except ImportError:
+    raise FileNotFoundError(
+        f"{SHIPPED_PACKAGE} is not installed; install the package again (pip install -e . in "
+        f"a checkout) to have its configs") from None
+  return pathlib.Path(package.__file__).resolve().parent
+
+
+def shipped_names() -> list[str]:
+  """The names of the shipped configs (`--config NAME`), sorted."""
+  return sorted(p.stem for p in shipped_dir().glob("*.py") if not p.stem.startswith("_"))
 
 
 def resolve_path(path: str) -> pathlib.Path:
-  """A config file path as given, else relative to the checkout (`configs/x.py` works anywhere)."""
+  """The file of a config: `path` as given when it is a file, else the shipped config it names.
+
+  Args:
+    path: a file's path ('configs/cifar10.py', '/abs/my_config.py') or a shipped config's name
+      ('cifar10').
+
+  Returns:
+    the file, as given or in the installed package.
+
+  Raises:
+    FileNotFoundError: for neither a file nor a shipped config, naming the shipped ones.
+  """
   candidate = pathlib.Path(path).expanduser()
   if candidate.is_file():
     return candidate
-  for base in (CONFIG_DIR.parent, CONFIG_DIR):
-    if (base / path).is_file():
-      return base / path
-  raise FileNotFoundError(f"config file {path!r} not found (looked in the current directory and "
-                          f"{CONFIG_DIR}); configs ship with a checkout of the repository")
+  names = shipped_names()
+  relative = pathlib.PurePath(path)
+  if path in names:
+    return shipped_dir() / f"{path}.py"
+  # README, docs and launch scripts say `--config configs/NAME.py`, as typed in a checkout's
+  # root. Elsewhere (a pip install, another directory) no such file exists, and the command can
+  # only mean the same config, shipped with the package: the same file in an editable install.
+  if (not relative.is_absolute() and relative.suffix == ".py" and relative.stem in names
+      and relative.parent in (pathlib.PurePath("."), pathlib.PurePath("configs"))):
+    return shipped_dir() / relative.name
+  shipped = ", ".join(names)
+  if relative.suffix == ".py" or len(relative.parts) > 1:
+    raise FileNotFoundError(
+        f"config file {path!r} not found (relative paths start at {pathlib.Path.cwd()}); name "
+        f"an existing file, or a config shipped with diffusion_jax by its name: {shipped}")
+  raise FileNotFoundError(
+      f"unknown config {path!r}: not a file, nor a config shipped with diffusion_jax "
+      f"({shipped}); name one of those (e.g. digits, or digits:num_steps=100 with its "
+      f"argument), or a config file's path")
+
+
+def resolve_spec(spec: str) -> str:
+  """`resolve_path` for a config spec with its argument: 'cifar10:var_type=fixedsmall' ->
+  '/.../diffusion_jax/configs/cifar10.py:var_type=fixedsmall', what absl's config flag loads."""
+  path, colon, arg = spec.partition(":")
+  return f"{resolve_path(path)}{colon}{arg}"
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+  """Command-line arguments with each `--config` value made a file's path (`resolve_spec`):
+  absl's config flag loads files only, and `--config digits:num_steps=100` names the installed
+  digits.py.
+
+  Args:
+    argv: the program's name, then its arguments.
+
+  Returns:
+    a new list; a `--config` without a value, and what follows `--`, left for absl to judge.
+
+  Raises:
+    FileNotFoundError: for a value that is neither a file nor a shipped config.
+  """
+  out = list(argv)
+  for i in range(1, len(argv)):
+    if argv[i] == "--":  # the flags end here
+      break
+    match = re.fullmatch(r"(--?config)(?:=(.*))?", argv[i])
+    if not match:
+      continue
+    if match.group(2) is not None:
+      out[i] = f"{match.group(1)}={resolve_spec(match.group(2))}"
+    elif i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+      out[i + 1] = resolve_spec(argv[i + 1])
+  return out
 
 
 def sibling_module(config_file: str, name: str):
-  """Loads `name`.py from the directory of `config_file` (config files are not a package).
+  """Loads `name`.py from the directory of `config_file`, by its path.
 
-  A config starts with `default = config_lib.sibling_module(__file__, "default")`, so a copied
-  configs/ directory keeps working with its own default.py.
+  A config starts with `default = config_lib.sibling_module(__file__, "default")`, so the same
+  file works where configs are loaded by path and never imported: in a checkout, installed with
+  the package, and in a copied configs/ directory with its own default.py.
   """
   path = pathlib.Path(config_file).resolve().with_name(f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"diffusion_jax_config_{name}", path)
@@ -154,13 +240,15 @@ def load_config(spec: str, overrides: Mapping[str, Any] | None = None
   """Builds a config like `--config spec --config.key=value ...`.
 
   Args:
-    spec: 'configs/cifar10.py' or 'configs/cifar10.py:var_type=fixedsmall'.
+    spec: a file or a shipped config's name, with an optional argument:
+      'configs/cifar10.py', 'cifar10', 'cifar10:var_type=fixedsmall'.
     overrides: {'optim.lr': 1e-4, 'train.num_steps': 10}: dotted keys that must already exist.
 
   Returns:
     the ConfigDict.
 
   Raises:
+    FileNotFoundError: for neither a file nor a shipped config.
     KeyError: for an override key the config does not have.
   """
   path, _, arg = spec.partition(":")
@@ -209,14 +297,15 @@ def upgrade(saved: Mapping[str, Any] | ml_collections.ConfigDict,
 
   Args:
     saved: the saved config, as a ConfigDict or as the dict its JSON holds (lists for tuples).
-    base: today's layout with default values; default: configs/default.py.
+    base: today's layout with default values; default: the installed package's default.py
+      (never the current directory's configs/, which may belong to another version).
 
   Returns:
     (the upgraded config, one line saying what changed), or (the config, None) when `saved` was
     already in today's layout.
   """
   tree = saved.to_dict() if isinstance(saved, ml_collections.ConfigDict) else dict(saved)
-  base = load_config("configs/default.py") if base is None else base
+  base = load_config(str(shipped_dir() / "default.py")) if base is None else base
   config = base.copy_and_resolve_references()
   flat_saved = _flatten(tree)
   flat_base = _flatten(config.to_dict())

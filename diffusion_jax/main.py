@@ -5,7 +5,10 @@ Runs unchanged on one machine, on every host of a TPU pod, or in a notebook cell
   python -m diffusion_jax.main --config configs/digits.py --workdir runs/digits
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=fixedsmall \
       --config.optim.lr=1e-4 --workdir gs://bucket/cifar10
-  python -m diffusion_jax.main --config configs/cifar10.py --mode summary
+  python -m diffusion_jax.main --config cifar10 --mode summary
+
+--config takes a config file's path, or the name of a config shipped with the package
+(`cifar10`, `digits:num_steps=2000`), which works from any directory.
 
 Exit status: 0 done (or stopped by SIGTERM/Ctrl-C with a checkpoint; or --help shown); 2 a
 mistake in the flags or config (one `error:` line); 75 another process of a multi-process
@@ -15,7 +18,6 @@ resumes); 130 a second Ctrl-C.
 import difflib
 import logging as std_logging
 import os
-import pathlib
 import re
 import sys
 
@@ -25,14 +27,17 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffusion_jax import config_checks
+from diffusion_jax import config_lib
 from diffusion_jax import workdir_lock
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "digits.py"
+# The installed package's, never the current directory's configs/digits.py, which may belong
+# to another version or be missing.
+_DEFAULT_CONFIG = config_lib.shipped_dir() / "digits.py"
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]); default: "
-    "configs/digits.py, or for sample/eval/progressive/interpolate the config saved with the "
-    "checkpoint.", lock_config=True)
+    "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]) or a shipped "
+    "config's name (digits, cifar10, ...[:argument]); default: digits, or for sample/eval/"
+    "progressive/interpolate the config saved with the checkpoint.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
 _MODE = flags.DEFINE_enum(
@@ -62,7 +67,6 @@ def _evaluation_config(mode: str, workdir: str):
   checkpoint (upgraded when an older version wrote it), with the --config.a.b overrides on top."""
   if flags.FLAGS["config"].present:
     return _CONFIG.value
-  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
   config = inference.saved_config(workdir, _STEP.value)
   try:
@@ -128,7 +132,6 @@ def _config_spec(argv) -> str:
 
 def _unknown_field_message(argv) -> str | None:
   """Names the first `--config.a.b=...` override whose field the config lacks (None: none)."""
-  from diffusion_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(_config_spec(argv))
   for arg in argv:
     match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
@@ -164,7 +167,7 @@ def _flag_error_message(error: Exception, argv) -> str | None:
     path = spec.split(":", 1)[0]
     if not os.path.isfile(path):
       return (f"config file {path!r} not found (relative paths start at {os.getcwd()}); pass "
-              f"--config=PATH.py, e.g. --config=configs/digits.py from the repository root")
+              f"--config=PATH.py, or a shipped config's name, e.g. --config=digits")
     cause = error.__cause__ or error
     return f"cannot load --config={spec}: {cause}"
   if isinstance(error, (AttributeError, KeyError)):  # a misspelled --config.a.b override
@@ -182,6 +185,10 @@ def parse_flags(argv):
   absl itself exits with code 1 for both and, for a config file or a `--config.x` override,
   prints a traceback; a wrapper script cannot tell those from a crash.
   """
+  try:
+    argv = config_lib.resolve_config_args(argv)
+  except FileNotFoundError as e:
+    _exit_with_error(str(e))
   try:
     rest = flags.FLAGS(argv)
     _CONFIG.value.keys()  # a config file that failed to load raises only on first use

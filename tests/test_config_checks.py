@@ -1,14 +1,11 @@
 """The config value rules: every numeric field has one, shipped configs pass, bad values fail."""
-import pathlib
-
 import pytest
 
 from diffusion_jax import config_checks
 from diffusion_jax import config_lib
 
 
-CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parent.parent / "configs")
-                 .glob("*.py"))
+CONFIGS = sorted(config_lib.shipped_names())
 
 
 def load_config(name="test", arg=None, overrides=None):

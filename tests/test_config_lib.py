@@ -84,6 +84,65 @@ def test_the_256_configs_share_large_256():
     assert config.to_dict() == recipe.to_dict(), name
 
 
+# --- Shipped configs by name -------------------------------------------------------------------
+
+def test_shipped_configs_are_the_checkouts_configs_by_name(tmp_path):
+  assert config_lib.shipped_names() == sorted(
+      p.stem for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py")
+  assert "__init__" not in config_lib.shipped_names()
+  digits = config_lib.shipped_dir() / "digits.py"
+  assert config_lib.resolve_path("digits") == digits
+  assert config_lib.resolve_spec("digits:num_steps=100") == f"{digits}:num_steps=100"
+  mine = tmp_path / "digits.py"  # a file, as given, even with a shipped config's name
+  mine.write_text("")
+  assert config_lib.resolve_spec(f"{mine}:num_steps=1") == f"{mine}:num_steps=1"
+  by_name = config_lib.load_config("digits:num_steps=100", {"optim.lr": 0.5})
+  by_path = config_lib.load_config("configs/digits.py:num_steps=100", {"optim.lr": 0.5})
+  assert by_name.train.num_steps == 100 and by_name.optim.lr == 0.5
+  assert by_name.to_dict() == by_path.to_dict()
+
+
+def test_configs_path_elsewhere_is_the_shipped_config_unless_the_file_exists(tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = config_lib.shipped_dir() / "digits.py"
+  assert config_lib.resolve_path("configs/digits.py") == shipped
+  assert config_lib.resolve_path("./configs/digits.py") == shipped
+  assert config_lib.load_config("configs/digits.py").data.dataset == "digits"
+  # A file where the path says wins over the shipped config of that name.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "digits.py").write_text(
+      "from diffusion_jax import config_lib\n"
+      "default = config_lib.sibling_module(__file__, 'default')\n"
+      "def get_config(arg=None):\n"
+      "  return default.get_config(arg)\n")
+  (tmp_path / "configs" / "default.py").write_text(
+      (ROOT / "configs" / "default.py").read_text().replace(
+          'config.data.dataset = "cifar10"', 'config.data.dataset = "mine"'))
+  assert config_lib.resolve_path("configs/digits.py") == pathlib.Path("configs/digits.py")
+  assert config_lib.load_config("configs/digits.py").data.dataset == "mine"
+  assert config_lib.load_config("digits").data.dataset == "digits"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("cifar", r"^unknown config 'cifar': not a file, nor a config shipped with diffusion_jax "
+              r"\(celebahq256, cifar10, .*digits.*\); name one of those"),
+    ("cifar:var_type=fixedsmall", r"^unknown config 'cifar': "),
+    ("configs/cifar.py", r"^config file 'configs/cifar.py' not found \(relative paths start "
+                         r"at .*\); name an existing file, or a config shipped with "
+                         r"diffusion_jax by its name: celebahq256, cifar10, "),
+    ("elsewhere/digits.py", r"^config file 'elsewhere/digits.py' not found .*; name an "
+                            r"existing file, or a config shipped"),
+    ("configs/__init__.py", r"^config file 'configs/__init__.py' not found .*; name an "
+                            r"existing file, or a config shipped .*: celebahq256, cifar10, "),
+])
+def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch, spec, message):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=message) as error:
+    config_lib.load_config(spec)
+  assert "\n" not in str(error.value)
+
+
 # --- Upgrading saved configs --------------------------------------------------------------------
 
 def test_upgrade_of_a_saved_test_config():
@@ -180,6 +239,18 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
                           "sample.solver_grid='time_uniform', sample.solver_order=2; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")
+
+
+def test_upgrade_reads_the_installed_default_not_the_current_directory(tmp_path, monkeypatch):
+  expected, _ = config_lib.upgrade(saved())
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "default.py").write_text(
+      (ROOT / "configs" / "default.py").read_text().replace(
+          "config.seed = 0", "config.seed = 0\n  config.colour = 'blue'"))
+  config, _ = config_lib.upgrade(saved())
+  assert "colour" not in config
+  assert config.to_dict() == expected.to_dict()
 
 
 def test_upgrade_takes_a_base():
