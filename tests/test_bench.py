@@ -41,6 +41,7 @@ _BLOCKER = _blocker(BLOCKED)
 _T_LONG_ARRAYS = 16
 
 
+@pytest.mark.slow  # compiles and times training and sampling programs in a subprocess
 def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -150,6 +151,7 @@ def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
     (["--samplers", "dpmsolver++3", "--sample_steps", "2", "--set", "sample.solver_order=3"],
      "dpmsolver++3 (timed over 2 calls, --sample_steps)"),
     (["--samplers", "ddim5", "--eval_samples", "0"], "--eval_samples must be at least 1")])
+@pytest.mark.slow  # the benchmark's command line, with JAX, in a subprocess
 def test_bench_refuses_samplers_it_cannot_price_before_compiling(args, message):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)

@@ -37,6 +37,7 @@ def run(config, workdir):
     return train.train_and_evaluate(config, str(workdir))
 
 
+# Trains end to end: the tests that use it are marked slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """8 steps of the test config, checkpoints at 4 and 8."""
@@ -89,6 +90,7 @@ def corrupt(path: pathlib.Path, kind: str) -> None:
     raise ValueError(kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "deleted", "garbage", "emptied"])
 def test_damaged_latest_is_moved_aside_and_the_previous_restored(trained, tmp_path, capsys,
                                                                  kind):
@@ -117,6 +119,7 @@ def test_a_second_corrupt_copy_of_a_step_gets_a_numbered_name(tmp_path):
   assert not (tmp_path / "8").exists()
 
 
+@pytest.mark.slow
 def test_training_goes_on_past_a_corrupt_latest_checkpoint(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -133,6 +136,7 @@ def test_training_goes_on_past_a_corrupt_latest_checkpoint(trained, tmp_path, ca
   assert step == 12
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_is_caught_by_the_checksum(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -154,6 +158,7 @@ def test_a_flipped_bit_is_caught_by_the_checksum(trained, tmp_path, capsys):
   assert "checksum mismatch" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_random_bytes_over_a_span_are_refused(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -168,6 +173,7 @@ def test_random_bytes_over_a_span_are_refused(trained, tmp_path, capsys):
   assert step_dirs(directory) == ["4", "8.corrupt"]
 
 
+@pytest.mark.slow
 def test_non_finite_values_are_refused(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -182,6 +188,7 @@ def test_non_finite_values_are_refused(trained, tmp_path, capsys):
   assert "non-finite values in ['ema_params']['conv_in']['bias']" in out, out
 
 
+@pytest.mark.slow
 def test_checkpoint_without_checksums_loads_with_one_notice(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -198,6 +205,7 @@ def test_checkpoint_without_checksums_loads_with_one_notice(trained, tmp_path, c
   assert len(notices) == 1, notices
 
 
+@pytest.mark.slow
 def test_a_deleted_checksums_item_is_not_taken_for_an_old_checkpoint(trained, tmp_path, capsys):
   config, _ = trained
   directory = copy_checkpoints(trained, tmp_path)
@@ -208,6 +216,7 @@ def test_a_deleted_checksums_item_is_not_taken_for_an_old_checkpoint(trained, tm
   assert sorted(p.name for p in directory.iterdir()) == ["4", "8.corrupt"]
 
 
+@pytest.mark.slow
 def test_checksums_cover_every_array_by_path(trained):
   _, workdir = trained
   directory = workdir / "checkpoints"
@@ -308,6 +317,7 @@ def test_the_os_error_is_found_in_messages_and_causes(error, code):
   assert checkpoints._write_error_code(error) == code  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_an_unusable_checkpoint_is_reported_once(trained, tmp_path, capsys, caplog):
   directory = copy_checkpoints(trained, tmp_path)
   shutil.rmtree(directory / "8" / "checksums")  # whichever arrays are read, step 8 is refused

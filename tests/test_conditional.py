@@ -1,7 +1,6 @@
 """Class labels end to end: the training step, training with sample grids, every evaluation mode,
 the Python Sampler and the sample dumps, on a tiny class-conditional Improved DDPM U-Net under
 mocked CIFAR-10 (whose labels come with the images)."""
-import copy
 import os
 
 import jax
@@ -11,24 +10,16 @@ from PIL import Image
 
 from diffusion_jax import build, config_checks, config_lib, diffusion, evaluate, inference
 from diffusion_jax import images as images_lib
-from diffusion_jax import parallel, prng, train, train_step
-from tests import checkpoint_fixtures, test_evaluate, test_train
+from diffusion_jax import parallel, train
+from tests import checkpoint_fixtures, helpers
 
 STEP = 5
 
-
-def conditional_config():
-  """The evaluation tests' config on Improved DDPM's U-Net with 10 classes, 2 heads at 4x4
-  (width 64)."""
-  config = test_evaluate.load_config()
-  config.model.update(dict(architecture="iddpm", num_classes=10, num_heads=2,
-                           scale_shift_norm=True))
-  return config
+conditional_config = helpers.conditional_config
+mock_cifar = helpers.mock_cifar
 
 
-mock_cifar = test_evaluate.mock_cifar
-
-
+# The tests marked slow compile and run whole sampling, evaluation or training programs.
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   config = conditional_config()
@@ -37,6 +28,7 @@ def workdir(tmp_path_factory):
   return config, path, ema
 
 
+@pytest.mark.slow
 def test_sample_mode_saves_each_samples_label_and_samples_follow_their_labels(workdir):
   config, path, _ = workdir
   out_dir = evaluate.run_sample(config, os.fspath(path))
@@ -64,6 +56,7 @@ def test_sample_mode_saves_each_samples_label_and_samples_follow_their_labels(wo
   assert differs[3] == 0 and np.all(np.delete(differs, 3) > 1e-3), differs
 
 
+@pytest.mark.slow
 def test_python_sampler_takes_labels_and_refuses_bad_ones(workdir):
   config, path, _ = workdir
   sampler = inference.Sampler.from_workdir(os.fspath(path), config)
@@ -83,6 +76,7 @@ def test_python_sampler_takes_labels_and_refuses_bad_ones(workdir):
   assert build.sample_labels(unconditional, np.arange(4), sampler.mesh) == ()
 
 
+@pytest.mark.slow
 def test_bits_per_dim_is_of_each_image_given_its_label(workdir):
   config, path, ema = workdir
   mesh = parallel.make_mesh()
@@ -107,6 +101,7 @@ def test_bits_per_dim_is_of_each_image_given_its_label(workdir):
   assert abs(direct((labels + 1) % 10) - got["bpd"]) > 1e-4  # the labels do enter
 
 
+@pytest.mark.slow
 def test_progressive_and_interpolate_grids_of_a_conditional_model(workdir):
   config, path, _ = workdir
   progressive = evaluate.run_progressive(config, os.fspath(path))
@@ -116,6 +111,7 @@ def test_progressive_and_interpolate_grids_of_a_conditional_model(workdir):
   assert Image.open(interp).size == ((5 * 10 + 2) * 8, (2 * 10 + 2) * 8)
 
 
+@pytest.mark.slow
 def test_training_reads_labels_and_draws_labelled_grids(tmp_path, capsys):
   config = conditional_config()
   config.train.update(dict(num_steps=3, checkpoint_every=3, sample_every=3))
@@ -130,44 +126,11 @@ def test_training_reads_labels_and_draws_labelled_grids(tmp_path, capsys):
   assert "Wrote" in capsys.readouterr().out
 
 
-def assert_steps_do_not_depend_on_the_devices(config, layouts):
-  """Trains 3 steps on a labelled batch on 1 device and on each (devices, micro-batches) of
-  `layouts`, asserting the same losses and parameters; returns (batch, the 1-device params,
-  the loss function of a batch and p_uncond at those params plus noise, so that the zero-init
-  layers do not hide the labels)."""
-  config.optim.eps = 1e-4  # see tests/test_train.py: keeps the comparison about the gradient
-  config.optim.grad_clip = 0.0
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
-           "label": rng.integers(0, 10, 8).astype(np.int32)}
-  want_params, want_history, _ = test_train._run_steps(config, jax.devices()[:1], batch, 3)
-  for devices, accum in layouts:
-    config_n = copy.deepcopy(config)
-    config_n.optim.grad_accum_steps = accum
-    params, history, _ = test_train._run_steps(config_n, jax.devices()[:devices], batch, 3)
-    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in want_history],
-                               rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params),
-                    strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  model, sched = build.make_model(config), build.make_schedule(config)
-  noise = np.random.default_rng(1)
-  noisy = jax.tree_util.tree_map(
-      lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), want_params)
-  keys = prng.example_keys(jax.random.key(0), np.arange(8))
-
-  def loss(b, p_uncond=0.0):
-    return float(jax.jit(lambda b_: train_step.loss_fn(
-        noisy, b_, keys, None, model=model, sched=sched,
-        diffusion_kw=build.diffusion_kwargs(config), p_uncond=p_uncond)[0])(b))
-
-  return batch, want_params, loss
-
-
+@pytest.mark.slow
 def test_conditional_steps_do_not_depend_on_the_device_count():
   """Labels are split with their images: 1 device, 8 devices and 2 devices with micro-batches
   train the same parameters over 3 steps; other labels give other losses."""
-  batch, _, loss = assert_steps_do_not_depend_on_the_devices(conditional_config(),
+  batch, _, loss = helpers.assert_steps_do_not_depend_on_the_devices(conditional_config(),
                                                              ((8, 1), (2, 2)))
   shifted = dict(batch, label=(batch["label"] + 1) % 10)
   assert abs(loss(shifted) - loss(batch)) > 1e-3 * loss(batch)

@@ -17,7 +17,7 @@ import torch
 
 from diffusion_jax import build, config_lib, convert_torch_checkpoint, evaluate, inference
 from diffusion_jax.models import iddpm_unet, unet
-from tests import test_iddpm_unet
+from tests import iddpm_golden
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KEY = "heads_scale_shift_classes"
@@ -25,7 +25,7 @@ KEY = "heads_scale_shift_classes"
 
 @pytest.fixture(scope="module")
 def golden_case():
-  timesteps, cases = test_iddpm_unet.load_golden()
+  timesteps, cases = iddpm_golden.load_golden()
   return timesteps, cases[KEY]
 
 
@@ -51,6 +51,7 @@ def save_pt(path, state):
   torch.save({name: torch.from_numpy(value) for name, value in state.items()}, path)
 
 
+@pytest.mark.slow  # samples with the converted checkpoint
 def test_a_state_dict_file_converts_and_samples_as_the_reference_computes(golden_case,
                                                                          tmp_path):
   timesteps, case = golden_case
@@ -123,6 +124,7 @@ def test_released_files_are_recognised_by_name_and_get_their_configs():
   assert convert_torch_checkpoint.release_config("model.pt") is None
 
 
+@pytest.mark.slow  # the converter's command line in a subprocess
 def test_command_line_names_the_releases_when_it_cannot_tell_the_config(golden_case, tmp_path):
   _, case = golden_case
   save_pt(tmp_path / "mine.pt", case["state"])

@@ -16,64 +16,21 @@ import pytest
 from scipy import special
 
 from diffusion_jax import diffusion, likelihood, schedules
-from tests import reference
+from tests import math_helpers, reference
+from tests.math_helpers import B, SHAPE, T, close, data, f32, model_output, normal, timesteps
 
-T = 1000
-B = 6
-SHAPE = (B, 4, 4, 3)
 MEAN_TYPES = diffusion.MEAN_TYPES
 VAR_TYPES = diffusion.VAR_TYPES
 
 
 @pytest.fixture(scope="module")
 def sched():
-  return schedules.make_schedule("linear", num_diffusion_timesteps=T)
+  return math_helpers.linear_schedule()
 
 
 @pytest.fixture(scope="module")
 def ref():
-  return reference.coefficients(np.linspace(1e-4, 0.02, T))
-
-
-def close(ours, theirs, rtol=1e-5, scale=None):
-  """Relative tolerance rtol, and absolute rtol * scale (default: the largest |value|)."""
-  theirs = np.asarray(theirs, np.float64)
-  if scale is None:
-    scale = max(1.0, float(np.abs(theirs).max()))
-  np.testing.assert_allclose(np.asarray(ours, np.float64), theirs, rtol=rtol, atol=rtol * scale)
-
-
-def data(seed=0, shape=SHAPE):
-  """8-bit images scaled to [-1, 1], including both edge values."""
-  x = np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float64)
-  x.flat[0], x.flat[1] = 0, 255
-  return x / 127.5 - 1.0
-
-
-def timesteps(seed=0):
-  t = np.random.default_rng(seed).integers(0, T, size=B)
-  t[0], t[1] = 0, T - 1
-  return t
-
-
-def normal(seed, shape=SHAPE):
-  return np.random.default_rng(seed + 100).standard_normal(shape)
-
-
-def model_output(x, t, var_type):
-  """A smooth stand-in for a network, written for both NumPy and JAX inputs."""
-  xp = jnp if isinstance(x, jax.Array) else np
-  tt = xp.reshape(t / T, (-1, 1, 1, 1))
-  mean_part = 0.7 * x - 0.3 * tt + 0.1 * xp.sin(3 * x)
-  if var_type == "learned":
-    return xp.concatenate([mean_part, -4.0 + 0.5 * xp.tanh(x) - 2.0 * tt], axis=-1)
-  if var_type == "learned_range":  # v spans about [-1.3, 1.3]: beyond the range at both ends
-    return xp.concatenate([mean_part, 1.3 * xp.tanh(2 * x) * (1 - tt) + 0.2 * tt], axis=-1)
-  return mean_part
-
-
-def f32(a):
-  return jnp.asarray(a, jnp.float32)
+  return math_helpers.linear_coefficients()
 
 
 def test_q_functions(sched, ref):

@@ -12,12 +12,14 @@ from diffusion_jax.metrics import digits
 QUICK = digits.ClassifierSettings(max_iter=15, distractors=100)
 
 
+# Trains the full classifier: the tests that use it are marked slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """The default classifier (what --mode eval uses at 16x16), trained once for this module."""
   return digits.load_classifier(tmp_path_factory.mktemp("classifier"))
 
 
+@pytest.mark.slow  # fits the classifier twice
 def test_training_is_deterministic_and_the_numpy_forward_equals_sklearn():
   first, second = digits.fit_sklearn(QUICK), digits.fit_sklearn(QUICK)
   for a, b in zip(first.coefs_ + first.intercepts_, second.coefs_ + second.intercepts_):
@@ -68,6 +70,7 @@ def test_to_native_box_means_each_size_down_to_8x8():
     digits.to_native(np.zeros((2, 16, 16, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_real_test_images_are_the_reference(trained):
   images, labels = input_pipeline.digits_split("test", 16)
   probs = trained.probabilities(digits.to_native(images))
@@ -90,6 +93,7 @@ def test_real_test_images_are_the_reference(trained):
   assert digits.quality(images, trained, labels=(labels + 1) % 10)["label_accuracy"] <= 0.1
 
 
+@pytest.mark.slow
 def test_noise_images_are_not_digits(trained):
   noise = digits.noise_images(200, 16, seed=7)
   got = digits.quality(noise, trained, seed=1)

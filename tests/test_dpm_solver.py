@@ -14,26 +14,9 @@ import numpy as np
 import pytest
 
 from diffusion_jax import dpm_solver, parallel, prng, sampling, schedules
+from tests.math_helpers import GAUSSIAN_SHAPE, MU, S, gaussian_model
 
-MU, S = 0.3, 0.5
-SHAPE = (4, 2, 2, 1)
-
-
-def gaussian_model(vp, num_timesteps_seen, *, mean_type="eps"):
-  """The exact network for the Gaussian data, given the label the solver passes: (t - 1/N) N."""
-  t_grid = jnp.asarray(vp.t)
-  log_alpha_grid = jnp.asarray(vp.log_alpha)
-
-  def model_fn(x, label):
-    t = label / num_timesteps_seen + 1.0 / num_timesteps_seen
-    log_alpha = jnp.interp(t, t_grid, log_alpha_grid)[:, None, None, None]
-    alpha = jnp.exp(log_alpha)
-    sigma = jnp.sqrt(-jnp.expm1(2 * log_alpha))
-    x0 = MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
-    eps = (x - alpha * x0) / sigma
-    return {"xstart": x0, "eps": eps, "v": alpha * eps - sigma * x0}[mean_type]
-
-  return model_fn
+SHAPE = GAUSSIAN_SHAPE
 
 
 def numpy_solver(vp, x_T, times, order, algorithm, lower_order_final=True):

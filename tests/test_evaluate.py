@@ -8,28 +8,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from diffusion_jax import build, checkpoints, config_lib, diffusion, dpm_solver, evaluate
 from diffusion_jax import inference
 from diffusion_jax import images as images_lib
 from diffusion_jax import outputs, parallel, prng
-from tests import checkpoint_fixtures
+from tests import checkpoint_fixtures, helpers
 
 STEP = 5
 
-
-def load_config():
-  config = config_lib.load_config("configs/test.py")
-  config.diffusion.num_timesteps = 20
-  config.eval.update(dict(batch_size=8, num_samples=10, seed=3, bpd_max_examples=10,
-                          progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
-                          interp_steps=3))
-  config.sample.update(dict(sampler="ddim", num_steps=4))
-  return config
+load_config = helpers.eval_config
+mock_cifar = helpers.mock_cifar
 
 
+# The tests marked slow compile and run whole sampling, evaluation or training programs.
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A workdir whose checkpoint holds randomized weights (the real init's outputs are ~0)."""
@@ -39,10 +32,7 @@ def workdir(tmp_path_factory):
   return config, path, ema
 
 
-def mock_cifar():
-  return tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE)
-
-
+@pytest.mark.slow
 def test_sample_mode_writes_this_process_share_and_is_device_count_independent(workdir, capsys):
   config, path, _ = workdir
   out_dir = evaluate.run_sample(config, os.fspath(path))
@@ -70,6 +60,7 @@ def test_sample_mode_writes_this_process_share_and_is_device_count_independent(w
   assert np.abs(ancestral - first8).max() > 0.1
 
 
+@pytest.mark.slow
 def test_dpm_solver_by_name_in_every_sampling_mode(workdir):
   """DPM-Solver++ from the sample section: the same samples on 1 and 8 devices, what
   dpm_solver.solve gives directly, and --mode sample's results named for it."""
@@ -104,6 +95,7 @@ def _record_batches(monkeypatch) -> list[int]:
   return seen
 
 
+@pytest.mark.slow
 def test_batches_are_no_larger_than_the_samples_asked_for(workdir, monkeypatch):
   """eval.batch_size is a bound: 100 samples run in one batch of 104 (rounded up to the 8
   devices), not 504, and give the same samples bit for bit as eval.batch_size=100."""
@@ -132,6 +124,7 @@ def test_batches_are_no_larger_than_the_samples_asked_for(workdir, monkeypatch):
     sampler.sample(0)
 
 
+@pytest.mark.slow
 def test_dumps_of_other_settings_are_kept_and_the_same_settings_give_the_same_name(workdir):
   config, path, _ = workdir
   config = config_lib.apply_overrides(copy.deepcopy(config), {"eval.seed": 0})
@@ -203,6 +196,7 @@ def test_watch_skips_steps_evaluated_under_the_names_before_count_and_seed(workd
     earlier.unlink()
 
 
+@pytest.mark.slow
 def test_notebook_api_reads_the_saved_config(workdir):
   config, path, ema = workdir
   loaded = inference.load(os.fspath(path))  # config from the checkpoint
@@ -213,6 +207,7 @@ def test_notebook_api_reads_the_saved_config(workdir):
   assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_bits_per_dim_is_an_exact_average_over_the_split(workdir, capsys):
   config, path, ema = workdir
   mesh = parallel.make_mesh()
@@ -255,6 +250,7 @@ def test_sharded_example_keys_do_not_depend_on_the_mesh():
       data(prng.example_keys(prng.run_key(5, prng.RunStream.SAMPLE), indices)), want)
 
 
+@pytest.mark.slow
 def test_progressive_and_interpolate_grids(workdir):
   config, path, _ = workdir
   progressive = evaluate.run_progressive(config, os.fspath(path))
@@ -309,6 +305,7 @@ def inception_weights(tmp_path_factory):
   return str(path)
 
 
+@pytest.mark.slow
 def test_eval_mode_writes_fid_is_and_bpd_for_each_checkpoint(workdir, inception_weights,
                                                              monkeypatch):
   config, path, ema = workdir
@@ -352,6 +349,7 @@ def test_eval_errors(workdir, tmp_path):
     fid.load_statistics(bad)
 
 
+@pytest.mark.slow  # the command line in a subprocess
 def test_command_line_sample_mode_uses_the_saved_config_without_config(workdir):
   import subprocess
   import sys
@@ -375,6 +373,7 @@ def test_command_line_sample_mode_uses_the_saved_config_without_config(workdir):
   assert "no checkpoint for step 99" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_with_the_previous_config_layout_samples_the_same(
     workdir, tmp_path, capsys):
   """A config saved by the layout with `ddim_steps` (tests/golden/config_saved_v0.json, what
@@ -397,6 +396,7 @@ def test_a_checkpoint_saved_with_the_previous_config_layout_samples_the_same(
     np.testing.assert_array_equal(old["images"], new["images"])
 
 
+@pytest.mark.slow
 def test_eval_mode_on_digits_reports_the_classifier_measures_without_inception(tmp_path):
   config = config_lib.load_config("configs/digits.py")
   config.diffusion.num_timesteps = 10
@@ -445,6 +445,7 @@ def _break_array(step_dir: pathlib.Path, value: np.ndarray) -> None:
   raise AssertionError("the array's bytes were not found in the checkpoint")
 
 
+@pytest.mark.slow
 def test_sample_mode_skips_a_corrupt_latest_and_ignores_a_damaged_optimizer_state(
     workdir, tmp_path, capsys):
   config, _, ema = workdir

@@ -24,6 +24,9 @@ import pytest
 
 from gcp_storage_emulator import server as emulator_server
 
+# Slow: the command line trains, samples and evaluates in subprocesses against the emulator.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "diffusion-test"
 

@@ -29,6 +29,9 @@ from PIL import Image
 from diffusion_jax import config_lib, evaluate, parallel, train
 from tests import checkpoint_fixtures
 
+# Slow: trains, samples and evaluates end to end through the drivers.
+pytestmark = pytest.mark.slow
+
 GOLDEN_PATH = pathlib.Path(__file__).resolve().parent / "golden" / "drivers.npz"
 STEP = 7
 

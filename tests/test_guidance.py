@@ -10,19 +10,20 @@ import pytest
 
 from diffusion_jax import build, config_checks, config_lib, diffusion, evaluate, inference
 from diffusion_jax import parallel, prng, sampling, train_step
-from tests import checkpoint_fixtures, test_conditional
+from tests import checkpoint_fixtures, helpers
 
 STEP = 4
 
 
 def guided_config():
   """The conditional tests' tiny Improved DDPM U-Net, with a null class (p_uncond 0.1)."""
-  config = test_conditional.conditional_config()
+  config = helpers.conditional_config()
   config.model.p_uncond = 0.1
   config.sample.guidance_scale = 2.0
   return config
 
 
+# The tests marked slow compile and run whole sampling or training programs.
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   config = guided_config()
@@ -94,6 +95,7 @@ def test_guided_output_is_the_combination_in_eps_space(mean_type, var_type):
       np.testing.assert_array_equal(got, cond)
 
 
+@pytest.mark.slow
 def test_guided_denoiser_is_one_doubled_call_of_the_conditional_and_null_models(workdir):
   config, _, ema = workdir
   model = build.make_model(config)
@@ -137,16 +139,18 @@ def test_label_dropout_rate_and_its_independence_of_the_batch_split():
                                 np.asarray(labels))
 
 
+@pytest.mark.slow
 def test_guided_training_does_not_depend_on_the_device_count():
   """With label dropout: 1 device and 8 devices train the same parameters over 3 steps, and
   the dropout changes the loss (the dropped labels reach the model)."""
   config = guided_config()
   config.model.p_uncond = 0.5
-  batch, _, loss = test_conditional.assert_steps_do_not_depend_on_the_devices(config, ((8, 1),))
+  batch, _, loss = helpers.assert_steps_do_not_depend_on_the_devices(config, ((8, 1),))
   losses = [loss(batch, p_uncond) for p_uncond in (0.0, 0.5)]
   assert abs(losses[1] - losses[0]) > 1e-4 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,settings", [("ancestral", dict(num_steps=0)),
                                               ("ddim", dict(num_steps=4)),
                                               ("dpmsolver++", dict(num_steps=4))])
@@ -205,7 +209,7 @@ def test_guidance_settings_the_model_cannot_serve_are_refused(change, match):
 
 def test_python_sampler_refuses_guidance_without_a_null_class(workdir):
   _, path, _ = workdir
-  config = test_conditional.conditional_config()  # class-conditional, no null class
+  config = helpers.conditional_config()  # class-conditional, no null class
   model, sched = build.make_model(config), build.make_schedule(config)
   with pytest.raises(ValueError, match="needs a model trained with a null class"):
     build.make_sample_fn(config, model, sched, parallel.make_mesh(),

@@ -6,10 +6,7 @@ tests/golden/make_iddpm_golden.py for how to regenerate it). The seeded weights 
 they are drawn again here from the stored state dict names and shapes.
 """
 import functools
-import importlib.util
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +16,9 @@ import pytest
 from diffusion_jax import build, config_lib
 from diffusion_jax.models import iddpm_unet, unet
 from diffusion_jax.models.iddpm_unet import IDDPMUNet
+from tests import iddpm_golden
 
-_GOLDEN_DIR = pathlib.Path(__file__).resolve().parent / "golden"
-_spec = importlib.util.spec_from_file_location("make_iddpm_golden",
-                                               _GOLDEN_DIR / "make_iddpm_golden.py")
-golden_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden_script)
+golden_script = iddpm_golden.golden_script
 
 
 def _abstract_params(model, image_size, channels=3):
@@ -49,22 +43,7 @@ def ours_for(spec) -> IDDPMUNet:
 
 @pytest.fixture(scope="module")
 def golden():
-  return load_golden()
-
-
-def load_golden():
-  """(timesteps, {config key: spec, state dict, x, y, reference output})."""
-  with np.load(_GOLDEN_DIR / "iddpm_unet_tiny.npz") as f:
-    arrays = {k: f[k] for k in f.files}
-  cases = {}
-  for index, key in enumerate(golden_script.CONFIGS):
-    names_and_shapes = json.loads(str(arrays[f"{key}/state_dict"]))
-    cases[key] = dict(
-        spec=json.loads(str(arrays[f"{key}/config"])),
-        state=golden_script.seeded_state_dict(names_and_shapes,
-                                              [golden_script.SEED, index]),
-        x=arrays[f"{key}/x"], y=arrays.get(f"{key}/y"), out=arrays[f"{key}/out"])
-  return arrays["timesteps"], cases
+  return iddpm_golden.load_golden()
 
 
 # ---------------------------------------------------------------- counts and names (no compile)

@@ -136,6 +136,7 @@ def test_hosts_rows_from_grain_make_the_one_host_batch():
     it.close()
 
 
+@pytest.mark.slow  # starts grain's worker processes
 def test_grain_worker_processes_yield_the_same_batches():
   source = _numbered_source()
   kwargs = dict(seed=2, start_step=4, global_batch=8, rows=slice(2, 6), random_flip=True,
@@ -158,6 +159,7 @@ def test_batch_iterator_refuses_unknown_parallelism_and_zero_workers():
     input_pipeline.BatchIterator(source, num_workers=0, **kwargs)
 
 
+@pytest.mark.slow  # builds the benchmark's data sets
 def test_input_benchmark_prints_one_json_record_per_case(tmp_path, capsys):
   argv = ["--num_images", "256", "--cache_dir", str(tmp_path), "--steps", "2", "--warmup", "1",
           "--workers", "1,2"]
@@ -188,6 +190,7 @@ def _input_bench_without_tensorflow(tmp_path, *argv):
                         text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow  # builds the benchmark's data sets
 def test_input_benchmark_without_tensorflow_measures_the_png_folder_and_says_why(tmp_path):
   quick = ["--num_images", "64", "--cache_dir", str(tmp_path), "--steps", "1", "--warmup", "1",
            "--workers", "1", "--global_batch", "8"]

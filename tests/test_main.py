@@ -1,10 +1,7 @@
 """The command line and multi-process runs, in subprocesses (each sets its own JAX flags)."""
 import json
-import os
-import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,8 +10,12 @@ import time
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
+from tests import helpers
+
+# Slow: every test runs the command line or worker processes that train.
+pytestmark = pytest.mark.slow
+
+ROOT, CACHE = helpers.ROOT, helpers.CACHE
 
 _WORKER = textwrap.dedent("""
     import os, signal, sys
@@ -60,18 +61,8 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", CACHE=CACHE, CONFIG=str(ROOT / "configs/test.py"),
-             PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
-  env.update({k: str(v) for k, v in extra.items()})
-  return env
+_free_port = helpers.free_port
+_env = helpers.subprocess_env
 
 
 def _start_workers(tmp_path, num_processes, devices_each, num_steps, overrides=None,
@@ -260,9 +251,9 @@ def test_command_line_summary_and_config_arguments():
   assert proc.stdout.strip().splitlines()[-1] == "total params: 35,746,307"
 
 
-def test_command_line_reports_config_errors():
+def test_command_line_reports_config_errors(tmp_path):
   cmd = [sys.executable, "-m", "diffusion_jax.main", "--config", "configs/test.py",
-         "--workdir=/tmp/unused", "--config.data.dataset=imagenet"]
+         f"--workdir={tmp_path / 'unused'}", "--config.data.dataset=imagenet"]
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert "unknown dataset 'imagenet'" in proc.stderr

@@ -4,6 +4,7 @@ import pathlib
 
 import nbclient
 import nbformat
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "launch" / "colab_tpu.ipynb"
@@ -16,6 +17,10 @@ TINY = {
 }
 
 
+# Slow: installs the checkout (pip install -e) and trains and samples in a kernel. The install
+# replaces the editable install the tests run from with the same one: tests running meanwhile keep
+# the code they imported.
+@pytest.mark.slow
 def test_notebook_runs_on_cpu(tmp_path):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]

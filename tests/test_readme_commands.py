@@ -15,6 +15,9 @@ import textwrap
 
 import pytest
 
+# Slow: README's commands train, sample and evaluate in subprocesses.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))

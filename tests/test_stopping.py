@@ -20,6 +20,9 @@ from diffusion_jax import outputs
 from diffusion_jax import stopping
 from diffusion_jax import train
 
+# Slow: each test starts a training run, in this process or on the command line.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
 STOPPED = "Stopped by SIGTERM before the first step; nothing new to save"

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
 
 from diffusion_jax import build
 from diffusion_jax import checkpoints
@@ -19,6 +18,7 @@ from diffusion_jax import outputs
 from diffusion_jax import parallel
 from diffusion_jax import train
 from diffusion_jax import train_step
+from tests import helpers
 
 NUM_EXAMPLES = 32
 
@@ -28,8 +28,7 @@ def load_config(name="test", arg=None):
 
 
 def mock_cifar():
-  return tfds.testing.mock_data(num_examples=NUM_EXAMPLES,
-                                policy=tfds.testing.MockPolicy.USE_CODE)
+  return helpers.mock_cifar(NUM_EXAMPLES)
 
 
 def run(config, workdir, devices=None):
@@ -42,6 +41,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# The tests marked slow compile and run whole training steps or training runs.
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """8 steps without interruption (checkpoints at 4 and 8)."""
@@ -53,6 +53,7 @@ def straight(tmp_path_factory):
   return config, workdir, jax.device_get(state.to_dict())
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_checkpoints_and_metrics(straight):
   config, workdir, state = straight
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
@@ -68,6 +69,7 @@ def test_end_to_end_writes_checkpoints_and_metrics(straight):
   assert saved["model"]["ch"] == config.model.ch
 
 
+@pytest.mark.slow
 def test_exact_resume_with_the_loss_history(tmp_path):
   """An importance-sampled run stopped and resumed equals the run without the stop, history
   included: it is saved in the checkpoint and restored exactly."""
@@ -85,6 +87,7 @@ def test_exact_resume_with_the_loss_history(tmp_path):
     assert_trees_equal(got[key], want[key])
 
 
+@pytest.mark.slow
 def test_exact_resume_after_interruption(straight, tmp_path):
   config, _, want = straight
   # Interrupted run: stops after 6 steps with checkpoints at 4 and 6 ("killed" at step 6
@@ -105,6 +108,7 @@ def test_exact_resume_after_interruption(straight, tmp_path):
   assert_trees_equal(got["opt_state"], want["opt_state"])
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
   config, workdir, _ = straight
   import shutil
@@ -121,6 +125,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, capsys):
   assert (tmp_path / "checkpoints" / "8.corrupt").exists()  # reported, moved aside, kept
 
 
+@pytest.mark.slow
 def test_changed_parameter_shapes_are_refused(straight):
   _, workdir, _ = straight
   config = load_config()
@@ -141,21 +146,7 @@ def _fixed_batch(config, batch_size):
                                      num_classes=build.num_classes(config))
 
 
-def _run_steps(config, devices, images, num_steps):
-  """`num_steps` steps of the sharded step on a fixed batch; returns (params, metrics per step,
-  the state's loss history)."""
-  mesh = parallel.make_mesh(devices)
-  model, sched = build.make_model(config), build.make_schedule(config)
-  optimizer = build.make_optimizer(config)
-  state = train_step.create_state(config, model, optimizer, mesh)
-  step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
-  rng = train_step.train_key(config, mesh)
-  history = []
-  for _ in range(num_steps):
-    batch = jax.tree_util.tree_map(lambda x: parallel.global_batch(x, mesh, x.shape[0]), images)
-    state, metrics = step_fn(state, batch, rng)
-    history.append({k: float(v) for k, v in metrics.items()})
-  return jax.device_get(state.params), history, state.loss_history
+_run_steps = helpers.run_steps
 
 
 def _np_history_update(losses, counts, pairs, size=10):
@@ -236,6 +227,7 @@ def _assert_matches_reference(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices,grad_accum_steps", [(1, 1), (2, 1), (8, 1), (2, 2),
                                                           (1, 4)])
 def test_steps_on_any_device_count_equal_the_global_batch_gradient(
@@ -275,6 +267,7 @@ def importance_reference():
   return config, images, (params, history), loss_history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices,grad_accum_steps", [(1, 1), (8, 1), (2, 2)])
 def test_importance_sampling_on_any_device_count(importance_reference, num_devices,
                                                  grad_accum_steps):
@@ -295,6 +288,7 @@ def test_importance_sampling_on_any_device_count(importance_reference, num_devic
   assert len(copies) == num_devices and all(np.array_equal(c, copies[0]) for c in copies)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
   config = load_config()
   config.model.dropout = 0.0
@@ -305,6 +299,7 @@ def test_loss_falls_on_a_fixed_batch():
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(straight, tmp_path, capsys):
   import shutil
   _, workdir, _ = straight
@@ -403,6 +398,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_full_size_state_shapes():
   assert unet.count_params(full.params) == unet.count_params(full.ema_params) == 35_746_307
 
 
+@pytest.mark.slow
 def test_resuming_with_another_timestep_sampler_is_refused_and_keeps_the_checkpoint(tmp_path):
   """A checkpoint with a loss history resumes only with importance sampling, and one without it
   only without: either way the error says what to set, and the checkpoint stays in place."""
@@ -434,6 +430,7 @@ class _SteppingClock:
     return self.now
 
 
+@pytest.mark.slow
 def test_progress_lines_come_every_10_s_not_only_every_log_every_steps(tmp_path, capsys,
                                                                        monkeypatch):
   config = load_config()

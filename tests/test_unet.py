@@ -498,6 +498,7 @@ def test_dropout_train_vs_eval(tiny):
   assert out.shape == eval1.shape
 
 
+@pytest.mark.slow  # compiles the gradient twice, with and without remat
 def test_gradients_finite_nonzero_and_remat_equal(tiny):
   args = (tiny["rand_params"], tiny["x"], tiny["t"], jax.random.key(3))
   out, grads = tiny["grad"](*args)

@@ -10,13 +10,19 @@ import pytest
 
 from diffusion_jax import config_checks, config_lib, diffusion, dpm_solver, prng, sampling
 from diffusion_jax import schedules
-from tests import reference, test_diffusion, test_dpm_solver
+from tests import math_helpers, reference
 
 T = 1000
 
 
-# The module-scoped schedule and its float64 NumPy coefficients of tests/test_diffusion.py.
-sched, ref = test_diffusion.sched, test_diffusion.ref
+@pytest.fixture(scope="module")
+def sched():
+  return math_helpers.linear_schedule()
+
+
+@pytest.fixture(scope="module")
+def ref():
+  return math_helpers.linear_coefficients()
 
 
 def test_v_eps_and_x0_convert_into_each_other_exactly(ref):
@@ -54,10 +60,10 @@ def test_v_eps_and_x0_convert_into_each_other_exactly(ref):
 @pytest.mark.parametrize("var_type, loss_type", [("fixedlarge", "mse"),
                                                  ("learned_range", "hybrid")])
 def test_min_snr_weights_the_mse_term_only(sched, ref, mean_type, var_type, loss_type):
-  x0, t, noise = test_diffusion.data(3), test_diffusion.timesteps(3), test_diffusion.normal(4)
-  model_fn = lambda x, t_: test_diffusion.model_output(x, t_, var_type)
+  x0, t, noise = math_helpers.data(3), math_helpers.timesteps(3), math_helpers.normal(4)
+  model_fn = lambda x, t_: math_helpers.model_output(x, t_, var_type)
   xt = reference.q_sample(ref, x0, t, noise)
-  f32 = test_diffusion.f32
+  f32 = math_helpers.f32
   got = {gamma: diffusion.training_losses(
       sched, model_fn, f32(x0), jnp.asarray(t), f32(noise), mean_type=mean_type,
       var_type=var_type, loss_type=loss_type, min_snr_gamma=gamma) for gamma in (0.0, 5.0)}
@@ -65,13 +71,13 @@ def test_min_snr_weights_the_mse_term_only(sched, ref, mean_type, var_type, loss
                                  loss_type, min_snr_gamma=5.0)
   # The weights themselves, at the batch's t (0 and T - 1 among them).
   weights = reference.min_snr_weight(ref, t, 5.0, mean_type)
-  test_diffusion.close(diffusion.min_snr_weight(sched, jnp.asarray(t), 5.0, mean_type=mean_type),
+  math_helpers.close(diffusion.min_snr_weight(sched, jnp.asarray(t), 5.0, mean_type=mean_type),
                        weights)
-  test_diffusion.close(got[5.0]["mse"], want["mse"])
-  test_diffusion.close(got[5.0]["mse"], weights * np.asarray(got[0.0]["mse"]))
+  math_helpers.close(got[5.0]["mse"], want["mse"])
+  math_helpers.close(got[5.0]["mse"], weights * np.asarray(got[0.0]["mse"]))
   if loss_type == "hybrid":
     np.testing.assert_array_equal(got[5.0]["vb"], got[0.0]["vb"])  # the bound's term unweighted
-    test_diffusion.close(got[5.0]["loss"], np.asarray(got[5.0]["mse"]) + np.asarray(got[5.0]["vb"]))
+    math_helpers.close(got[5.0]["loss"], np.asarray(got[5.0]["mse"]) + np.asarray(got[5.0]["vb"]))
   else:
     np.testing.assert_array_equal(got[5.0]["loss"], got[5.0]["mse"])
   # Weights at or below one for eps and v; for x_0 they are min(SNR, 5) <= 5.
@@ -134,17 +140,17 @@ def test_min_snr_configs_are_refused_before_compiling(change, match):
     ("ddim", dict(num_steps=10)), ("ddim", dict(num_steps=10, eta=1.0)),
     ("dpmsolver++", dict(num_steps=10)), ("dpmsolver", dict(num_steps=10))])
 def test_every_sampler_samples_a_v_model_as_its_eps_form(sampler, settings):
-  """The exact model of Gaussian data in its eps and v forms (tests/test_dpm_solver.py; at the
+  """The exact model of Gaussian data in its eps and v forms (tests/math_helpers.py; at the
   discrete samplers' integer labels its alpha is the schedule's): the same samples, up to the
   float32 rounding of x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v against the eps form's
   (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
   sched = schedules.make_schedule("linear", beta_end=0.1, num_diffusion_timesteps=100)
   vp = dpm_solver.discrete_vp(sched)
-  shape = test_dpm_solver.SHAPE
+  shape = math_helpers.GAUSSIAN_SHAPE
   keys = prng.example_keys(jax.random.key(3), np.arange(shape[0]))
   got = {}
   for mean_type in ("eps", "v"):
-    model_fn = test_dpm_solver.gaussian_model(vp, vp.num_steps, mean_type=mean_type)
+    model_fn = math_helpers.gaussian_model(vp, vp.num_steps, mean_type=mean_type)
     got[mean_type] = np.asarray(sampling.sample(
         sampler, sched, model_fn, keys, shape, mean_type=mean_type, var_type="fixedlarge",
         clip_denoised=False, **settings))

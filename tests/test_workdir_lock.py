@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from diffusion_jax import workdir_lock
-from tests.test_main import ROOT, _env
+from tests.helpers import ROOT
+from tests.helpers import subprocess_env as _env
 
 _HOLDER = textwrap.dedent("""
     import sys, time

@@ -1,0 +1,115 @@
+"""What several test modules share: paths, the environment of subprocesses, mocked data sets,
+the evaluation tests' tiny configs, and sharded training steps on a fixed batch.
+
+A plain module (not a test module), so that no test module imports another.
+"""
+import copy
+import os
+import pathlib
+import socket
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffusion_jax import build, config_lib, parallel, prng, train_step
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The tests' persistent compile cache (tests/conftest.py), shared with their subprocesses.
+CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))
+
+
+def subprocess_env(**extra):
+  """The environment of a worker or command-line subprocess: CPU, the tests' compile cache, the
+  test config (CONFIG), the repository importable; `extra` added as strings."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CACHE=CACHE, CONFIG=str(ROOT / "configs/test.py"),
+             PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def free_port() -> int:
+  """A port on 127.0.0.1 that nothing listens on now (the OS picks it, so two test processes
+  running at once get different ones)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def mock_cifar(num_examples=16):
+  """tfds's mocked CIFAR-10 (random images and labels of `num_examples` per split)."""
+  return tfds.testing.mock_data(num_examples=num_examples,
+                                policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def eval_config():
+  """The evaluation tests' config: configs/test.py over T = 20, with 10 samples, DDIM over 4
+  steps and short progressive and interpolation runs."""
+  config = config_lib.load_config("configs/test.py")
+  config.diffusion.num_timesteps = 20
+  config.eval.update(dict(batch_size=8, num_samples=10, seed=3, bpd_max_examples=10,
+                          progressive_freq=5, progressive_num=3, interp_t=10, interp_pairs=2,
+                          interp_steps=3))
+  config.sample.update(dict(sampler="ddim", num_steps=4))
+  return config
+
+
+def conditional_config():
+  """The evaluation tests' config on Improved DDPM's U-Net with 10 classes, 2 heads at 4x4
+  (width 64)."""
+  config = eval_config()
+  config.model.update(dict(architecture="iddpm", num_classes=10, num_heads=2,
+                           scale_shift_norm=True))
+  return config
+
+
+def run_steps(config, devices, images, num_steps):
+  """`num_steps` steps of the sharded step on a fixed batch; returns (params, metrics per step,
+  the state's loss history)."""
+  mesh = parallel.make_mesh(devices)
+  model, sched = build.make_model(config), build.make_schedule(config)
+  optimizer = build.make_optimizer(config)
+  state = train_step.create_state(config, model, optimizer, mesh)
+  step_fn = train_step.make_train_step(config, model, sched, optimizer, mesh)
+  rng = train_step.train_key(config, mesh)
+  history = []
+  for _ in range(num_steps):
+    batch = jax.tree_util.tree_map(lambda x: parallel.global_batch(x, mesh, x.shape[0]), images)
+    state, metrics = step_fn(state, batch, rng)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return jax.device_get(state.params), history, state.loss_history
+
+
+def assert_steps_do_not_depend_on_the_devices(config, layouts):
+  """Trains 3 steps on a labelled batch on 1 device and on each (devices, micro-batches) of
+  `layouts`, asserting the same losses and parameters; returns (batch, the 1-device params,
+  the loss function of a batch and p_uncond at those params plus noise, so that the zero-init
+  layers do not hide the labels)."""
+  config.optim.eps = 1e-4  # see tests/test_train.py: keeps the comparison about the gradient
+  config.optim.grad_clip = 0.0
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  want_params, want_history, _ = run_steps(config, jax.devices()[:1], batch, 3)
+  for devices, accum in layouts:
+    config_n = copy.deepcopy(config)
+    config_n.optim.grad_accum_steps = accum
+    params, history, _ = run_steps(config_n, jax.devices()[:devices], batch, 3)
+    np.testing.assert_allclose([h["loss"] for h in history], [h["loss"] for h in want_history],
+                               rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want_params),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  model, sched = build.make_model(config), build.make_schedule(config)
+  noise = np.random.default_rng(1)
+  noisy = jax.tree_util.tree_map(
+      lambda p: p + 0.05 * noise.standard_normal(p.shape).astype(np.float32), want_params)
+  keys = prng.example_keys(jax.random.key(0), np.arange(8))
+
+  def loss(b, p_uncond=0.0):
+    return float(jax.jit(lambda b_: train_step.loss_fn(
+        noisy, b_, keys, None, model=model, sched=sched,
+        diffusion_kw=build.diffusion_kwargs(config), p_uncond=p_uncond)[0])(b))
+
+  return batch, want_params, loss
