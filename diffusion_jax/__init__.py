@@ -1,3 +1,3 @@
 """diffusion_jax: Denoising Diffusion Probabilistic Models in JAX and Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
