@@ -26,7 +26,6 @@ from ml_collections import config_flags
 
 from diffusion_jax import build
 from diffusion_jax import checkpoints
-from diffusion_jax import outputs
 from diffusion_jax.models import unet
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -109,7 +108,6 @@ def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
 
 def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   """Converts a TF checkpoint to `out/checkpoints/<step>`; returns (step, had EMA shadows)."""
-  out = outputs.resolve(out)  # a relative --out starts at the current directory
   out_dir = checkpoints.check_new_workdir(out)
   reader, prefix = _open_reader(checkpoint)
   model = build.make_model(config)

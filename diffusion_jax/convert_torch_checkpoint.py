@@ -33,7 +33,6 @@ from ml_collections import config_flags
 from diffusion_jax import build
 from diffusion_jax import checkpoints
 from diffusion_jax import config_lib
-from diffusion_jax import outputs
 from diffusion_jax.models import iddpm_unet
 
 # The released checkpoints (upsample_cond_500K, a super-resolution model, is not among them):
@@ -105,7 +104,6 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config):
 
 def convert(checkpoint: str, config, out: str, step: int = 0) -> int:
   """Converts a state dict file to `out/checkpoints/<step>`; returns the number of tensors."""
-  out = outputs.resolve(out)  # a relative --out starts at the current directory
   checkpoints.check_new_workdir(out)
   state_dict = read_state_dict(checkpoint)
   params = convert_state_dict(state_dict, config)

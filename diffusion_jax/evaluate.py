@@ -98,6 +98,15 @@ def result_settings(config) -> dict:
   return json.loads(json.dumps({k: settings.get(k) for k in _RESULT_SETTINGS}))
 
 
+def _read_results(path: epath.Path) -> dict | None:
+  """The results JSON at `path` (which exists); None when it does not hold a JSON object."""
+  try:
+    written = json.loads(path.read_text())
+  except ValueError:
+    return None
+  return written if isinstance(written, dict) else None
+
+
 def _has_results(config, workdir: str, step: int) -> bool:
   """Whether `results_path` holds `step`'s results under the config's settings.
 
@@ -108,11 +117,8 @@ def _has_results(config, workdir: str, step: int) -> bool:
   path = results_path(config, workdir, step)
   if not path.exists():
     return False
-  try:
-    written = json.loads(path.read_text())
-  except ValueError:
-    written = None
-  recorded = written.get("settings") if isinstance(written, dict) else None
+  written = _read_results(path)
+  recorded = written.get("settings") if written is not None else None
   ours = result_settings(config)
   if recorded != ours:
     differ = (", ".join(f"{k}={recorded.get(k)!r} there, {ours[k]!r} here" for k in ours
@@ -131,11 +137,8 @@ def _has_unnamed_results(config, workdir: str, step: int) -> bool:
   path = outputs.resolve(workdir) / "eval" / f"{step}{build.sampler_tag(config)}.json"
   if config.eval.seed or not path.exists():
     return False
-  try:
-    written = json.loads(path.read_text())
-  except ValueError:
-    return False
-  return isinstance(written, dict) and written.get("num_samples") == config.eval.num_samples
+  written = _read_results(path)
+  return written is not None and written.get("num_samples") == config.eval.num_samples
 
 
 def _batch_size(requested: int, num: int, mesh) -> int:
@@ -281,7 +284,7 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
 def _chain_setup(config, workdir: str, step: int | None, mode: str):
   """What a grid mode starts from: (loaded checkpoint, mesh, model, schedule)."""
   config_checks.check(config, mode=mode)
-  loaded = inference.load(outputs.resolve(workdir), config, step=step)
+  loaded = inference.load(workdir, config, step=step)
   return loaded, parallel.make_mesh(), build.make_model(config), build.make_schedule(config)
 
 

@@ -115,7 +115,7 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str, config=None, *, step: int | None = None) -> "Sampler":
-    return cls(load(outputs.resolve(workdir), config, step=step))
+    return cls(load(workdir, config, step=step))
 
   def sample_fn(self, **settings) -> Callable:
     """The compiled sampler f(params, keys) for these settings (built once, then reused)."""
