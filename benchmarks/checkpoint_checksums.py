@@ -12,11 +12,11 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import build
-from diffusion_jax import checkpoints
-from diffusion_jax import config_lib
+from diffusion_jax.config import build
+from diffusion_jax.training import checkpoints
+from diffusion_jax.config import config_lib
 from diffusion_jax import parallel
-from diffusion_jax import train_step
+from diffusion_jax.training import step as train_step
 
 
 def main(config_path: str, repeats: int = 3) -> None:

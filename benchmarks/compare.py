@@ -1,4 +1,4 @@
-"""Runs the PyTorch U-Net and `diffusion_jax.bench` alternately on this machine; prints ratios.
+"""Runs the PyTorch U-Net and `diffusion_jax.tools.bench` alternately on this machine; prints ratios.
 
   python benchmarks/compare.py --torch_python /tmp/torchbench/bin/python --batches 8 32 \
       --rounds 2 --threads 2
@@ -63,7 +63,7 @@ def main():
            str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
           + ([] if args.torch_nchw else ["--channels_last"]), env))
       results[batch]["jax"].append(_run(
-          [args.jax_python, "-m", "diffusion_jax.bench", "--config", args.config, "--batch",
+          [args.jax_python, "-m", "diffusion_jax.tools.bench", "--config", args.config, "--batch",
            str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--skip",
            "sample"], env))
 

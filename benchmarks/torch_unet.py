@@ -1,4 +1,4 @@
-"""The DDPM CIFAR-10 U-Net in PyTorch, as a speed reference for `diffusion_jax.bench`.
+"""The DDPM CIFAR-10 U-Net in PyTorch, as a speed reference for `diffusion_jax.tools.bench`.
 
 Same layers and sizes as `diffusion_jax/models/unet.py` (35,746,307 parameters, asserted):
 GroupNorm(32, eps 1e-6), swish, 3x3 convs, 1x1 shortcuts, single-head attention at 16x16,

@@ -4,7 +4,7 @@
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=fixedsmall --workdir ...
   python -m diffusion_jax.main --config configs/cifar10.py:var_type=learned,loss_type=kl ...
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

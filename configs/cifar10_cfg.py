@@ -10,7 +10,7 @@ and found w near 0.3 best for FID on ImageNet 64x64, larger w for Inception Scor
 
 Config argument: as configs/cifar10_iddpm.py (`variant=hybrid|vlb`).
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 cifar10_iddpm = config_lib.sibling_module(__file__, "cifar10_iddpm")
 

@@ -11,7 +11,7 @@ Config argument `variant`:
 
 Warmup and clipping: none, as the reference (configs/iddpm.py says why).
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 iddpm = config_lib.sibling_module(__file__, "iddpm")
 

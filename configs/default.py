@@ -2,11 +2,11 @@
 
 Every other config starts from `get_config()` here and changes what differs. Config arguments
 (`--config configs/cifar10.py:var_type=fixedsmall,loss_type=kl`) are parsed by
-`config_lib.parse_diffusion_arg`; every value is checked by `diffusion_jax.config_checks`.
+`config_lib.parse_diffusion_arg`; every value is checked by `diffusion_jax.config.checks`.
 """
 import ml_collections
 
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -149,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.fid_stats_train = ""  # TTUR-format .npz (mu, sigma) to use instead of computing them.
   config.eval.fid_stats_test = ""
   config.eval.fid_max_real = 0     # real images per split for its statistics; 0 = every one.
-  config.eval.inception_weights = ""  # .npz made by diffusion_jax.metrics.convert_inception.
+  config.eval.inception_weights = ""  # .npz made by diffusion_jax.tools.convert_inception.
   config.eval.inception_size = 299  # input size of the Inception network (pytorch-fid: 299).
   config.eval.is_splits = 10       # groups of the eval.num_samples images for Inception Score.
   config.eval.digits_classifier_dir = ""  # dataset 'digits': classifier cache ('' = WORKDIR/eval).

@@ -12,7 +12,7 @@ these choices and the quality the demo reaches.
 Config arguments: as configs/default.py, plus `num_steps=N` and `time_limit_s=S` (also stop,
 with a checkpoint, after S seconds; 0 = no limit; run the command again to train on).
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

@@ -10,7 +10,7 @@ Each sampling step runs the network once on the batch doubled (the labels, then 
 class) and steps with (1 + w) f(x, c) - w f(x, null). Config arguments: as configs/digits.py.
 docs/guidance.md has what w does to the digits.
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 digits_cond = config_lib.sibling_module(__file__, "digits_cond")
 

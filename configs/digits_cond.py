@@ -10,7 +10,7 @@ configs/digits.py. It keeps the demo's 100 warmup steps and gradient clipping at
 reference recipe's none): the demo's learning rate of 2e-3 was tuned with them.
 docs/improved_ddpm.md has what it reaches.
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 digits = config_lib.sibling_module(__file__, "digits")
 

@@ -6,7 +6,7 @@
 Smaller images get a smaller model: 32 -> CIFAR-10's U-Net; 64 -> 4 levels (1,2,2,2) too;
 128 and up -> the 256x256 model's levels, truncated to fit.
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

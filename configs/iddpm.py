@@ -13,7 +13,7 @@ so that a run follows its recipe; DDPM's configs warm up over 5,000 steps and cl
 norm at 1 (--config.optim.warmup_steps=5000 --config.optim.grad_clip=1 trains with that safety
 margin). The reference's loader does not flip images, nor do these configs.
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

@@ -20,7 +20,7 @@ Warmup and clipping: none, as the reference (configs/iddpm.py says why); at batc
 Prepare the data once with `tfds build imagenet_resized/64x64 --file_format=array_record` (tfds
 downloads the downsampled ImageNet of image-net.org; 1.28M training images with their labels).
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 iddpm = config_lib.sibling_module(__file__, "iddpm")
 

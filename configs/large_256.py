@@ -6,7 +6,7 @@ prediction and the mse loss, and sampled with the posterior variance beta_tilde,
 var_type=fixedsmall by default. On its own it is CelebA-HQ's recipe. Config arguments: as
 configs/default.py, plus `block_size=N` (the original's optional space-to-depth).
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

@@ -4,7 +4,7 @@ U-Net, batch 64, lr 2e-5.
 Trained with eps prediction and the mse loss; the original samples with the posterior
 variance beta_tilde, hence var_type=fixedsmall by default. Config arguments as in large_256.py.
 """
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 large_256 = config_lib.sibling_module(__file__, "large_256")
 

@@ -1,5 +1,5 @@
 """A tiny config for tests: CIFAR-10 (mocked) at 8x8, a 2-level ch-32 U-Net, T = 100."""
-from diffusion_jax import config_lib
+from diffusion_jax.config import config_lib
 
 default = config_lib.sibling_module(__file__, "default")
 

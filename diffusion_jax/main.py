@@ -26,9 +26,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffusion_jax import config_checks
-from diffusion_jax import config_lib
-from diffusion_jax import workdir_lock
+from diffusion_jax.config import checks as config_checks
+from diffusion_jax.config import config_lib
+from diffusion_jax.training import workdir_lock
 
 # The installed package's, never the current directory's configs/digits.py, which may belong
 # to another version or be missing.
@@ -67,7 +67,7 @@ def _evaluation_config(mode: str, workdir: str):
   checkpoint (upgraded when an older version wrote it), with the --config.a.b overrides on top."""
   if flags.FLAGS["config"].present:
     return _CONFIG.value
-  from diffusion_jax import inference  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   config = inference.saved_config(workdir, _STEP.value)
   try:
     config = config_lib.apply_overrides(config, _overrides())
@@ -80,7 +80,7 @@ def _evaluation_config(mode: str, workdir: str):
 def _dispatch(mode: str, config, workdir: str | None) -> None:
   """Runs one mode; every mode but summary needs --workdir."""
   if mode == "summary":
-    from diffusion_jax import build  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
     try:
       build.check_model(config)
     except ValueError as e:
@@ -91,10 +91,10 @@ def _dispatch(mode: str, config, workdir: str | None) -> None:
     what = "" if mode == "train" else " (the training workdir)"
     raise app.UsageError(f"--mode {mode} needs --workdir{what}")
   if mode == "train":
-    from diffusion_jax import train  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
     return
-  from diffusion_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation import modes as evaluate  # pylint: disable=g-import-not-at-top
   config = _evaluation_config(mode, workdir)
   if mode == "sample":
     evaluate.run_sample(config, workdir, step=_STEP.value)
@@ -216,7 +216,7 @@ def main(argv):
   except _USER_ERRORS as e:
     _exit_with_error(str(e))
   except Exception as e:  # pylint: disable=broad-except
-    from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
     # A full disk, or a workdir whose checkpoint the config cannot resume: one line, no
     # traceback.
     if not isinstance(e, (checkpoints.SaveError, checkpoints.ShapeMismatchError)):
@@ -275,7 +275,7 @@ def _quiet_library_logs() -> None:
 
 
 def _run(argv):
-  from diffusion_jax import stopping  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import stopping  # pylint: disable=g-import-not-at-top
   if _MODE.value != "train":
     # Only training stops cleanly on a signal; the other modes keep the usual behaviour
     # (Ctrl-C interrupts them, SIGTERM ends them), for a signal received so far too.
@@ -298,7 +298,7 @@ def _run(argv):
 
 
 if __name__ == "__main__":
-  from diffusion_jax import stopping  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import stopping  # pylint: disable=g-import-not-at-top
   # Caught before the flags are parsed: a stop requested at any point of a training run's
   # start-up ends it before its first step.
   with stopping.catch_signals():

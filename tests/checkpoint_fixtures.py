@@ -4,8 +4,8 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import build
-from diffusion_jax import checkpoints
+from diffusion_jax.config import build
+from diffusion_jax.training import checkpoints
 
 
 def randomized_checkpoint(config, workdir, step: int):

@@ -12,7 +12,11 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffusion_jax import build, config_lib, parallel, prng, train_step
+from diffusion_jax.config import build
+from diffusion_jax.config import config_lib
+from diffusion_jax import parallel
+from diffusion_jax.core import prng
+from diffusion_jax.training import step as train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The tests' persistent compile cache (tests/conftest.py), shared with their subprocesses.
@@ -86,7 +90,7 @@ def assert_steps_do_not_depend_on_the_devices(config, layouts):
   `layouts`, asserting the same losses and parameters; returns (batch, the 1-device params,
   the loss function of a batch and p_uncond at those params plus noise, so that the zero-init
   layers do not hide the labels)."""
-  config.optim.eps = 1e-4  # see tests/test_train.py: keeps the comparison about the gradient
+  config.optim.eps = 1e-4  # see tests/training/test_train.py: keeps the comparison about the gradient
   config.optim.grad_clip = 0.0
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),

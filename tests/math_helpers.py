@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import schedules
+from diffusion_jax.core import schedules
 from tests import reference
 
 T = 1000

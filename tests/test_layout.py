@@ -32,7 +32,8 @@ def _imported_test_modules(path: pathlib.Path) -> list[str]:
 
 
 def test_no_test_module_imports_another():
-  offenders = {path.name: imported for path in sorted(TESTS.glob("test_*.py"))
+  offenders = {str(path.relative_to(TESTS)): imported
+               for path in sorted(TESTS.rglob("test_*.py"))
                if (imported := _imported_test_modules(path))}
   assert not offenders, (
       f"test modules import other test modules: {offenders}; move what they share into "

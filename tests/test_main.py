@@ -29,7 +29,8 @@ _WORKER = textwrap.dedent("""
     import importlib.util, json, time, types
     import numpy as np
     import tensorflow_datasets as tfds
-    from diffusion_jax import parallel, train
+    from diffusion_jax import parallel
+    from diffusion_jax.training import loop as train
 
     spec = importlib.util.spec_from_file_location("cfg", os.environ["CONFIG"])
     module = importlib.util.module_from_spec(spec)
@@ -433,7 +434,7 @@ def test_kill_9_at_seeded_moments_then_restart_finishes(tmp_path):
   assert f"steps {resumed_from} -> {resumed_from + 2}" in out, out[-3000:]
   assert "cannot be used" not in out, out[-3000:]
   assert _committed_steps(checkpoints_dir)[-1] == resumed_from + 2
-  from diffusion_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   params, step = checkpoints.restore_params(str(checkpoints_dir))  # verified against checksums
   assert step == resumed_from + 2 and params
 

@@ -1,13 +1,2 @@
-"""Denoising networks: DDPM's U-Net (`unet`) and Improved DDPM's (`iddpm_unet`)."""
-from diffusion_jax.models.iddpm_unet import IDDPMUNet
-from diffusion_jax.models.unet import (
-    UNet,
-    check_config,
-    count_params,
-    flax_param_path,
-    summary,
-    tf_variable_name,
-)
-
-__all__ = ["IDDPMUNet", "UNet", "check_config", "count_params", "flax_param_path", "summary",
-           "tf_variable_name"]
+"""Denoising networks: DDPM's U-Net (`unet`, with its TF names in `tf_names`), Improved DDPM's
+(`iddpm_unet`, with its PyTorch names in `torch_names`), and what they share (`layers`)."""

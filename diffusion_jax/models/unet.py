@@ -2,7 +2,7 @@
 
 Mirrors `diffusion_tf/models/unet.py` and `diffusion_tf/nn.py` of the authors' TensorFlow code:
 same layers, same initialisation, same parameter count (35,746,307 for CIFAR-10), and module
-names chosen so every TF variable maps onto one of our parameters (see `tf_variable_name`).
+names chosen so every TF variable maps onto one of our parameters (`models.tf_names`).
 
 Compute dtype: with `dtype=jnp.bfloat16` activations and matmuls/convs run in bf16 while the
 parameters stay float32; GroupNorm statistics, the timestep sinusoid and the attention softmax are
@@ -20,9 +20,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from diffusion_jax import prng
+from diffusion_jax.models import layers
 
 __all__ = [
     "UNet",
@@ -32,12 +31,7 @@ __all__ = [
     "space_to_depth",
     "depth_to_space",
     "check_config",
-    "example_dropout",
-    "count_params",
     "summary",
-    "param_table",
-    "tf_variable_name",
-    "flax_param_path",
 ]
 
 _GN_GROUPS = 32
@@ -142,15 +136,6 @@ def depth_to_space(x_BxHxWxD: jax.Array, block_size: int) -> jax.Array:
   return x.reshape(b, h * bs, w * bs, c)
 
 
-def example_dropout(h_BxHxWxC, rate: float, keys_B, site: int):
-  """Inverted dropout with one key per example: mask b is bernoulli(fold_in(keys_B[b], site))."""
-  keep = 1.0 - rate
-  keep_B = jax.vmap(lambda k: jax.random.bernoulli(k, keep, h_BxHxWxC.shape[1:]))(
-      prng.fold_in_each(keys_B, site))
-  return lax.select(keep_B, h_BxHxWxC / jnp.asarray(keep, h_BxHxWxC.dtype),
-                    jnp.zeros_like(h_BxHxWxC))
-
-
 class ResBlock(nn.Module):
   """Residual block: GN-swish-conv, + projected temb, GN-swish-dropout-conv, 1x1 shortcut."""
   out_ch: int
@@ -167,7 +152,7 @@ class ResBlock(nn.Module):
       # Example b's mask comes from its own key folded with this block's name, so it does not
       # depend on the batch size or on how the batch is split over devices.
       site = zlib.crc32("/".join(self.scope.path).encode()) & 0x7FFFFFFF
-      h = example_dropout(h, self.dropout, dropout_keys_B, site)
+      h = layers.example_dropout(h, self.dropout, dropout_keys_B, site)
     else:
       h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = _conv3x3(self.out_ch, "conv2", self.dtype, scale=_ZERO_SCALE)(h)
@@ -401,19 +386,7 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter bookkeeping and the TF name mapping.
-
-def count_params(params_tree) -> int:
-  """Total number of scalars in a pytree of arrays or ShapeDtypeStructs.
-
-  Args:
-    params_tree: e.g. `variables['params']`, or the output of `jax.eval_shape(model.init, ...)`.
-
-  Returns:
-    the parameter count.
-  """
-  return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params_tree)))
-
+# The parameter table.
 
 def _param_shapes(model: UNet, image_size: int, channels: int):
   x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
@@ -439,77 +412,4 @@ def summary(model: UNet, image_size: int, channels: int) -> str:
   order = (["conv_in", "temb"] + [f"down_{i}" for i in range(n_levels)] + ["mid"]
            + [f"up_{i}" for i in reversed(range(n_levels))] + ["norm_out", "conv_out"])
   assert set(order) == set(params), sorted(set(order) ^ set(params))
-  return param_table(params, order)
-
-
-def param_table(params, order: Sequence[str]) -> str:
-  """The parameter count of each top-level module of `params`, in `order`, then the total.
-
-  Returns:
-    a multi-line table ending with the line `total params: N` (N comma-formatted).
-  """
-  width = max(len(name) for name in order)
-  lines = [f"{'block':<{width}}  {'params':>12}"]
-  for name in order:
-    lines.append(f"{name:<{width}}  {count_params(params[name]):>12,}")
-  lines.append(f"total params: {count_params(params):,}")
-  return "\n".join(lines)
-
-
-_LEAF_TO_TF = {"kernel": "W", "bias": "b"}
-_NORM_LEAF_TO_TF = {"scale": "gamma", "bias": "beta"}
-_TF_TO_LEAF = {v: k for k, v in _LEAF_TO_TF.items()}
-_TF_TO_NORM_LEAF = {v: k for k, v in _NORM_LEAF_TO_TF.items()}
-
-
-def _is_norm(module_name: str) -> bool:
-  # GroupNorms are exactly the modules named norm, norm1, norm2 and norm_out.
-  return module_name.startswith("norm")
-
-
-def tf_variable_name(param_path: Sequence[str] | str) -> str:
-  """Name of the original TF variable holding one of our parameters.
-
-  The rule: prefix `model/`, keep every module name (they are the original's variable
-  scopes), and rename the leaf: Conv/Dense `kernel` -> `W`, `bias` -> `b`; GroupNorm
-  (modules named `norm*`) `scale` -> `gamma`, `bias` -> `beta`. Shapes need no change: TF conv
-  `W` is [kh, kw, in, out] like a flax Conv kernel, and TF `nin`/`dense` `W` is [in, out]
-  like a flax Dense kernel (our 1x1 layers are Dense).
-
-  Args:
-    param_path: path inside `variables['params']`, as a tuple of keys or a '/'-joined string;
-      a leading 'params' is ignored.
-
-  Returns:
-    e.g. 'model/down_0/block_0/conv1/W' for ('down_0', 'block_0', 'conv1', 'kernel').
-  """
-  parts = param_path.split("/") if isinstance(param_path, str) else list(param_path)
-  if parts and parts[0] == "params":
-    parts = parts[1:]
-  if len(parts) < 2:
-    raise ValueError(f"not a parameter path: {param_path!r}")
-  *modules, leaf = parts
-  table = _NORM_LEAF_TO_TF if _is_norm(modules[-1]) else _LEAF_TO_TF
-  if leaf not in table:
-    raise ValueError(f"unknown parameter {leaf!r} in {param_path!r}")
-  return "/".join(["model", *modules, table[leaf]])
-
-
-def flax_param_path(tf_name: str) -> tuple[str, ...]:
-  """Inverse of `tf_variable_name`: a TF variable name to our params path (no 'params').
-
-  Args:
-    tf_name: e.g. 'model/mid/attn_1/q/W' (a trailing ':0' is accepted).
-
-  Returns:
-    e.g. ('mid', 'attn_1', 'q', 'kernel').
-  """
-  name = tf_name.split(":")[0]
-  parts = name.split("/")
-  if len(parts) < 3 or parts[0] != "model":
-    raise ValueError(f"not a U-Net variable name: {tf_name!r}")
-  *modules, leaf = parts[1:]
-  table = _TF_TO_NORM_LEAF if _is_norm(modules[-1]) else _TF_TO_LEAF
-  if leaf not in table:
-    raise ValueError(f"unknown variable {leaf!r} in {tf_name!r}")
-  return (*modules, table[leaf])
+  return layers.param_table(params, order)

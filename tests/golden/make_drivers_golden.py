@@ -1,4 +1,4 @@
-"""Regenerates tests/golden/drivers.npz, the drivers' golden values (tests/test_golden_drivers.py).
+"""Regenerates tests/golden/drivers.npz, the drivers' golden values (tests/end_to_end/test_golden_drivers.py).
 
     python tests/golden/make_drivers_golden.py
 
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests import conftest  # noqa: E402,F401  # the tests' 8 CPU devices, before JAX starts
-from tests import test_golden_drivers  # noqa: E402
+from tests.end_to_end import test_golden_drivers  # noqa: E402
 
 
 def main():

@@ -1,9 +1,9 @@
 """Regenerates tests/golden/iddpm_unet_tiny.npz: outputs of Improved DDPM's reference PyTorch
 UNetModel (openai/improved-diffusion, `improved_diffusion/unet.py`) for tiny configs with
-seeded weights, which tests/test_iddpm_unet.py compares our Flax U-Net against; and
+seeded weights, which tests/models/test_iddpm_unet.py compares our Flax U-Net against; and
 tests/golden/iddpm_released_state_dicts.json: the names and shapes of the state dicts of the
 seven released models (the reference's `create_model` with its README's flags), which
-tests/test_convert_torch.py matches against our configs for them.
+tests/tools/test_convert_torch.py matches against our configs for them.
 
 Run it outside the project, in a throwaway environment with PyTorch and the reference's source
 (nothing of either is committed):

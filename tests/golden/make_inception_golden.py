@@ -9,7 +9,7 @@ The test does not need torch; this script does. Run it in a throwaway environmen
 Nothing is downloaded: pytorch-fid's weight loader is replaced by one that returns weights drawn
 from a NumPy seed (`seeded_state_dict`), and pytorch-fid loads them with a strict
 `load_state_dict`, so the key list and shapes are checked against its own model.
-tests/test_metrics.py draws the same weights with NumPy alone (from the key list and shapes of
+tests/evaluation/test_metrics.py draws the same weights with NumPy alone (from the key list and shapes of
 the Flax model), runs the Flax network, and compares with the values stored here.
 
 Stored: the sorted torch keys, a checksum of the drawn weights, the input images (three 64x64,

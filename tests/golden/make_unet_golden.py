@@ -5,7 +5,7 @@
 Weights come from a NumPy RNG walking the sorted parameter paths (not from `model.init`), so
 the file pins down the forward computation itself. The reference output is computed in float64
 (from the float32-rounded weights and inputs); the float32 error against it is printed and
-stored, and tests/test_unet.py bounds the float32 model against the float64 reference.
+stored, and tests/models/test_unet.py bounds the float32 model against the float64 reference.
 Regenerate only when the model's intended computation changes, and say why in the commit.
 """
 import pathlib

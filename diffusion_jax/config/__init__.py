@@ -1,0 +1,6 @@
+"""Configs as code: loading, arguments, overrides and the upgrade of saved configs
+(`config_lib`), every field's rule checked before anything compiles (`checks`), and what a config
+builds: the model, schedule, optimizer, sampler settings and compiled programs (`build`).
+
+The config files themselves are the `configs/` folder, installed as `diffusion_jax.configs`.
+"""

@@ -1,0 +1,454 @@
+"""Checks of every value in a config, before anything compiles: one rule per field.
+
+A rule names a field, its type and its allowed range; a bound may be another field's name
+("diffusion.num_timesteps"). Beyond the rules, `check` asks the library about the choices it
+owns: the diffusion types (`diffusion.check_types`, via `check_diffusion`) in every mode, and
+the sampler settings (`sampling.check_sampler`) in the modes that sample. It reports every
+problem at once in one `ConfigError`, each line naming the field, its value, what is allowed
+and the flag to set. A numeric field added to configs/default.py needs a line in `RULES` (a test
+fails until it has one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable
+
+import ml_collections
+
+from diffusion_jax.config import build
+from diffusion_jax.core import diffusion
+from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.data import input_pipeline
+from diffusion_jax import parallel
+from diffusion_jax import samplers as sampling
+from diffusion_jax.core import timestep_sampling
+
+MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
+_SAMPLING = ("sample", "eval")
+# Modes that draw samples with the `sample` section's sampler (train: its grids, when
+# train.sample_every > 0).
+_SAMPLER_MODES = ("train",) + _SAMPLING
+
+
+class ConfigError(ValueError):
+  """Config values a run cannot use; the message says what to set for each."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one config field may hold.
+
+  Attributes:
+    path: the dotted field name, e.g. "optim.lr".
+    kind: "int" (not bool), "float" (a finite int or float, not bool), "ints" (a tuple of ints),
+      "bool", or "str" (with `choices`).
+    low, high: the bounds, a number or another field's dotted name; None = unbounded.
+    low_open, high_open: exclude the bound (low < value, value < high).
+    choices: the only allowed values, when not a range.
+    modes: the --modes that use the field; its range is checked only there (its type always),
+      so one mode's default never blocks another mode (eval.is_splits vs --mode sample).
+    when: the range applies only where when(config) is true (a schedule that uses the field).
+    note: what a special value means, added to the message, e.g. "0 = off".
+  """
+  path: str
+  kind: str
+  low: float | str | None = None
+  high: float | str | None = None
+  low_open: bool = False
+  high_open: bool = False
+  choices: tuple = ()
+  modes: tuple[str, ...] | None = None
+  when: Callable[[Any], bool] | None = None
+  note: str = ""
+
+
+def _schedule_uses(*schedules: str) -> Callable[[Any], bool]:
+  return lambda config: _get(config, "diffusion.beta_schedule") in schedules
+
+
+# beta_start ramps up to beta_end in these; `const` uses beta_end alone; `jsd` and `cosine`
+# use neither (schedules.get_beta_schedule).
+_RAMPS = ("linear", "quad", "warmup10", "warmup50")
+_T = "diffusion.num_timesteps"
+
+RULES = (
+    Rule("seed", "int", 0, 2**32, high_open=True),  # jax.random.key keeps the low 32 bits
+    Rule("data.image_size", "int", 1),
+    Rule("data.channels", "int", choices=(1, 3)),
+    Rule("data.num_workers", "int", 1),
+    Rule("data.prefetch", "int", 1),
+    Rule("model.ch", "int", 1),
+    Rule("model.ch_mult", "ints", 1),
+    Rule("model.num_res_blocks", "int", 1),
+    Rule("model.attn_resolutions", "ints", 1),
+    Rule("model.dropout", "float", 0, 1, high_open=True),
+    Rule("model.block_size", "int", 1),
+    Rule("model.architecture", "str", choices=build.ARCHITECTURES),
+    Rule("model.num_heads", "int", 1),
+    Rule("model.num_head_channels", "int", -1, note="-1 = use num_heads"),
+    Rule("model.num_heads_upsample", "int", -1, note="-1 = num_heads"),
+    Rule("model.scale_shift_norm", "bool"),
+    Rule("model.num_classes", "int", 0, note="0 = unconditional"),
+    Rule("model.p_uncond", "float", 0, 1, high_open=True, note="0 = no null class"),
+    Rule("diffusion.beta_start", "float", 0, "diffusion.beta_end", low_open=True,
+         when=_schedule_uses(*_RAMPS)),
+    Rule("diffusion.beta_end", "float", 0, 1, low_open=True, high_open=True,
+         when=_schedule_uses(*_RAMPS, "const")),
+    Rule(_T, "int", 2),  # schedules need at least two steps
+    Rule("diffusion.timestep_sampler", "str", choices=timestep_sampling.TIMESTEP_SAMPLERS),
+    Rule("diffusion.rescale_timesteps", "bool"),
+    Rule("diffusion.rescale_learned_sigmas", "bool"),
+    Rule("diffusion.min_snr_gamma", "float", 0, note="0 = no weighting"),
+    Rule("optim.lr", "float", 0, low_open=True),
+    Rule("optim.warmup_steps", "int", 0, note="0 = no warmup"),
+    Rule("optim.grad_clip", "float", 0, note="0 = no clipping"),
+    Rule("optim.b1", "float", 0, 1, high_open=True),
+    Rule("optim.b2", "float", 0, 1, high_open=True),
+    Rule("optim.eps", "float", 0, low_open=True),
+    Rule("optim.ema_decay", "float", 0, 1, high_open=True),
+    Rule("optim.grad_accum_steps", "int", 1),
+    Rule("train.batch_size", "int", 1),
+    Rule("train.num_steps", "int", 1),
+    Rule("train.log_every", "int", 1),
+    Rule("train.checkpoint_every", "int", 1),
+    Rule("train.keep_checkpoints", "int", 1),
+    Rule("train.sample_every", "int", 0, note="0 = no sample grids"),
+    Rule("train.time_limit_s", "float", 0, note="0 = no limit"),
+    Rule("train.stop_check_every", "int", 1),
+    Rule("train.heartbeat_every_s", "float", 0, low_open=True),
+    Rule("train.lost_process_timeout_s", "float", "train.heartbeat_every_s",
+         "train.heartbeat_timeout_s", low_open=True, high_open=True,
+         note="the runtime aborts every process after train.heartbeat_timeout_s"),
+    Rule("train.heartbeat_timeout_s", "int", 1),
+    Rule("train.profile_start", "int", -1, note="-1 = no trace"),
+    Rule("train.profile_steps", "int", 1),
+    Rule("sample.sampler", "str", choices=tuple(sampling.SAMPLERS)),
+    Rule("sample.num_steps", "int", 0, _T, modes=_SAMPLER_MODES, note="0 = all T"),
+    Rule("sample.respacing", "str"),
+    Rule("sample.eta", "float", 0, note="0 = deterministic DDIM"),
+    Rule("sample.solver_order", "int", choices=dpm_solver.ORDERS),
+    Rule("sample.solver_grid", "str", choices=dpm_solver.GRIDS),
+    Rule("sample.clip_denoised", "bool"),
+    Rule("sample.guidance_scale", "float", 0, note="0 = no guidance"),
+    Rule("sample.num_samples", "int", 1),
+    Rule("eval.batch_size", "int", 1),
+    Rule("eval.num_samples", "int", 1),
+    Rule("eval.seed", "int", 0, 2**32, high_open=True),
+    Rule("eval.bpd_max_examples", "int", 0, note="0 = the whole split"),
+    Rule("eval.bpd_clip_denoised", "bool"),
+    Rule("eval.fid_max_real", "int", 0, note="0 = the whole split"),
+    Rule("eval.inception_size", "int", 75),  # the Inception network's smallest input
+    Rule("eval.digits_confidence", "float", 0, 1, low_open=True),
+    Rule("eval.is_splits", "int", 1, "eval.num_samples", modes=("eval",)),
+    Rule("eval.watch_poll_s", "float", 0, low_open=True),
+    Rule("eval.watch_timeout_s", "float", 0, low_open=True),
+    Rule("eval.progressive_freq", "int", 1, _T, modes=("progressive",)),
+    Rule("eval.progressive_num", "int", 1),
+    Rule("eval.interp_t", "int", 0, _T, high_open=True, modes=("interpolate",)),
+    Rule("eval.interp_pairs", "int", 1),
+    Rule("eval.interp_steps", "int", 2),
+)
+
+_MISSING = object()
+
+
+def _get(config, path: str):
+  """A field's value, or _MISSING."""
+  node = config
+  for name in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or name not in node:
+      return _MISSING
+    node = node[name]
+  return node
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def _fmt(value) -> str:
+  return repr(value) if isinstance(value, str) else str(value)
+
+
+def _range_text(rule: Rule, config) -> tuple[str, float | None, float | None]:
+  """('>= 1' / 'in [0, 1)' / 'one of 1, 3', low, high) with field bounds resolved."""
+  if rule.choices:
+    return "one of " + ", ".join(map(str, rule.choices)), None, None
+  if rule.low is None and rule.high is None:
+    return "", None, None
+
+  def bound(b):
+    if isinstance(b, str):
+      value = _get(config, b)
+      return f"{b}={_fmt(value)}", (value if _is_number(value) else None)
+    return f"{b:g}" if isinstance(b, float) else str(b), b
+
+  low_text, low = bound(rule.low) if rule.low is not None else ("", None)
+  high_text, high = bound(rule.high) if rule.high is not None else ("", None)
+  if rule.low is not None and rule.high is not None:
+    text = (f"in {'(' if rule.low_open else '['}{low_text}, {high_text}"
+            f"{')' if rule.high_open else ']'}")
+  elif rule.low is not None:
+    text = f"{'>' if rule.low_open else '>='} {low_text}"
+  else:
+    text = f"{'<' if rule.high_open else '<='} {high_text}"
+  return text, low, high
+
+
+def _in_range(value, rule: Rule, low, high) -> bool:
+  if rule.choices:
+    return value in rule.choices
+  if low is not None and (value <= low if rule.low_open else value < low):
+    return False
+  if high is not None and (value >= high if rule.high_open else value > high):
+    return False
+  return True
+
+
+def _problem(rule: Rule, value, config, mode: str) -> str | None:
+  """The message for one field, or None when its value is allowed."""
+  what = {"int": "an integer", "float": "a finite number", "ints": "a tuple of integers",
+          "bool": "True or False", "str": "a string" if not rule.choices else ""}[rule.kind]
+  placeholder = {"int": "N", "float": "X", "ints": "'(N, ...)'", "bool": "True|False",
+                 "str": "|".join(map(str, rule.choices))}[rule.kind]
+  if rule.kind == "ints":
+    ok_type = isinstance(value, (tuple, list)) and all(_is_int(v) for v in value)
+    items = list(value) if ok_type else []
+  elif rule.kind == "int":
+    ok_type, items = _is_int(value), [value]
+  elif rule.kind == "bool":
+    ok_type, items = isinstance(value, bool), []
+  elif rule.kind == "str":
+    ok_type, items = isinstance(value, str), [value]
+  else:
+    ok_type, items = _is_number(value), [value]
+  checked = ((rule.modes is None or mode in rule.modes)
+             and (rule.when is None or rule.when(config)))
+  text, low, high = _range_text(rule, config)
+  if ok_type and (not checked or all(_in_range(v, rule, low, high) for v in items)):
+    return None
+  if rule.kind == "ints":
+    what += " each"
+  note = f" ({rule.note})" if rule.note else ""
+  return (f"{rule.path}={_fmt(value)} must be {' '.join(filter(None, (what, text)))}{note}: "
+          f"set --config.{rule.path}={placeholder}")
+
+
+# The diffusion types and their allowed values, as diffusion.py defines them.
+_DIFFUSION_TYPES = (("mean_type", diffusion.MEAN_TYPES), ("var_type", diffusion.VAR_TYPES),
+                    ("loss_type", diffusion.LOSS_TYPES))
+
+
+def diffusion_problems(config) -> list[str]:
+  """What `diffusion.check_types` refuses in `config.diffusion`, saying what to set.
+
+  Args:
+    config: a full config.
+
+  Returns:
+    one message per problem (empty: the types are usable). Each names the flag and the config
+    argument (`--config file.py:key=value`) that set the field.
+  """
+  out, known = [], {}
+  for name, allowed in _DIFFUSION_TYPES:
+    value = _get(config, f"diffusion.{name}")
+    if value is _MISSING:
+      continue
+    try:
+      diffusion.check_types(**{name: value})
+    except (TypeError, ValueError):
+      out.append(f"diffusion.{name}={_fmt(value)} must be one of {', '.join(allowed)}: set "
+                 f"--config.diffusion.{name}={'|'.join(allowed)}, or the config argument "
+                 f":{name}={'|'.join(allowed)}")
+      continue
+    known[name] = value
+  if "var_type" in known and "loss_type" in known:
+    try:
+      diffusion.check_types(var_type=known["var_type"], loss_type=known["loss_type"])
+    except ValueError:
+      var_type, loss_type = known["var_type"], known["loss_type"]
+      learned = var_type in diffusion.LEARNED_VAR_TYPES
+      # The loss types that can train this variance, and the variances this loss can train.
+      losses = [l for l in diffusion.LOSS_TYPES if l != loss_type and
+                (l != "mse" if learned else l != "hybrid")]
+      var_types = [v for v in diffusion.VAR_TYPES
+                   if (v in diffusion.LEARNED_VAR_TYPES) != learned]
+      out.append(
+          f"diffusion.loss_type={_fmt(loss_type)} cannot train diffusion.var_type="
+          f"{_fmt(var_type)}: set --config.diffusion.loss_type={'|'.join(losses)} (or the config "
+          f"argument :var_type={var_type},loss_type={'hybrid' if learned else 'mse'}), or keep "
+          f"loss_type={loss_type} "
+          f"with --config.diffusion.var_type={'|'.join(var_types)} (config argument "
+          f":var_type={'|'.join(var_types)})")
+  gamma = _get(config, "diffusion.min_snr_gamma")
+  if _is_number(gamma) and gamma > 0 and "mean_type" in known and "loss_type" in known:
+    try:
+      diffusion.check_min_snr(gamma, mean_type=known["mean_type"], loss_type=known["loss_type"])
+    except ValueError:
+      out.append(
+          f"diffusion.min_snr_gamma={gamma!r} weights the mse term of mean types "
+          f"{', '.join(diffusion.MIN_SNR_MEAN_TYPES)} (losses "
+          f"{', '.join(diffusion.MIN_SNR_LOSS_TYPES)}), not mean_type "
+          f"{_fmt(known['mean_type'])} with loss_type {_fmt(known['loss_type'])}: set "
+          f"--config.diffusion.min_snr_gamma=0, or --config.diffusion.mean_type="
+          f"{'|'.join(diffusion.MIN_SNR_MEAN_TYPES)} with --config.diffusion.loss_type="
+          f"{'|'.join(diffusion.MIN_SNR_LOSS_TYPES)}")
+  return out
+
+
+def check_diffusion(config) -> None:
+  """Raises ConfigError, saying what to set, for diffusion types the library cannot use:
+  an unknown mean_type, var_type or loss_type, or the mse loss with a learned variance."""
+  raise_if_any(diffusion_problems(config))
+
+
+def _draws_samples(config, mode: str) -> bool:
+  if mode != "train":
+    return mode in _SAMPLER_MODES
+  every = _get(config, "train.sample_every")
+  return _is_number(every) and every > 0
+
+
+def sampler_problems(config, mode: str = "sample") -> list[str]:
+  """What `sampling.check_sampler` refuses in `config.sample`, for a mode that samples.
+
+  Args:
+    config: a full config.
+    mode: the --mode of the run; train samples only when train.sample_every > 0, and
+      progressive / interpolate always sample ancestrally, so only the train, sample and eval
+      modes use the sampler.
+
+  Returns:
+    a list with the one message, or empty.
+  """
+  if not _draws_samples(config, mode):
+    return []
+  sampler, num_steps, eta, respacing, num_timesteps, order, grid, mean_type = (
+      _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta",
+                                      "sample.respacing", _T, "sample.solver_order",
+                                      "sample.solver_grid", "diffusion.mean_type"))
+  if _MISSING in (sampler, num_steps, eta) or not _is_int(num_timesteps):
+    return []
+  respacing = "" if respacing is _MISSING else respacing
+  try:
+    sampling.check_sampler(sampler, num_steps, eta, num_timesteps, respacing=respacing,
+                           flag_prefix="--config.", order=2 if order is _MISSING else order,
+                           grid="time_uniform" if grid is _MISSING else grid,
+                           mean_type="eps" if mean_type is _MISSING else mean_type)
+  except ValueError as e:
+    return [str(e)]
+  guidance = _get(config, "sample.guidance_scale")
+  if _is_number(guidance) and guidance > 0 and all(
+      _is_number(_get(config, p)) for p in ("model.num_classes", "model.p_uncond")):
+    try:
+      build.check_guidance(ml_collections.ConfigDict(
+          {"model": {"num_classes": _get(config, "model.num_classes"),
+                     "p_uncond": _get(config, "model.p_uncond")}}), guidance)
+    except ValueError as e:
+      return [str(e)]
+  return []
+
+
+def _reads_labels(config, mode: str) -> bool:
+  # The modes that read the dataset's examples with a class-conditional model's labels.
+  return mode in ("train", "interpolate") or (mode == "eval" and bool(
+      _get(config, "eval.bpd_split")))
+
+
+def model_problems(config, mode: str = "train") -> list[str]:
+  """What `build.check_model` refuses in the model section (its architecture's settings, its
+  geometry, its dtype), and, where `mode` reads the dataset, labels the dataset cannot give a
+  class-conditional model (`input_pipeline.check_labels`)."""
+  needed = ["data.image_size", "data.channels", "data.dataset"] + [
+      f"model.{name}" for name in ("architecture", "dtype", "ch", "ch_mult", "attn_resolutions",
+                                   "block_size", "num_heads", "num_head_channels",
+                                   "num_heads_upsample", "num_classes", "p_uncond")]
+  if any(_get(config, path) is _MISSING for path in needed):
+    return []
+  if not isinstance(config, ml_collections.ConfigDict):
+    config = ml_collections.ConfigDict(config)
+  out = []
+  for check_one, args, applies in (
+      (build.check_model, (config,), True),
+      (input_pipeline.check_labels, (config.data, build.num_classes(config)),
+       _reads_labels(config, mode))):
+    if applies:
+      try:
+        check_one(*args)
+      except ValueError as e:
+        out.append(str(e))
+  return out
+
+
+def problems(config, mode: str = "train") -> list[str]:
+  """Every complaint about `config` for a run in `mode` (empty: all values allowed).
+
+  Args:
+    config: a full config (configs/*.py; a config saved by an older version after
+      `config_lib.upgrade`).
+    mode: the --mode of the run: which fields' cross-field ranges matter.
+
+  Returns:
+    one message per bad field, in `RULES` order, then the diffusion types', the model's and the
+    sampler's.
+  """
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+  out = []
+  for rule in RULES:
+    value = _get(config, rule.path)
+    if value is not _MISSING:
+      message = _problem(rule, value, config, mode)
+      if message:
+        out.append(message)
+  out += diffusion_problems(config)
+  # The model as a whole, once its fields have the right types and ranges.
+  if not any(m.startswith(("model.", "data.image_size=", "data.channels=")) for m in out):
+    out += model_problems(config, mode)
+  # The sampler's own limits, once its fields and T have the right types and ranges.
+  if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=",
+                            "sample.respacing=", "sample.solver_order=", "sample.solver_grid=",
+                            _T + "="))
+             for m in out):
+    out += sampler_problems(config, mode)
+  return out
+
+
+def raise_if_any(messages: list[str]) -> None:
+  """Raises one ConfigError listing every message (none: returns)."""
+  if len(messages) == 1:
+    raise ConfigError(messages[0])
+  if messages:
+    raise ConfigError(f"{len(messages)} config problems:\n  " + "\n  ".join(messages))
+
+
+def check(config, mode: str = "train") -> None:
+  """Raises ConfigError naming every field whose value `mode` cannot use: `RULES`, the diffusion
+  types (`check_diffusion`) and, where `mode` samples, the sampler (`sampler_problems`)."""
+  raise_if_any(problems(config, mode))
+
+
+def check_training(config, num_devices: int) -> None:
+  """Raises ConfigError, before anything compiles, with what to change for a training run on
+  `num_devices` devices: every problem of `check(config, 'train')` (the U-Net included), then
+  the dataset and the split of the batch over devices and micro-batches, all reported at once
+  (the latter only once every value is in its range)."""
+  value_problems = problems(config, "train")
+  messages = list(value_problems)
+  checks = [(input_pipeline.check_data_config, (config.data,))]
+  if not value_problems:
+    checks.append((parallel.check_batch_size, (config.train.batch_size, num_devices,
+                                               config.optim.grad_accum_steps)))
+  for check_one, args in checks:
+    try:
+      check_one(*args)
+    except ValueError as e:
+      messages.append(str(e))
+  raise_if_any(messages)

@@ -1,0 +1,533 @@
+"""The evaluation modes. Each reads the EMA parameters of a checkpoint in WORKDIR/checkpoints
+(the latest, or `step`), as the original evaluated, and runs over every device of every host:
+
+  sample       `eval.num_samples` samples in global batches sharded over all devices; each
+               process writes its share to WORKDIR/samples/<name>/samples_<process>.npz
+               (`images` uint8 [n, H, W, C], `index` int64 [n], each image's global example
+               index, and for a class-conditional model `labels` int64 [n], sample i's class
+               i mod num_classes) and process 0 a PNG grid (one column per class for a
+               class-conditional model).
+  eval         FID against train- and test-set statistics, Inception Score (10 splits) and
+               bits/dim of a split, into WORKDIR/eval/<name>.json and TensorBoard; for one
+               step, or for every new checkpoint while training runs (`eval.watch`). For dataset
+               'digits', the measures of metrics/digits.py (a small classifier trained here)
+               take the place of FID and IS, so no Inception weights are needed.
+  progressive  a grid of the x_0 predictions along the sampling chain, WORKDIR/samples/<step>/
+               progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
+  interpolate  a grid of interpolations between pairs of dataset images, WORKDIR/samples/<step>/
+               interpolate_<split>_t<t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+
+<name> is `run_name`: <step><tag>_n<num_samples>[_seed<seed>], e.g. 400_n1000, 400_ddim50_n100,
+400_n1000_seed1, where <tag> names the sampler settings (`build.sampler_tag`: '' for the
+original's) and the seed appears unless it is 0. Dumps and results made with other settings
+therefore never replace each other, and the same settings again give the same name and the same
+numbers (every sample's key depends only on the seed and its index). An evaluation also records
+the settings its name leaves out (`result_settings`) and refuses to replace a result of the
+same name made with others.
+
+Batches are `eval.batch_size` at most, but never larger than the samples or examples asked for
+(rounded up to a multiple of the devices): 100 samples cost 100, not a batch of 500.
+
+Samples come from `inference.Sampler` with the config's `sample` section (sampler, steps, eta,
+clipping); every use of randomness has its own `prng.RunStream`.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import time
+from typing import Iterator
+
+import jax
+import numpy as np
+from etils import epath
+
+from diffusion_jax.config import build
+from diffusion_jax.training import checkpoints
+from diffusion_jax.config import checks as config_checks
+from diffusion_jax.data import images as images_lib
+from diffusion_jax.evaluation import inference
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.utils import outputs
+from diffusion_jax import parallel
+from diffusion_jax.utils import progress as progress_lib
+from diffusion_jax.core import prng
+from diffusion_jax import samplers as sampling
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _seed_suffix(seed: int) -> str:
+  return f"_seed{seed}" if seed else ""
+
+
+def run_name(config, step: int) -> str:
+  """The name of `step`'s sample dump and evaluation results under the config's settings:
+  <step><tag>_n<eval.num_samples>, then _seed<eval.seed> unless the seed is 0; <tag> is
+  `build.sampler_tag` ('' for the original's sampler)."""
+  settings = config.eval
+  return (f"{step}{build.sampler_tag(config)}_n{settings.num_samples}"
+          f"{_seed_suffix(settings.seed)}")
+
+
+def samples_dir(config, workdir: str, step: int) -> epath.Path:
+  """WORKDIR/samples/`run_name`: where `--mode sample` writes `step`'s samples."""
+  return outputs.resolve(workdir) / "samples" / run_name(config, step)
+
+
+def results_path(config, workdir: str, step: int) -> epath.Path:
+  """WORKDIR/eval/`run_name`.json: the metrics of `step` under the config's sampler, sample
+  count and seed, so evaluations of one checkpoint with other settings are all kept."""
+  return outputs.resolve(workdir) / "eval" / f"{run_name(config, step)}.json"
+
+
+# What else changes an evaluation's numbers: recorded in its results, checked before replacing.
+_RESULT_SETTINGS = ("bpd_split", "bpd_max_examples", "bpd_clip_denoised", "fid_splits",
+                    "fid_max_real", "fid_stats_train", "fid_stats_test", "inception_size",
+                    "is_splits", "digits_confidence")
+
+
+def result_settings(config) -> dict:
+  """The `eval` settings that change an evaluation's numbers but not `run_name`, as stored in
+  its results (JSON values)."""
+  settings = config.eval
+  return json.loads(json.dumps({k: settings.get(k) for k in _RESULT_SETTINGS}))
+
+
+def _read_results(path: epath.Path) -> dict | None:
+  """The results JSON at `path` (which exists); None when it does not hold a JSON object."""
+  try:
+    written = json.loads(path.read_text())
+  except ValueError:
+    return None
+  return written if isinstance(written, dict) else None
+
+
+def _has_results(config, workdir: str, step: int) -> bool:
+  """Whether `results_path` holds `step`'s results under the config's settings.
+
+  Raises:
+    FileExistsError: it holds results made with other settings (or unreadable ones), which an
+      evaluation under these settings would replace.
+  """
+  path = results_path(config, workdir, step)
+  if not path.exists():
+    return False
+  written = _read_results(path)
+  recorded = written.get("settings") if written is not None else None
+  ours = result_settings(config)
+  if recorded != ours:
+    differ = (", ".join(f"{k}={recorded.get(k)!r} there, {ours[k]!r} here" for k in ours
+                        if recorded.get(k) != ours[k])
+              if isinstance(recorded, dict) else "no settings recorded")
+    raise FileExistsError(
+        f"{path} holds results made with other eval settings ({differ}); evaluate with its "
+        f"settings, or move it away to keep it and evaluate with these")
+  return True
+
+
+def _has_unnamed_results(config, workdir: str, step: int) -> bool:
+  """Whether `step` was evaluated before results were named by their count and seed: an
+  `eval/<step><tag>.json` of as many samples, under the default seed (which `eval.watch` then
+  does not evaluate again)."""
+  path = outputs.resolve(workdir) / "eval" / f"{step}{build.sampler_tag(config)}.json"
+  if config.eval.seed or not path.exists():
+    return False
+  written = _read_results(path)
+  return written is not None and written.get("num_samples") == config.eval.num_samples
+
+
+def _batch_size(requested: int, num: int, mesh) -> int:
+  """The global batch for `num` samples or examples: `requested` (eval.batch_size) at most, but
+  no more than `num` needs, rounded up to a multiple of the devices."""
+  return parallel.round_up_to_devices(max(1, min(requested, num)), mesh)
+
+
+def _sample_batches(sampler: inference.Sampler, num: int, batch_size: int, *, seed: int,
+                    label: str) -> Iterator[tuple[np.ndarray, jax.Array]]:
+  """Yields (indices, global float samples in [-1, 1]) of samples 0 .. num-1 in global batches
+  of `_batch_size(batch_size, num)` (the last one runs past num), printing progress as each
+  batch is consumed."""
+  batch_size = _batch_size(batch_size, num, sampler.mesh)
+  progress = progress_lib.Progress(label, num, unit="images")
+  for start in range(0, num, batch_size):
+    indices = np.arange(start, start + batch_size)
+    samples = sampler.sample_global(indices, seed=seed)
+    yield indices, samples
+    jax.block_until_ready(samples)
+    progress.update(start + batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode sample
+
+def run_sample(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """`--mode sample`: writes WORKDIR/samples/`run_name`/samples_<process>.npz and grid.png
+  (a class-conditional model's grid: one column per class).
+
+  Returns:
+    the samples' directory.
+  """
+  config_checks.check(config, mode="sample")
+  workdir = outputs.resolve(workdir)
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
+  num = config.eval.num_samples
+  batch = _batch_size(config.eval.batch_size, num, sampler.mesh)
+  rows = parallel.host_rows(sampler.mesh, batch)
+  images, index = [], []
+  for indices, samples in _sample_batches(sampler, num, batch, seed=config.eval.seed,
+                                          label="sample"):
+    mine = indices[rows]
+    keep = mine < num
+    images.append(images_lib.to_uint8(inference.local_rows(samples))[keep])
+    index.append(mine[keep])
+  images, index = np.concatenate(images), np.concatenate(index).astype(np.int64)
+  arrays = dict(images=images, index=index)
+  if sampler.num_classes:
+    arrays["labels"] = sampler.labels(index).astype(np.int64)
+  out_dir = samples_dir(config, workdir, sampler.step)
+  outputs.write_npz(out_dir / f"samples_{jax.process_index()}.npz", **arrays)
+  if _is_main():
+    labels = arrays.get("labels")
+    grid = images_lib.image_grid(images[:64], labels=None if labels is None else labels[:64])
+    outputs.write_atomically(out_dir / "grid.png", images_lib.encode_png(
+        grid, upscale=images_lib.grid_upscale(config.data.image_size)))
+    print(f"wrote {len(images)} samples of step {sampler.step} to {out_dir}", flush=True)
+  return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Bits/dim over a split
+
+def split_source(config, split: str):
+  data = copy.deepcopy(config.data)
+  data.split = split
+  return input_pipeline.make_source(data)
+
+
+def split_batches(config, split: str, mesh, batch_size: int, max_examples: int = 0, *,
+                  label: str = "", num_classes: int = 0):
+  """Every example of a split (or the first max_examples) once, in global batches of
+  `batch_size`, or fewer where the examples are fewer (rounded up to the devices).
+
+  The last batch is padded with copies of example 0, for the caller to drop with `valid`.
+  With a `label`, a progress line counts the examples the caller has finished with.
+
+  Yields:
+    (indices [batch_size], valid bool [batch_size], uint8 images [batch_size, H, W, C] split
+    over the mesh, each host having read only its rows, and with num_classes > 0 their class
+    labels int32 [batch_size] split alike, each checked to be below it, else None).
+  """
+  source = split_source(config, split)
+  num = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  batch_size = _batch_size(batch_size, num, mesh)
+  rows = parallel.host_rows(mesh, batch_size)
+  progress = progress_lib.Progress(label, num, unit="images") if label else None
+  for start in range(0, num, batch_size):
+    indices = np.arange(start, start + batch_size)
+    valid = indices < num
+    local = input_pipeline.read_examples(source, np.where(valid, indices, 0)[rows],
+                                         num_classes=num_classes)
+    labels = (parallel.global_batch(local["label"], mesh, batch_size) if "label" in local
+              else None)
+    yield indices, valid, parallel.global_batch(local["image"], mesh, batch_size), labels
+    if progress is not None:
+      progress.update(start + batch_size)
+
+
+def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int,
+                 max_examples: int = 0) -> dict[str, float]:
+  """The variational bound averaged exactly over a split (the last batch is padded, then the
+  padding is masked out): total, prior term and the sum of the per-t terms, in bits/dim.
+
+  The x_0 predictions are clipped to [-1, 1] unless `eval.bpd_clip_denoised` is false. A
+  class-conditional model's bound is of each image given its label.
+  """
+  fn = build.make_bpd_fn(config, build.make_model(config), build.make_schedule(config), mesh,
+                        clip_denoised=config.eval.bpd_clip_denoised)
+  sums = np.zeros(3, np.float64)
+  num = 0
+  for indices, valid, images, labels in split_batches(
+      config, split, mesh, batch_size, max_examples, label=f"bits/dim ({split})",
+      num_classes=build.num_classes(config)):
+    num += int(valid.sum())
+    keys = parallel.sharded_example_keys(seed, prng.RunStream.BPD, indices, mesh)
+    total, prior, terms = parallel.fetch(fn(params, images, keys,
+                                            *([] if labels is None else [labels])))
+    sums += np.array([total[valid].sum(), prior[valid].sum(), terms[valid].sum()], np.float64)
+  return dict(bpd=sums[0] / num, prior_bpd=sums[1] / num, terms_bpd=sums[2] / num,
+              num_examples=int(num))
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode progressive / interpolate
+
+def _grid_suffix(config) -> str:
+  """What the grid modes' names add for the settings every grid shares."""
+  return _seed_suffix(config.eval.seed) + ("" if config.sample.clip_denoised else "_noclip")
+
+
+def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
+  path = outputs.resolve(workdir) / "samples" / str(step) / name
+  if _is_main():
+    outputs.write_atomically(path, images_lib.encode_png(
+        images_lib.rows_grid(rows_NxKxHxWxC),
+        upscale=images_lib.grid_upscale(config.data.image_size, target=64)))
+    print(f"wrote {path}", flush=True)
+  return path
+
+
+def _chain_setup(config, workdir: str, step: int | None, mode: str):
+  """What a grid mode starts from: (loaded checkpoint, mesh, model, schedule)."""
+  config_checks.check(config, mode=mode)
+  loaded = inference.load(workdir, config, step=step)
+  return loaded, parallel.make_mesh(), build.make_model(config), build.make_schedule(config)
+
+
+def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
+  t = T - freq down to 0), then the sample.
+
+  Returns:
+    its path, WORKDIR/samples/<step>/progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
+  """
+  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "progressive")
+  settings, d = config.eval, config.diffusion
+  size, channels = config.data.image_size, config.data.channels
+  num = parallel.round_up_to_devices(settings.progressive_num, mesh)
+
+  def fn(params, keys, labels=None):
+    return sampling.p_sample_loop_progressive(
+        sched, build.denoiser(model, params, labels), keys,
+        (keys.shape[0], size, size, channels),
+        mean_type=d.mean_type, var_type=d.var_type,
+        include_xstartpred_freq=settings.progressive_freq,
+        clip_denoised=config.sample.clip_denoised)
+
+  keys = parallel.sharded_example_keys(settings.seed, prng.RunStream.PROGRESSIVE, np.arange(num),
+                                   mesh)
+  labels = build.sample_labels(config, np.arange(num), mesh)  # sample i: class i mod classes
+  samples, preds = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=1 + len(labels))(
+      parallel.replicate(loaded.params, mesh), keys, *labels))
+  # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
+  rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
+  name = (f"progressive_n{settings.progressive_num}_every{settings.progressive_freq}"
+          f"{_grid_suffix(config)}.png")
+  return _write_rows_grid(rows, workdir, loaded.step, name, config)
+
+
+def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam (a
+  class-conditional model denoises each row with the label of the pair's first image).
+
+  Returns:
+    its path, WORKDIR/samples/<step>/
+    interpolate_<bpd_split>_t<interp_t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+  """
+  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "interpolate")
+  settings, d = config.eval, config.diffusion
+  source = split_source(config, settings.bpd_split)
+  lams = np.linspace(0.0, 1.0, settings.interp_steps)
+  pairs = settings.interp_pairs
+  first = input_pipeline.read_examples(source, 2 * np.arange(pairs),
+                                       num_classes=build.num_classes(config))
+  firsts = first["image"]
+  seconds = input_pipeline.read_examples(source, 2 * np.arange(pairs) + 1)["image"]
+  conditional = "label" in first
+  # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
+  columns = dict(x1=np.repeat(firsts, len(lams), axis=0),
+                 x2=np.repeat(seconds, len(lams), axis=0),
+                 lam=np.tile(lams, pairs).astype(np.float32),
+                 pair=np.repeat(np.arange(pairs), len(lams)))
+  if conditional:
+    columns["label"] = np.repeat(first["label"], len(lams))
+  n = len(columns["lam"])
+  batch = parallel.round_up_to_devices(n, mesh)
+  # Padding rows repeat the first ones; they are dropped below.
+  columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
+
+  def fn(params, x1, x2, lam, keys, labels=None):
+    return sampling.interpolate(sched, build.denoiser(model, params, labels),
+                                images_lib.to_float(x1),
+                                images_lib.to_float(x2), lam, settings.interp_t, keys,
+                                mean_type=d.mean_type, var_type=d.var_type,
+                                clip_denoised=config.sample.clip_denoised)
+
+  rows = parallel.host_rows(mesh, batch)
+  put = lambda a: parallel.global_batch(a[rows], mesh, batch)
+  keys = parallel.sharded_example_keys(settings.seed, prng.RunStream.INTERPOLATE, columns["pair"],
+                                   mesh)
+  labels = [put(columns["label"])] if conditional else []
+  out = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=4 + len(labels))(
+      parallel.replicate(loaded.params, mesh), put(columns["x1"]), put(columns["x2"]),
+      put(columns["lam"]), keys, *labels))[:n]
+  grid_rows = out.reshape(pairs, len(lams), *out.shape[1:])
+  # Frame each row with the two originals.
+  grid_rows = np.concatenate([images_lib.to_float(firsts)[:, None], grid_rows,
+                              images_lib.to_float(seconds)[:, None]], axis=1)
+  name = (f"interpolate_{settings.bpd_split}_t{settings.interp_t}_{pairs}x"
+          f"{settings.interp_steps}{_grid_suffix(config)}.png")
+  return _write_rows_grid(grid_rows, workdir, loaded.step, name, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode eval: FID, Inception Score and bits/dim for a checkpoint
+
+def inception_metrics(config, workdir: str, sampler: inference.Sampler, batch: int) -> dict:
+  """FID against each of `eval.fid_splits` and the Inception Score of the samples, in batches
+  of `batch` at most."""
+  from diffusion_jax.evaluation.metrics import fid  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.evaluation.metrics import inception  # pylint: disable=g-import-not-at-top
+  settings, mesh = config.eval, sampler.mesh
+  variables = parallel.replicate(inception.load_inception_params(settings.inception_weights),
+                                 mesh)
+  features = parallel.batch_map(
+      functools.partial(inception.inception_apply, size=settings.inception_size), mesh)
+  to_levels = jax.jit(images_lib.to_uint8_values)
+  pools, logits = [], []
+  for _, samples in _sample_batches(sampler, settings.num_samples, batch, seed=settings.seed,
+                                    label="eval: samples"):
+    pool, logit = parallel.fetch(features(variables, to_levels(samples)))
+    pools.append(pool)
+    logits.append(logit)
+  pools = np.concatenate(pools)[:settings.num_samples]
+  logits = np.concatenate(logits)[:settings.num_samples]
+  is_mean, is_std = fid.inception_score(logits, num_splits=settings.is_splits)
+  metrics = {"inception_score": is_mean, "inception_score_std": is_std}
+  mu, sigma = fid.compute_statistics(pools)
+
+  def real_features(split):
+    feats = []
+    for _, valid, images, _ in split_batches(config, split, mesh, batch, settings.fid_max_real,
+                                             label=f"Inception features ({split})"):
+      feats.append(parallel.fetch(features(variables, images))[0][valid])
+    return np.concatenate(feats)
+
+  stats_dir = epath.Path(settings.fid_stats_dir or epath.Path(workdir) / "eval" / "stats")
+  for split in settings.fid_splits:
+    given = settings.get(f"fid_stats_{split}", "")
+    if given:
+      ref_mu, ref_sigma = fid.load_statistics(given)
+    else:
+      name = fid.statistics_file_name(config.data.dataset, split, config.data.image_size,
+                                      settings.inception_size, settings.fid_max_real)
+      ref_mu, ref_sigma = fid.cached_statistics(
+          stats_dir / name, functools.partial(real_features, split), write=_is_main())
+    metrics[f"fid_{split}"] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+  return metrics
+
+
+def digits_metrics(config, workdir: str, sampler: inference.Sampler, batch: int) -> dict:
+  """The digits classifier's measures of the samples (metrics/digits.py), keys `digits_*`
+  (with `digits_label_accuracy` for a class-conditional model), sampled in batches of `batch`
+  at most; the classifier is trained on first use and cached in `eval.digits_classifier_dir`."""
+  from diffusion_jax.evaluation.metrics import digits  # pylint: disable=g-import-not-at-top
+  settings = config.eval
+  cache_dir = settings.digits_classifier_dir or os.fspath(epath.Path(workdir) / "eval")
+  classifier = digits.load_classifier(
+      cache_dir, digits.ClassifierSettings(image_size=config.data.image_size))
+  images = np.concatenate([
+      images_lib.to_uint8(parallel.fetch(samples))
+      for _, samples in _sample_batches(sampler, settings.num_samples, batch,
+                                        seed=settings.seed, label="eval: samples")
+  ])[:settings.num_samples]
+  labels = sampler.labels(np.arange(len(images)))  # a conditional model's: i mod 10
+  got = digits.quality(images, classifier, confidence=settings.digits_confidence,
+                       seed=settings.seed, labels=labels)
+  got["class_counts"] = [int(c) for c in got["class_counts"]]
+  got.pop("num_images")  # reported as num_samples
+  return {f"digits_{k}": v for k, v in got.items()}
+
+
+def evaluate_step(config, workdir: str, step: int | None = None, *, mesh=None,
+                  loaded: inference.Loaded | None = None) -> dict:
+  """Sample quality and bits/dim of one checkpoint (`loaded`, when given, is that of `step`).
+
+  Sample quality is FID (train and test statistics) and the Inception Score, or for dataset
+  'digits' the `digits_*` measures of `digits_metrics`. Writes `results_path` (atomically, with
+  `result_settings` under "settings") and TensorBoard scalars under WORKDIR/eval.
+
+  Returns:
+    the metrics dict.
+
+  Raises:
+    FileExistsError: `results_path` holds results made with other settings (before anything
+      is sampled).
+  """
+  from diffusion_jax.evaluation.metrics import inception  # pylint: disable=g-import-not-at-top
+  settings = config.eval
+  workdir = outputs.resolve(workdir)
+  is_digits = config.data.dataset == "digits"
+  if not is_digits and not settings.inception_weights:
+    raise FileNotFoundError(
+        "--mode eval needs the FID Inception weights: set --config.eval.inception_weights="
+        "PATH.npz. " + inception._missing_weights_message("PATH.npz"))  # pylint: disable=protected-access
+  loaded = loaded or inference.load(workdir, config, step=step)
+  _has_results(config, workdir, loaded.step)  # refuses to replace other settings' results
+  sampler = inference.Sampler(loaded, mesh=mesh)
+  mesh = sampler.mesh
+  # Each consumer bounds it by its own count (samples; examples of a split).
+  batch = parallel.round_up_to_devices(max(1, settings.batch_size), mesh)
+  t0 = time.time()
+  quality_fn = digits_metrics if is_digits else inception_metrics
+  metrics = quality_fn(config, workdir, sampler, batch)
+  metrics["num_samples"] = int(settings.num_samples)
+  if settings.bpd_split:
+    bpd = bits_per_dim(config, sampler.params, mesh, settings.bpd_split, seed=settings.seed,
+                       batch_size=batch, max_examples=settings.bpd_max_examples)
+    metrics.update({f"{k}_{settings.bpd_split}": v for k, v in bpd.items()})
+  metrics["eval_seconds"] = time.time() - t0
+  metrics = {k: (float(v) if not isinstance(v, (int, list)) else v) for k, v in metrics.items()}
+  if _is_main():
+    path = results_path(config, workdir, sampler.step)
+    outputs.write_json(path, {"step": sampler.step, **metrics,
+                              "settings": result_settings(config)})
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+    log = outputs.MetricsLog(os.fspath(path.parent), enabled=True)
+    log.scalars(sampler.step, {f"eval/{k}": v for k, v in scalars.items()})
+    log.close()
+    shown = lambda v: str(v).replace(" ", "") if isinstance(v, list) else f"{v:.4g}"
+    print(f"eval step {sampler.step}: "
+          + ", ".join(f"{k}={shown(v)}" for k, v in metrics.items()), flush=True)
+  return metrics
+
+
+def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict]:
+  """`--mode eval`: one checkpoint, or (eval.watch) every new one until training ends.
+
+  Watching polls WORKDIR/checkpoints every `eval.watch_poll_s` seconds, evaluates each step that
+  has no results under the current settings yet (`results_path`), and stops after the step
+  `train.num_steps` or when no new checkpoint arrived for `eval.watch_timeout_s` seconds.
+
+  Returns:
+    {step: metrics} of what was evaluated.
+  """
+  config_checks.check(config, mode="eval")
+  settings = config.eval
+  workdir = outputs.resolve(workdir)
+  if not settings.watch:
+    loaded = inference.load(workdir, config, step=step)  # the newest usable one when None
+    return {loaded.step: evaluate_step(config, workdir, loaded.step, loaded=loaded)}
+  done: dict[int, dict] = {}
+  unusable: set[int] = set()
+  last_new = time.time()
+  while True:
+    steps = checkpoints.complete_steps(workdir / "checkpoints")
+    todo = [s for s in steps if s not in done and s not in unusable
+            and not _has_results(config, workdir, s)
+            and not _has_unnamed_results(config, workdir, s)]
+    for s in todo:
+      try:
+        done[s] = evaluate_step(config, workdir, s)
+      except checkpoints.UnreadableCheckpointError as e:  # damaged, or deleted meanwhile
+        unusable.add(s)
+        print(f"skipping step {s}: {e}", flush=True)
+      last_new = time.time()
+    finished = steps and max(steps) >= config.train.num_steps
+    if finished or time.time() - last_new > settings.watch_timeout_s:
+      return done
+    time.sleep(settings.watch_poll_s)

@@ -1,0 +1,100 @@
+"""DDIM (Song, Meng and Ermon 2021): deterministic (eta = 0) or noisy sampling over a subset of
+the timesteps."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.core import diffusion
+from diffusion_jax.core import schedules
+from diffusion_jax.core.diffusion import ModelFn
+from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.samplers import common
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The respaced subset of timesteps DDIM visits, ascending: evenly spaced from 0 to T-1."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, T={num_timesteps}], got {num_steps}")
+  if num_steps == 1:
+    return np.array([num_timesteps - 1])
+  return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
+
+
+def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
+                     num_steps: int | None = None, timesteps=None, eta: float = 0.0,
+                     mean_type: str, var_type: str, clip_denoised: bool = True) -> jax.Array:
+  """DDIM sampling over a subset of the timesteps.
+
+  Each step goes from timestep t to the previous visited timestep s (alpha_bar_s = 1 after the
+  last), with sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s):
+  x_s = sqrt(a_s) x0_pred + sqrt(1 - a_s - sigma^2) eps_pred + sigma z. eta = 0 is deterministic;
+  eta = 1 with every timestep is ancestral sampling with the posterior variance (fixedsmall).
+  A learned variance is ignored; the mean part of the output gives x0_pred, and eps_pred is
+  recomputed from the (clipped) x0_pred.
+
+  Args:
+    sched, model_fn, keys, shape, mean_type, clip_denoised: as in `p_sample_loop`.
+    num_steps: how many timesteps to visit (1..T), spaced by `ddim_timesteps`; or
+    timesteps: the timesteps to visit, ascending (e.g. `schedules.space_timesteps(T, 'ddim50')`).
+      Give one of the two.
+    eta: the amount of noise, 0 <= eta.
+    var_type: the network's variance type (only a learned one matters here: its output is split).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  diffusion.check_types(mean_type=mean_type, var_type=var_type)
+  shape = common.check_keys(keys, shape)
+  num_timesteps = sched.num_timesteps
+  if (num_steps is None) == (timesteps is None):
+    raise ValueError("give ddim_sample_loop one of num_steps and timesteps")
+  if timesteps is None:
+    timesteps = ddim_timesteps(num_timesteps, num_steps)
+  visited = schedules.check_timesteps(timesteps, num_timesteps)[::-1]
+  previous = np.append(visited[1:], -1)
+  x_init = common.initial_noise(keys, shape, sched)
+  batch = shape[0]
+
+  def body(x, ts):
+    t, t_prev = ts
+    t_b = jnp.full((batch,), t, dtype=jnp.int32)
+    mean_output, _ = diffusion.split_model_output(diffusion.call_model(sched, model_fn, x, t_b),
+                                                  x.shape, var_type=var_type)
+    pred_xstart = diffusion.pred_xstart_from_output(sched, mean_output, x, t_b,
+                                                    mean_type=mean_type)
+    if clip_denoised:
+      pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+    eps = diffusion.predict_eps_from_xstart(sched, x, t_b, pred_xstart)
+    alpha_bar = sched.alphas_cumprod[t]
+    alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
+    sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+             * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
+    noise = common.step_noise(keys, sched, t, x)
+    x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
+              + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+              + sigma * noise)
+    return x_prev, None
+
+  x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
+                                      jnp.asarray(previous, jnp.int32)))
+  return x0
+
+
+def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
+                clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
+                grid: str = "time_uniform") -> jax.Array:
+  """`ddim_sample_loop` with the `samplers.SAMPLERS` signature (order and grid are DPM-Solver's, unused
+  here).
+
+  Args:
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
+    timesteps: the timesteps to visit, ascending.
+    eta: the noise scale, >= 0 (0 = deterministic).
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  return ddim_sample_loop(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
+                          mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)

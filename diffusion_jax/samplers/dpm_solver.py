@@ -1,0 +1,244 @@
+"""DPM-Solver and DPM-Solver++ (Lu et al. 2022, arXiv 2206.00927 and 2211.01095): multistep
+solvers of the diffusion ODE for our discrete-time schedules, as the reference
+(LuChengTHU/dpm-solver, `NoiseScheduleVP('discrete')` and `DPM_Solver.sample(method=
+'multistep')`) defines them.
+
+The discrete schedule becomes a continuous one: log alpha_t (alpha_t = sqrt(alpha_bar)) is
+interpolated linearly between t_n = (n + 1) / N, n = 0 .. N - 1; steps at the end whose half
+log-SNR lambda = log alpha - log sigma falls below -5.1 are dropped first (the reference's guard
+for schedules such as the cosine one, whose last alpha_bar are ~0), N counting the steps kept.
+The ODE is solved from t = 1 to t = 1/N on a grid uniform in t (`time_uniform`) or in lambda
+(`logSNR`); the network sees the continuous time as the timestep (t - 1/N) * N (a float; times
+1000 / T for a model trained with rescaled timesteps, as every model call).
+
+Every coefficient depends only on the schedule and the grid, so they are computed once in float64
+on the host: each step is x <- a x + b0 m_i + b1 m_{i-1} + b2 m_{i-2}, with m the data
+prediction x_0 (`dpmsolver++`) or the noise prediction eps (`dpmsolver`) of the network at the
+step's start, and the scan carries the last two. The first steps use the orders the history
+allows; with fewer than 10 steps the last ones lower the order again (`lower_order_final`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.core import diffusion
+from diffusion_jax.core import prng
+from diffusion_jax.core.schedules import Schedule
+
+ALGORITHMS = ("dpmsolver++", "dpmsolver")
+GRIDS = ("time_uniform", "logSNR")
+ORDERS = (1, 2, 3)
+CLIPPED_LAMBDA = -5.1  # the reference's floor on the half log-SNR of the steps kept
+# Below this many steps the last steps lower the order (the reference's `steps < 10`).
+LOWER_ORDER_FINAL_BELOW = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteVP:
+  """A discrete schedule as a continuous-time VP process (float64, host arrays).
+
+  Attributes:
+    log_alpha: log sqrt(alpha_bar_n) of the steps kept, [N].
+    t: their continuous times (n + 1) / N, [N].
+  """
+  log_alpha: np.ndarray
+  t: np.ndarray
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.t)
+
+  def log_alpha_at(self, t) -> np.ndarray:
+    return np.interp(t, self.t, self.log_alpha)
+
+  def sigma_at(self, t) -> np.ndarray:
+    return np.sqrt(-np.expm1(2.0 * self.log_alpha_at(t)))
+
+  def lambda_at(self, t) -> np.ndarray:
+    log_alpha = self.log_alpha_at(t)
+    return log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
+
+  def time_of_lambda(self, lam) -> np.ndarray:
+    """The inverse of `lambda_at`."""
+    log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, np.float64))
+    return np.interp(log_alpha, self.log_alpha[::-1], self.t[::-1])
+
+
+def discrete_vp(sched: Schedule) -> DiscreteVP:
+  """The continuous-time view of a (not respaced) schedule, its last steps of half log-SNR below
+  `CLIPPED_LAMBDA` dropped."""
+  log_alpha = 0.5 * np.cumsum(np.asarray(sched.log_alphas, np.float64))
+  lam = log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
+  keep = len(lam) - int(np.sum(lam < CLIPPED_LAMBDA))
+  log_alpha = log_alpha[:keep]
+  return DiscreteVP(log_alpha=log_alpha, t=np.arange(1, keep + 1, dtype=np.float64) / keep)
+
+
+def time_grid(vp: DiscreteVP, num_steps: int, grid: str) -> np.ndarray:
+  """The num_steps + 1 times from t = 1 down to t = 1/N, uniform in t or in lambda."""
+  t_end, t_start = 1.0 / vp.num_steps, 1.0
+  if grid == "time_uniform":
+    return np.linspace(t_start, t_end, num_steps + 1)
+  if grid == "logSNR":
+    lams = np.linspace(vp.lambda_at(t_start), vp.lambda_at(t_end), num_steps + 1)
+    return vp.time_of_lambda(lams)
+  raise ValueError(f"unknown grid {grid!r}; allowed: {', '.join(GRIDS)}")
+
+
+def step_orders(num_steps: int, order: int, lower_order_final: bool = True) -> np.ndarray:
+  """The order of each of the num_steps steps: 1, 2, ... while the history fills, then `order`;
+  with fewer than 10 steps, min(order, steps left) at the end."""
+  orders = []
+  for step in range(1, num_steps + 1):
+    if step < order:
+      orders.append(step)
+    elif lower_order_final and num_steps < LOWER_ORDER_FINAL_BELOW:
+      orders.append(min(order, num_steps + 1 - step))
+    else:
+      orders.append(order)
+  return np.asarray(orders)
+
+
+def update_coefficients(vp: DiscreteVP, times: np.ndarray, orders: np.ndarray,
+                        algorithm: str) -> tuple[np.ndarray, np.ndarray]:
+  """The multistep updates x_{i+1} = a_i x_i + sum_j b_ij m_{i-j} from times[i] to times[i+1].
+
+  Args:
+    vp: the continuous-time schedule.
+    times: the grid, [steps + 1].
+    orders: each step's order, [steps].
+    algorithm: 'dpmsolver++' (m = x_0 predictions) or 'dpmsolver' (m = noise predictions).
+
+  Returns:
+    (a [steps], b [steps, 3]), float64; b[:, j] multiplies the model value j steps back.
+  """
+  lam = vp.lambda_at(times)
+  log_alpha = vp.log_alpha_at(times)
+  sigma = vp.sigma_at(times)
+  steps = len(times) - 1
+  a, b = np.zeros(steps), np.zeros((steps, 3))
+  plus = algorithm == "dpmsolver++"
+  for i in range(steps):
+    h = lam[i + 1] - lam[i]
+    alpha_next = np.exp(log_alpha[i + 1])
+    if plus:
+      a[i] = sigma[i + 1] / sigma[i]
+      phi1 = np.expm1(-h)
+      scale = alpha_next          # x <- a x - scale (phi1 m + ...)
+    else:
+      a[i] = np.exp(log_alpha[i + 1] - log_alpha[i])
+      phi1 = np.expm1(h)
+      scale = sigma[i + 1]
+    order = orders[i]
+    if order == 1:
+      b[i, 0] = -scale * phi1
+    elif order == 2:
+      # D1 = (m_i - m_{i-1}) / r0, r0 = h_prev / h; x <- ... - 0.5 scale phi1 D1.
+      r0 = (lam[i] - lam[i - 1]) / h
+      b[i, 0] = -scale * phi1 * (1.0 + 0.5 / r0)
+      b[i, 1] = scale * phi1 * 0.5 / r0
+    else:
+      r0 = (lam[i] - lam[i - 1]) / h
+      r1 = (lam[i - 1] - lam[i - 2]) / h
+      if plus:  # x <- a x - scale phi1 m_i + scale phi2 D1 - scale phi3 D2
+        phi2 = phi1 / h + 1.0
+        phi3 = phi2 / h - 0.5
+        c1, c2 = scale * phi2, -scale * phi3
+      else:  # x <- a x - scale phi1 m_i - scale phi2 D1 - scale phi3 D2
+        phi2 = phi1 / h - 1.0
+        phi3 = phi2 / h - 0.5
+        c1, c2 = -scale * phi2, -scale * phi3
+      # D1_0 = (m_i - m_{i-1}) / r0, D1_1 = (m_{i-1} - m_{i-2}) / r1,
+      # D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1).
+      d10 = np.array([1.0, -1.0, 0.0]) / r0
+      d11 = np.array([0.0, 1.0, -1.0]) / r1
+      d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+      d2 = (d10 - d11) / (r0 + r1)
+      b[i] = np.array([-scale * phi1, 0.0, 0.0]) + c1 * d1 + c2 * d2
+  return a, b
+
+
+def check_solver(algorithm: str, order: int, grid: str, num_steps: int, num_timesteps: int,
+                 mean_type: str) -> None:
+  """Raises ValueError, saying what to set, for settings the solver cannot run."""
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f"unknown DPM-Solver algorithm {algorithm!r}; allowed: "
+                     f"{', '.join(ALGORITHMS)}")
+  if order not in ORDERS:
+    raise ValueError(f"DPM-Solver order {order!r} is not one of {ORDERS}")
+  if grid not in GRIDS:
+    raise ValueError(f"unknown grid {grid!r}; allowed: {', '.join(GRIDS)}")
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"DPM-Solver steps {num_steps} must be in 1..T = {num_timesteps}")
+  if num_steps < order:
+    raise ValueError(f"DPM-Solver of order {order} needs at least {order} steps, got "
+                     f"{num_steps}")
+  if mean_type not in ("eps", "xstart", "v"):
+    raise ValueError(f"DPM-Solver needs a model of the noise, of x_0 or of v (mean_type 'eps', "
+                     f"'xstart' or 'v'), got mean_type {mean_type!r}")
+
+
+def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, order: int = 2,
+          algorithm: str = "dpmsolver++", grid: str = "time_uniform", mean_type: str = "eps",
+          var_type: str = "fixedlarge", clip_denoised: bool = False,
+          lower_order_final: bool = True, dtype=jnp.float32) -> jax.Array:
+  """Samples by multistep DPM-Solver(++) from x_T (drawn per example as every sampler does).
+
+  Args:
+    sched: the trained (not respaced) schedule.
+    model_fn: model_fn(x [B, ...], timesteps [B] float) -> network output.
+    keys: one key per example, [B].
+    shape: the samples' shape [B, ...].
+    num_steps: network calls (steps of the solver).
+    order: 1, 2 or 3.
+    algorithm: 'dpmsolver++' or 'dpmsolver'.
+    grid: 'time_uniform' or 'logSNR'.
+    mean_type, var_type: what the network predicts (a learned variance's channels are unused).
+    clip_denoised: dpmsolver++ only: clip each x_0 prediction to [-1, 1].
+    lower_order_final: lower the order of the last steps when num_steps < 10.
+    dtype: the solver's arithmetic (float64 for reference runs under jax.enable_x64); x_T is
+      the float32 draw of every sampler, cast.
+
+  Returns:
+    the samples at t = 1/N (the noise level of timestep 0), [B, ...].
+  """
+  check_solver(algorithm, order, grid, num_steps, sched.num_timesteps, mean_type)
+  vp = discrete_vp(sched)
+  times = time_grid(vp, num_steps, grid)
+  a, b = update_coefficients(vp, times, step_orders(num_steps, order, lower_order_final),
+                             algorithm)
+  labels = (times[:-1] - 1.0 / vp.num_steps) * vp.num_steps
+  alpha, sigma = np.exp(vp.log_alpha_at(times[:-1])), vp.sigma_at(times[:-1])
+  x_init = prng.normal_each(prng.fold_in_each(keys, sched.base_num_timesteps),
+                            shape[1:]).astype(dtype)
+  batch = shape[0]
+  data_prediction = algorithm == "dpmsolver++"
+
+  def step(carry, xs):
+    x, m_prev1, m_prev2 = carry
+    label, alpha_i, sigma_i, a_i, b_i = xs
+    t_model = sched.model_timesteps(jnp.full((batch,), label, dtype))
+    out, _ = diffusion.split_model_output(model_fn(x, t_model), x.shape, var_type=var_type)
+    out = out.astype(x.dtype)
+    # v = alpha eps - sigma x_0 with x = alpha x_0 + sigma eps, alpha^2 + sigma^2 = 1.
+    if data_prediction:
+      m = {"eps": lambda: (x - sigma_i * out) / alpha_i, "xstart": lambda: out,
+           "v": lambda: alpha_i * x - sigma_i * out}[mean_type]()
+      if clip_denoised:
+        m = jnp.clip(m, -1.0, 1.0)
+    else:
+      m = {"eps": lambda: out, "xstart": lambda: (x - alpha_i * out) / sigma_i,
+           "v": lambda: sigma_i * x + alpha_i * out}[mean_type]()
+    x = a_i * x + b_i[0] * m + b_i[1] * m_prev1 + b_i[2] * m_prev2
+    return (x, m, m_prev1), None
+
+  dtype = x_init.dtype
+  xs = tuple(jnp.asarray(v, dtype) for v in (labels, alpha, sigma, a, b))
+  zeros = jnp.zeros_like(x_init)
+  (x, _, _), _ = jax.lax.scan(step, (x_init, zeros, zeros), xs)
+  return x
