@@ -47,3 +47,17 @@ def test_the_check_finds_each_form_of_import(tmp_path):
                   "import test_f\nfrom tests import reference\nimport pytest\n")
   assert _imported_test_modules(path) == ["tests.test_a", "test_b", "tests.test_c", "test_d",
                                           "test_e", "test_f"]
+
+
+def test_test_folders_mirror_the_subpackages():
+  package = TESTS.parent / "diffusion_jax"
+  subpackages = {p.name for p in package.iterdir() if (p / "__init__.py").exists()}
+  folders = {p.name for p in TESTS.iterdir()
+             if p.is_dir() and (p / "__init__.py").exists()}
+  assert folders - {"end_to_end"} == subpackages, (
+      "tests/ has a folder per subpackage of diffusion_jax (and end_to_end/ for what crosses "
+      f"them): folders without a subpackage {sorted(folders - subpackages - {'end_to_end'})}, "
+      f"subpackages without a folder {sorted(subpackages - folders)}")
+  loose = {p.name for p in TESTS.glob("test_*.py")}
+  top_level = {f"test_{p.stem}.py" for p in package.glob("*.py")}
+  assert loose - top_level <= {"test_layers.py", "test_layout.py"}, sorted(loose - top_level)

@@ -1,7 +1,7 @@
 """The training loop: restore or create the state, then step, log, checkpoint and sample
 until `train.num_steps`, on every device of every host.
 
-The step itself is `train_step.py`'s; the model, schedule and optimizer come from `build`;
+The step itself is `training.step`'s; the model, schedule and optimizer come from `build`;
 batches from `input_pipeline`; checkpoints from `checkpoints`; stopping from `stopping`.
 
 Differences from the original (`diffusion_tf/tpu_utils/tpu_utils.py`, `diffusion_tf/utils.py`):

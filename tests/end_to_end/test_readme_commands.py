@@ -86,9 +86,12 @@ def python_example() -> str:
   blocks = _code_blocks(_section("From Python (notebooks)"), "python")
   assert blocks, "README's 'From Python (notebooks)' has no ```python block"
   code = "\n".join(line for line in blocks[0].splitlines() if "labels=" not in line)
-  for expected in ("config_lib.load_config(", "train.train_and_evaluate(",
+  for expected in ("config_lib.load_config(", "loop.train_and_evaluate(",
                    "inference.Sampler.from_workdir(", "sampler.sample("):
     assert expected in code, f"README's Python example lost its {expected}...) line"
+  old_paths = re.findall(r"^from diffusion_jax import .*\b(config_lib|inference|train|diffusion|"
+                         r"sampling|schedules)\b", code, re.M)
+  assert not old_paths, f"README's Python example imports the 0.1 paths {old_paths}"
   return code
 
 
