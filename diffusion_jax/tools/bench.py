@@ -4,11 +4,16 @@ the samplers and the bound scale with the number of diffusion steps T.
   python -m diffusion_jax.tools.bench --config configs/cifar10.py --batch 8 --steps 5 --warmup 2
   python -m diffusion_jax.tools.bench --config configs/cifar10.py --batch 128 --dtype bfloat16
   python -m diffusion_jax.tools.bench --config configs/test.py --batch 8 --scaling 1000,4000
+  python -m diffusion_jax.tools.bench --config cifar10 --config.model.remat=True --skip sample
+
+`--config` names the config as for `diffusion_jax.main` (a file, or a shipped config's name;
+default: cifar10), and `--config.a.b=value` overrides one of its fields. A mistake in the flags
+ends the benchmark with one `error:` line, exit status 2, before JAX starts.
 
 Runs on whatever backend JAX finds, over all local devices (the batch is split along the
 `data` mesh exactly as in training), prints progress lines, then one JSON line last. It builds
-the training step from `train_step.py`, so it needs only jax, flax, optax, ml_collections and
-numpy: no TensorFlow, data pipeline or checkpointing.
+the training step from `training/step.py`, so it needs only jax, flax, optax, ml_collections,
+absl and numpy: no TensorFlow, data pipeline or checkpointing.
 
 Step times are medians over `--steps` calls after `--warmup` calls, each call synchronized with
 `block_until_ready`; compile times are measured separately (ahead-of-time `lower().compile()`).
@@ -33,14 +38,22 @@ own count.
 """
 from __future__ import annotations
 
-import argparse
+import copy
 import glob
 import json
 import os
 import re
 import statistics
-import sys
 import time
+import warnings
+from typing import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from diffusion_jax import cli
+from diffusion_jax.config import config_lib
+from diffusion_jax.utils import deprecation
 
 # XLA reads XLA_FLAGS once, when the backend starts, so extra flags go in the environment. None
 # of the CPU flags tried (oneDNN, XNNPACK fusions) made the U-Net step faster on the machines
@@ -48,40 +61,82 @@ import time
 # functions below so that `--help` answers without loading it.
 
 
-def _parse(argv):
-  parser = argparse.ArgumentParser(prog="python -m diffusion_jax.tools.bench", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="configs/cifar10.py",
-                      help="config file (with an optional ':arg'), as for main.py")
-  parser.add_argument("--batch", type=int, default=8, help="global batch size")
-  parser.add_argument("--steps", type=int, default=5, help="timed calls per measurement")
-  parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                      help="compute dtype (default: the config's model.dtype)")
-  parser.add_argument("--sample_steps", type=int, default=20,
-                      help="length of the timed sampler scan")
-  parser.add_argument("--skip", default="",
-                      help="comma-separated parts not to run: train, forward, sample, scaling")
-  parser.add_argument("--scaling", type=_timesteps_list, default="", metavar="T1,T2,...",
-                      help="numbers of diffusion steps at which to compile (not run) the "
-                           "samplers and the bound, e.g. 1000,4000 (default: none)")
-  parser.add_argument("--samplers", type=_sampler_list, default="",
-                      metavar="NAME[N],...",
-                      help="samplers to price for an evaluation, each with its network calls: "
-                           "ancestral (all T), ancestralN (respaced), ddimN, dpmsolver++N, "
-                           "dpmsolverN (default: none)")
-  parser.add_argument("--eval_samples", type=int, default=50_000,
-                      help="the sample count --samplers projects its time to")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set model.remat=True (repeatable)")
-  parser.add_argument("--profile", default=None, metavar="DIR",
-                      help="after timing, trace one more training step into DIR (TensorBoard "
-                           "or Perfetto) and print the XLA ops that took the most time")
-  return parser.parse_args(argv)
+_PROG = "python -m diffusion_jax.tools.bench"
+# The installed package's, never the current directory's configs/cifar10.py.
+_DEFAULT_CONFIG = "cifar10"
+
+
+class _ListParser(flags.ArgumentParser):
+  """A comma-separated list flag, read by `parse_text` (which raises ValueError for a mistake,
+  reported with the flag's name before anything runs)."""
+
+  def __init__(self, parse_text):
+    super().__init__()
+    self._parse_text = parse_text
+
+  def parse(self, argument):
+    return argument if isinstance(argument, list) else self._parse_text(argument)
+
+  def flag_type(self):
+    return "comma-separated list"
+
+
+def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """The benchmark's flags, into `values` (`argv`: the command line, for the config flag)."""
+  config_flags.DEFINE_config_file(
+      "config", str(config_lib.resolve_path(_DEFAULT_CONFIG)), "Config file "
+      "(configs/*.py[:argument]) or a shipped config's name (cifar10, test, ...[:argument]), as "
+      "for diffusion_jax.main; default: cifar10. Override its fields with --config.a.b=value.",
+      flag_values=values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_integer("batch", 8, "Global batch size.", flag_values=values)
+  flags.DEFINE_integer("steps", 5, "Timed calls per measurement.", flag_values=values)
+  flags.DEFINE_integer("warmup", 2, "Untimed calls before timing.", flag_values=values)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: the config's model.dtype).", flag_values=values)
+  flags.DEFINE_integer("sample_steps", 20, "Length of the timed sampler scan.",
+                       flag_values=values)
+  flags.DEFINE_string("skip", "", "Comma-separated parts not to run: train, forward, sample, "
+                      "scaling.", flag_values=values)
+  flags.DEFINE(_ListParser(_timesteps_list), "scaling", "", "T1,T2,...: numbers of diffusion "
+               "steps at which to compile (not run) the samplers and the bound, e.g. 1000,4000.",
+               flag_values=values)
+  flags.DEFINE(_ListParser(_sampler_list), "samplers", "", "NAME[N],...: samplers to price "
+               "for an evaluation, each with its network calls: ancestral (all T), ancestralN "
+               "(respaced), ddimN, dpmsolver++N, dpmsolverN.",
+               flag_values=values)
+  flags.DEFINE_integer("eval_samples", 50_000, "The sample count --samplers projects its time "
+                       "to.", flag_values=values)
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE: deprecated, use --config.KEY=VALUE (goes in "
+                            f"diffusion_jax {deprecation.REMOVED_IN})", flag_values=values)
+  flags.DEFINE_string("profile", None, "DIR: after timing, trace one more training step into "
+                      "DIR (TensorBoard or Perfetto) and print the XLA ops that took the most "
+                      "time.", flag_values=values)
+
+
+def _parse(argv: Sequence[str] | None) -> flags.FlagValues:
+  """The benchmark's flags from `argv` (default: the command line); `--set`, deprecated, applied
+  to the config. Mistakes end the program with one `error:` line, exit 2."""
+  args = cli.parse_own_flags(_define_flags, argv, prog=_PROG, doc=__doc__, config_flag="config",
+                             default_config=_DEFAULT_CONFIG)
+  if args.set:
+    warnings.warn(f"bench --set is deprecated and goes in diffusion_jax "
+                  f"{deprecation.REMOVED_IN}: use --config.KEY=VALUE", DeprecationWarning,
+                  stacklevel=2)
+    for text in args.set:
+      key, sep, value = text.partition("=")
+      if not key or not sep:
+        cli.exit_with_error(f"--set needs KEY=VALUE, got {text!r}")
+      try:
+        config_lib.apply_overrides(args.config, {key: _literal(value)})
+      except KeyError as e:
+        cli.exit_with_error(f"--set {text}: {e.args[0]}")
+      except (TypeError, ValueError) as e:
+        cli.exit_with_error(f"--set {text}: {e}")
+  return args
 
 
 def _timesteps_list(text: str) -> list[int]:
-  """'1000,4000' -> [1000, 4000]; argparse reports the ArgumentTypeError before anything runs."""
+  """'1000,4000' -> [1000, 4000]."""
   values = []
   for item in (s.strip() for s in text.split(",")):
     if not item:
@@ -89,12 +144,12 @@ def _timesteps_list(text: str) -> list[int]:
     try:
       value = int(item)
     except ValueError:
-      raise argparse.ArgumentTypeError(
+      raise ValueError(
           f"{item!r} is not a whole number of diffusion steps (want e.g. 1000,4000)") from None
     if value < 2:
-      raise argparse.ArgumentTypeError(f"T must be at least 2, got {value}")
+      raise ValueError(f"T must be at least 2, got {value}")
     if value in values:
-      raise argparse.ArgumentTypeError(f"T={value} is given twice")
+      raise ValueError(f"T={value} is given twice")
     values.append(value)
   return values
 
@@ -115,13 +170,13 @@ def _sampler_list(text: str) -> list[tuple[str, int]]:
     name = max((n for n in _SAMPLER_NAMES if item.startswith(n)), key=len, default=None)
     count = item[len(name):] if name else ""
     if name is None or (count and not count.isdigit()) or (count and int(count) < 1):
-      raise argparse.ArgumentTypeError(
+      raise ValueError(
           f"{item!r} is not a sampler with its calls: want one of {', '.join(_SAMPLER_NAMES)} "
           f"followed by a positive count, e.g. ddim50 (ancestral alone: all T steps)")
     if name != "ancestral" and not count:
-      raise argparse.ArgumentTypeError(f"{item!r} needs its number of calls, e.g. {name}20")
+      raise ValueError(f"{item!r} needs its number of calls, e.g. {name}20")
     if (name, int(count or 0)) in out:
-      raise argparse.ArgumentTypeError(f"{item!r} is given twice")
+      raise ValueError(f"{item!r} is given twice")
     out.append((name, int(count or 0)))
   return out
 
@@ -237,8 +292,9 @@ def _compile_sizes(fn, *args) -> dict:
   return out
 
 
-def _scaling(args, overrides, model, params, images, labels, mesh) -> dict[str, dict]:
-  """The 'scaling' part: {T: {program: _compile_sizes}} for each T of `--scaling`.
+def _scaling(args, base_config, model, params, images, labels, mesh) -> dict[str, dict]:
+  """The 'scaling' part: {T: {program: _compile_sizes}} for each T of `--scaling`, each on
+  `base_config` with `diffusion.num_timesteps` = T.
 
   The programs are those the drivers compile: the ancestral sampler over all T steps, DDIM over
   50 (or T, if fewer) and the full bound (`_make_bpd_fn`) of `images` (uint8, split over the
@@ -247,7 +303,6 @@ def _scaling(args, overrides, model, params, images, labels, mesh) -> dict[str, 
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
-  from diffusion_jax.config import config_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.core import prng  # pylint: disable=g-import-not-at-top
 
@@ -256,8 +311,7 @@ def _scaling(args, overrides, model, params, images, labels, mesh) -> dict[str, 
   bpd_keys = parallel.sharded_example_keys(0, prng.RunStream.BPD, np.arange(batch), mesh)
   out = {}
   for num_timesteps in args.scaling:
-    config = config_lib.load_config(args.config, dict(
-        overrides, **{"diffusion.num_timesteps": num_timesteps}))
+    config = _with_timesteps(base_config, num_timesteps)
     sched = build.make_schedule(config)
     ddim_steps = min(50, num_timesteps)
     programs = {
@@ -355,34 +409,41 @@ def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> di
   return out
 
 
-def _parse_override(text: str):
-  key, sep, value = text.partition("=")
-  if not key or not sep:
-    raise ValueError(f"--set needs KEY=VALUE, got {text!r}")
+def _literal(text: str):
+  """A `--set` value: a Python literal, else the text itself."""
   import ast  # pylint: disable=g-import-not-at-top
   try:
-    return key, ast.literal_eval(value)
+    return ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    return key, value
+    return text
 
 
-def run(args) -> dict:
-  """Builds, compiles and times everything; returns the result record."""
+def _with_timesteps(config, num_timesteps: int):
+  """A copy of `config` with `diffusion.num_timesteps` = `num_timesteps`."""
+  config = copy.deepcopy(config)
+  config.diffusion.num_timesteps = num_timesteps
+  return config
+
+
+def run(args: flags.FlagValues) -> dict:
+  """Builds, compiles and times everything; returns the result record.
+
+  Args:
+    args: the parsed flags (`_parse`).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from diffusion_jax.config import config_lib  # pylint: disable=g-import-not-at-top
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.core import prng  # pylint: disable=g-import-not-at-top
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
   from diffusion_jax.training import step as ts  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models import layers
 
-  overrides = dict(_parse_override(s) for s in args.set)
-  overrides["train.batch_size"] = args.batch
+  overrides = {"train.batch_size": args.batch}
   if args.dtype:
     overrides["model.dtype"] = args.dtype
-  config = config_lib.load_config(args.config, overrides)
+  config = config_lib.apply_overrides(copy.deepcopy(args.config), overrides)
   skip = {s.strip() for s in args.skip.split(",") if s.strip()}
   if args.eval_samples < 1:
     raise UsageError(f"--eval_samples must be at least 1, got {args.eval_samples}")
@@ -396,7 +457,7 @@ def run(args) -> dict:
   optimizer = build.make_optimizer(config)
   size, channels = config.data.image_size, config.data.channels
   record = dict(
-      config=args.config, batch=args.batch, devices=len(devices),
+      config=args["config"].config_filename, batch=args.batch, devices=len(devices),
       device_kind=devices[0].device_kind, platform=devices[0].platform,
       dtype=config.model.dtype, jax_version=jax.__version__,
       xla_flags=os.environ.get("XLA_FLAGS", ""), image_size=size,
@@ -463,8 +524,7 @@ def run(args) -> dict:
   if "sample" not in skip:
     # The same per-step work as a full sampling run (one network call, the posterior, fresh
     # noise), over a schedule only `sample_steps` long so the scan is short to time.
-    sample_config = config_lib.load_config(args.config, dict(
-        overrides, **{"diffusion.num_timesteps": args.sample_steps}))
+    sample_config = _with_timesteps(config, args.sample_steps)
     sample_fn = build.make_sample_fn(sample_config, model, build.make_schedule(sample_config),
                                      mesh, sampler="ancestral", num_steps=0, eta=0.0,
                                      clip_denoised=True)
@@ -484,17 +544,15 @@ def run(args) -> dict:
                                            labels, mesh)
 
   if args.scaling and "scaling" not in skip:
-    record["scaling"] = _scaling(args, overrides, model, state.params, images, labels, mesh)
+    record["scaling"] = _scaling(args, config, model, state.params, images, labels, mesh)
   return record
 
 
-def main(argv=None) -> None:
-  args = _parse(sys.argv[1:] if argv is None else argv)
-  try:
-    record = run(args)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+@cli.reports_errors(UsageError)
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line: runs the benchmark of `argv` (default: `sys.argv[1:]`) and prints its
+  record as one JSON line. Mistakes end it with one `error:` line, exit 2."""
+  record = run(_parse(argv))
   print(json.dumps(record), flush=True)
 
 

@@ -9,19 +9,30 @@ then, once, with torch installed (pip install "diffusion_jax[inception]"):
 Every tensor is checked against the Flax model's variables (names and shapes), so a file for a
 different network fails here rather than at evaluation time. Afterwards only NumPy is needed:
 `diffusion_jax.evaluation.metrics.inception.load_inception_params("inception_fid.npz")`.
+A mistake (a missing flag or file, a file of another network) ends the command with one `error:`
+line, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import app
+from absl import flags
 
+from diffusion_jax import cli
 from diffusion_jax.evaluation.metrics import inception
 
-__all__ = ["expected_torch_shapes", "convert_state_dict", "load_torch_state_dict", "main"]
+__all__ = ["NotFidInceptionError", "expected_torch_shapes", "convert_state_dict",
+           "load_torch_state_dict", "main"]
+
+_PROG = "python -m diffusion_jax.tools.convert_inception"
+
+
+class NotFidInceptionError(ValueError):
+  """A state_dict that is not pytorch-fid's FID Inception network's."""
 
 
 def _torch_layout_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,7 +77,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
     Flax variables {'params': ..., 'batch_stats': ...} of float32 arrays.
 
   Raises:
-    ValueError: listing missing or unexpected keys and mismatched shapes.
+    NotFidInceptionError: listing missing or unexpected keys and mismatched shapes.
   """
   expected = expected_torch_shapes()
   given = {k: np.asarray(v) for k, v in state_dict.items()
@@ -76,7 +87,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict:
   wrong = sorted(f"{k}: {given[k].shape} != {expected[k]}" for k in set(given) & set(expected)
                  if tuple(given[k].shape) != tuple(expected[k]))
   if missing or unexpected or wrong:
-    raise ValueError("not pytorch-fid's FID Inception state_dict:\n"
+    raise NotFidInceptionError("not pytorch-fid's FID Inception state_dict:\n"
                      f"  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
                      f"  unexpected: {unexpected[:10]}"
                      f"{' ...' if len(unexpected) > 10 else ''}\n"
@@ -103,12 +114,22 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
+def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """The converter's flags, into `values`."""
+  del argv  # no config flag
+  flags.DEFINE_string("torch_weights", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.",
+                      flag_values=values)
+  flags.DEFINE_string("out", None, "Output .npz (e.g. inception_fid.npz).", flag_values=values)
+
+
+@cli.reports_errors(ImportError, NotFidInceptionError)
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--torch_weights", required=True,
-                      help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-  parser.add_argument("--out", required=True, help="output .npz (e.g. inception_fid.npz)")
-  args = parser.parse_args(argv)
+  """The command line: converts --torch_weights into --out (`argv`: the arguments, default
+  `sys.argv[1:]`). Mistakes end it with one `error:` line, exit 2."""
+  args = cli.parse_own_flags(_define_flags, argv, prog=_PROG, doc=__doc__)
+  for name in ("torch_weights", "out"):
+    if not args[name].value:
+      raise app.UsageError(f"--{name} is required")
   variables = convert_state_dict(load_torch_state_dict(args.torch_weights))
   inception.save_inception_params(args.out, variables)
   print(f"wrote {args.out}", file=sys.stderr)

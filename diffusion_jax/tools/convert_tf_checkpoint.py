@@ -8,15 +8,20 @@ The original's `unet.py` creates variables named like `model/down_0/block_0/conv
 training keeps their exponential moving averages as `<name>/ExponentialMovingAverage` and the
 step as `global_step`. Every U-Net variable (and its EMA shadow) is mapped onto our parameters by
 `models.tf_names.flax_param_path`, checked against the shapes the config builds, and written to
-`OUT/checkpoints/<step>/` in the layout of `diffusion_jax.training.checkpoints` (params, ema_params, step
-and the config; no optimizer state, so the result is for sampling and evaluation), which every
-`--mode` of `diffusion_jax.main` loads with `--workdir OUT`.
+`OUT/checkpoints/<step>/` in the layout of `diffusion_jax.training.checkpoints` (params,
+ema_params, step and the config; no optimizer state, so the result is for sampling and
+evaluation), which every `--mode` of `diffusion_jax.main` loads with `--workdir OUT`.
+
+`--config` names the config as for `diffusion_jax.main` (a file, or a shipped config's name), and
+`--config.a.b=value` overrides one of its fields. A mistake (a flag, a missing checkpoint, a config
+that builds another model) ends the command with one `error:` line, exit status 2.
 
 TensorFlow is needed to read the checkpoint (`pip install tensorflow-cpu`); nothing else here uses
 it.
 """
 from __future__ import annotations
 
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -24,6 +29,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from diffusion_jax import cli
 from diffusion_jax.config import build
 from diffusion_jax.training import checkpoints
 from diffusion_jax.models import tf_names
@@ -137,22 +143,32 @@ def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   return step, has_ema
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
-                                          "trained with (configs/*.py).", lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "TF checkpoint prefix or directory.")
-_OUT = flags.DEFINE_string("out", None, "Output workdir (a new directory).")
+_PROG = "python -m diffusion_jax.tools.convert_tf_checkpoint"
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  for flag, name in ((_CHECKPOINT, "--checkpoint"), (_OUT, "--out")):
-    if not flag.value:
-      raise app.UsageError(f"{name} is required")
-  if _CONFIG.value is None:
+def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """The converter's flags, into `values` (`argv`: the command line, for the config flag)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "The config the checkpoint was trained with (configs/*.py[:argument], or a "
+      "shipped config's name); override its fields with --config.a.b=value.",
+      flag_values=values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("checkpoint", None, "TF checkpoint prefix or directory.",
+                      flag_values=values)
+  flags.DEFINE_string("out", None, "Output workdir (a new directory).", flag_values=values)
+
+
+@cli.reports_errors(CheckpointMismatchError, FileExistsError, ImportError)
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line: converts --checkpoint into --out (`argv`: the arguments, default
+  `sys.argv[1:]`). Mistakes end it with one `error:` line, exit 2."""
+  args = cli.parse_own_flags(_define_flags, argv, prog=_PROG, doc=__doc__, config_flag="config")
+  for name in ("checkpoint", "out"):
+    if not args[name].value:
+      raise app.UsageError(f"--{name} is required")
+  if args.config is None:
     raise app.UsageError("--config is required")
-  convert(_CHECKPOINT.value, _CONFIG.value, _OUT.value)
+  convert(args.checkpoint, args.config, args.out)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -13,15 +13,17 @@ config; no optimizer state, so the result is for sampling and evaluation), which
 `diffusion_jax.main` loads with `--workdir OUT`.
 
 The config: for the released files (`RELEASES`, recognised by their file name) the one their
-flags in the reference's README describe; any other checkpoint needs `--config`. PyTorch reads the
-file (`pip install -e ".[torch]"`); nothing else here uses it, and our own formats stay free of
-pickles.
+flags in the reference's README describe; any other checkpoint needs `--config` (a file, or a
+shipped config's name, as for `diffusion_jax.main`; `--config.a.b=value` overrides one of its
+fields). PyTorch reads the file (`pip install -e ".[torch]"`); nothing else here uses it, and our
+own formats stay free of pickles. A mistake (a flag, a missing file, a config that builds another
+model) ends the command with one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
 import functools
 import pathlib
-import sys
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -30,6 +32,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
+from diffusion_jax import cli
 from diffusion_jax.config import build
 from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
@@ -113,22 +116,28 @@ def convert(checkpoint: str, config, out: str, step: int = 0) -> int:
   return len(state_dict)
 
 
-def _define_flags() -> None:
-  # Defined only when run as a program: the TF converter defines flags of the same names, and
-  # both modules are imported together (by the tests, say).
+_PROG = "python -m diffusion_jax.tools.convert_torch_checkpoint"
+
+
+def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """The converter's flags, into `values` (`argv`: the command line, for the config flag)."""
   config_flags.DEFINE_config_file(
-      "config", None, "The config the checkpoint was trained with (configs/*_iddpm.py); "
-      "default: the released checkpoint's, from its file name.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "The PyTorch state dict file (.pt).")
-  flags.DEFINE_string("out", None, "Output workdir (a new directory).")
+      "config", None, "The config the checkpoint was trained with (configs/*_iddpm.py[:argument], "
+      "or a shipped config's name); default: the released checkpoint's, from its file name. "
+      "Override its fields with --config.a.b=value.",
+      flag_values=values, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("checkpoint", None, "The PyTorch state dict file (.pt).",
+                      flag_values=values)
+  flags.DEFINE_string("out", None, "Output workdir (a new directory).", flag_values=values)
   flags.DEFINE_integer("step", None, "The step to record (default: a released checkpoint's "
-                       "training steps, else 0).")
+                       "training steps, else 0).", flag_values=values)
 
 
-def main(argv):
-  args = flags.FLAGS
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+@cli.reports_errors(CheckpointMismatchError, FileExistsError, ImportError)
+def main(argv: Sequence[str] | None = None) -> None:
+  """The command line: converts --checkpoint into --out (`argv`: the arguments, default
+  `sys.argv[1:]`). Mistakes end it with one `error:` line, exit 2."""
+  args = cli.parse_own_flags(_define_flags, argv, prog=_PROG, doc=__doc__, config_flag="config")
   for name in ("checkpoint", "out"):
     if not args[name].value:
       raise app.UsageError(f"--{name} is required")
@@ -142,14 +151,8 @@ def main(argv):
     raise app.UsageError(
         f"{pathlib.PurePath(args.checkpoint).name} is not one of the released checkpoints "
         f"({', '.join(RELEASES)}): pass --config with the config it was trained with")
-  try:
-    convert(args.checkpoint, config, args.out, step if args.step is None else args.step)
-  except (CheckpointMismatchError, FileExistsError, FileNotFoundError, ImportError) as e:
-    # What was asked for cannot be done: one line saying why, exit code 2.
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  convert(args.checkpoint, config, args.out, step if args.step is None else args.step)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  main()

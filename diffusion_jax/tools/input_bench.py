@@ -15,11 +15,10 @@ is refused). Each is read through `input_pipeline.BatchIterator`, as train.py re
 parallelism and worker count asked for, one host holding all rows of the global batch. Prints
 one JSON line per case; `images_per_s` counts batches after `--warmup` untimed ones. The paper
 trained CIFAR-10 on a TPU v3-8 at about 21 steps/s of 128 images: 2,688 images/s for its one
-host (`paper_images_per_s`).
+host (`paper_images_per_s`). A mistake in the flags ends it with one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -28,10 +27,14 @@ import platform
 import shutil
 import tempfile
 import time
+import types
+from typing import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from diffusion_jax import cli
 from diffusion_jax.data import input_pipeline
 
 PAPER_STEPS_PER_S = 21  # Ho et al. 2020, CIFAR-10 on a TPU v3-8.
@@ -41,42 +44,50 @@ _TFDS_NAME = "random_cifar_shaped"
 _IMAGE_SHAPE = (32, 32, 3)
 
 
-def _parse(argv):
-  parser = argparse.ArgumentParser(prog="python -m diffusion_jax.tools.input_bench",
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--num_images", type=int, default=50_000,
-                      help="images in each data set (CIFAR-10 has 50,000)")
-  parser.add_argument("--cache_dir", default=None,
-                      help="where the data sets are built and kept between runs (default: a "
-                           "temporary directory, removed at the end)")
-  parser.add_argument("--sources", default=",".join(SOURCES),
-                      help=f"comma-separated data sets to read: {', '.join(SOURCES)}")
-  parser.add_argument("--parallelism", default="threads",
-                      help="comma-separated ways of preparing batches: "
-                           f"{', '.join(input_pipeline.PARALLELISM)}")
-  parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-  parser.add_argument("--global_batch", type=int, default=PAPER_BATCH)
-  parser.add_argument("--steps", type=int, default=100, help="timed batches per case")
-  parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
-  parser.add_argument("--prefetch", type=int, default=2, help="as config.data.prefetch")
-  args = parser.parse_args(argv)
-  args.sources = args.sources.split(",")
+_PROG = "python -m diffusion_jax.tools.input_bench"
+
+
+def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+  """The benchmark's flags, into `values`."""
+  del argv  # no config flag
+  flags.DEFINE_integer("num_images", 50_000, "Images in each data set (CIFAR-10 has 50,000).",
+                       flag_values=values)
+  flags.DEFINE_string("cache_dir", None, "Where the data sets are built and kept between runs "
+                      "(default: a temporary directory, removed at the end).", flag_values=values)
+  flags.DEFINE_list("sources", list(SOURCES), f"Data sets to read: {', '.join(SOURCES)}.",
+                    flag_values=values)
+  flags.DEFINE_list("parallelism", ["threads"], "Ways of preparing batches: "
+                    f"{', '.join(input_pipeline.PARALLELISM)}.", flag_values=values)
+  flags.DEFINE_list("workers", ["1", "2"], "Worker counts.", flag_values=values)
+  flags.DEFINE_integer("global_batch", PAPER_BATCH, "Images per batch.", flag_values=values)
+  flags.DEFINE_integer("steps", 100, "Timed batches per case.", flag_values=values)
+  flags.DEFINE_integer("warmup", 5, "Untimed batches first.", flag_values=values)
+  flags.DEFINE_integer("prefetch", 2, "As config.data.prefetch.", flag_values=values)
+
+
+def _parse(argv: Sequence[str] | None):
+  """The cases asked for by `argv` (default: the command line): a namespace of the flags, with
+  `workers` as numbers and the sources this machine can build. Mistakes end the program with one
+  `error:` line, exit 2."""
+  values = cli.parse_own_flags(_define_flags, argv, prog=_PROG, doc=__doc__)
+  args = types.SimpleNamespace(**values.flag_values_dict())
   for name in args.sources:
     if name not in SOURCES:
-      parser.error(f"unknown source {name!r}; allowed: {', '.join(SOURCES)}")
+      cli.exit_with_error(f"--sources: unknown source {name!r}; allowed: {', '.join(SOURCES)}")
   if "array_record" in args.sources and not tensorflow_installed():
     if args.sources == ["array_record"]:
-      parser.error(f"--sources array_record: {_NEEDS_TENSORFLOW}")
+      cli.exit_with_error(f"--sources array_record: {_NEEDS_TENSORFLOW}")
     args.sources.remove("array_record")
     print(f"[input_bench] skipping array_record: {_NEEDS_TENSORFLOW}", flush=True)
-  args.parallelism = args.parallelism.split(",")
   for name in args.parallelism:
     try:
       input_pipeline.check_parallelism(name)
     except ValueError as e:
-      parser.error(str(e))
-  args.workers = [int(w) for w in args.workers.split(",")]
+      cli.exit_with_error(f"--parallelism: {e}")
+  try:
+    args.workers = [int(w) for w in args.workers]
+  except ValueError:
+    cli.exit_with_error(f"--workers: want whole numbers, e.g. 1,2; got {','.join(args.workers)}")
   return args
 
 
@@ -207,8 +218,10 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def main(argv=None) -> list[dict]:
-  """Runs every case asked for and prints one JSON line each.
+@cli.reports_errors()
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  """The command line: runs every case `argv` (default: `sys.argv[1:]`) asks for and prints one
+  JSON line each. Mistakes end it with one `error:` line, exit 2.
 
   Returns:
     the printed records.

@@ -8,6 +8,8 @@ import textwrap
 
 import pytest
 
+from diffusion_jax.tools import bench
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "orbax", "etils", "PIL")
 
@@ -48,7 +50,7 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
-       "--set", "model.dropout=0.0", "--profile", str(tmp_path / "trace"),
+       "--config.model.dropout=0.0", "--profile", str(tmp_path / "trace"),
        "--scaling", "30,60,240", "--samplers", "ancestral,ddim3,dpmsolver++2,ancestral2",
        "--eval_samples", "1000"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -58,7 +60,8 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   record = json.loads(lines[-1])
   assert record["batch"] == 2 and record["devices"] >= 1
   assert record["params"] == 702_499
-  assert record["dtype"] == "float32"
+  assert record["dtype"] == "float32" and record["dropout"] == 0.0
+  assert record["config"] == "configs/test.py"
   assert record["jax_version"] and record["device_kind"]
   # The benchmark adds no XLA flags of its own: what ran is what the environment asked for.
   assert record["xla_flags"] == ""
@@ -142,13 +145,78 @@ def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
        "configs/test.py", flag, value],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 2, proc.stderr[-4000:]
-  assert f"argument {flag}" in proc.stderr and message in proc.stderr, proc.stderr
+  assert proc.stderr.startswith(f"error: flag {flag}={value}: "), proc.stderr
+  assert message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
   assert proc.stdout == "", proc.stdout
+
+
+# With jax, jaxlib and flax blocked too: the flags and the config are checked before JAX starts.
+_BLOCKER_WITHOUT_JAX = _blocker(BLOCKED + ("jax", "jaxlib", "flax"))
+
+
+def _bench_without_jax(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-c", _BLOCKER_WITHOUT_JAX, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/test.py", "--config.model.dropoutt=0.0"],
+     "error: --config.model.dropoutt: the config has no field 'model.dropoutt'; did you mean "
+     "--config.model.dropout?"),
+    # The default config (cifar10), with a misspelled override.
+    (["--config.optim.lrr=1e-4"],
+     "error: --config.optim.lrr: the config has no field 'optim.lrr'; did you mean "
+     "--config.optim.lr?"),
+    (["--config", "test", "--config.model.dropout=much"],
+     "error: flag --config.model.dropout=much: could not convert string to float"),
+    (["--config", "configs/missing.py"], "error: config file 'configs/missing.py' not found"),
+    (["--config", "configs/test.py:foo=1"],
+     "error: flag --config=configs/test.py:foo=1: ValueError: unknown config argument 'foo'"),
+    (["--batch", "eight"], "error: flag --batch=eight: invalid literal for int()"),
+    (["--config", "test", "--set", "model.dropout"],
+     "error: --set needs KEY=VALUE, got 'model.dropout'"),
+    (["--config", "test", "--set", "model.dropoutt=0.0"],
+     "error: --set model.dropoutt=0.0: config has no field 'model.dropoutt'"),
+    (["--config", "test", "extra"], "error: unexpected arguments: ['extra']")])
+def test_bench_reports_a_mistake_in_the_flags_in_one_line_before_starting_jax(args, message):
+  proc = _bench_without_jax(*args)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and errors[0].startswith(message), proc.stderr
+  assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
+
+
+def test_bench_help_exits_0_before_starting_jax():
+  proc = _bench_without_jax("--help")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert proc.stdout.startswith("Benchmark: compile and step times"), proc.stdout[:500]
+  for flag in ("--config:", "--batch:", "--samplers:", "--scaling:", "--set:", "--profile:"):
+    assert flag in proc.stdout, flag
+  assert proc.stderr == "", proc.stderr
+
+
+def test_bench_set_still_overrides_the_config_with_a_deprecation_warning():
+  with pytest.warns(DeprecationWarning, match=r"--set is deprecated .* use --config.KEY=VALUE"):
+    args = bench._parse(["--config=configs/test.py", "--set", "model.dropout=0.0", "--set",
+                         "model.ch_mult=[1, 2]", "--batch=4"])
+  assert args.config.model.dropout == 0.0 and args.config.model.ch_mult == (1, 2)
+  assert args.batch == 4 and args["config"].config_filename == "configs/test.py"
+
+
+def test_bench_flags_parse_anew_on_each_call():
+  first = bench._parse(["--config=test", "--config.model.dropout=0.0", "--scaling=30,60",
+                        "--samplers=ancestral,ddim5"])
+  assert first.config.model.dropout == 0.0 and first.scaling == [30, 60]
+  assert first.samplers == [("ancestral", 0), ("ddim", 5)]
+  second = bench._parse(["--config=test"])
+  assert second.config.model.dropout == 0.1 and second.scaling == [] and second.samplers == []
+  assert first.config.model.dropout == 0.0  # its own config, untouched by the second call
 
 
 @pytest.mark.parametrize("args, message", [
     (["--samplers", "ddim500"], "ddim500: 500 calls, more than the T=100 steps"),
-    (["--samplers", "dpmsolver++3", "--sample_steps", "2", "--set", "sample.solver_order=3"],
+    (["--samplers", "dpmsolver++3", "--sample_steps", "2", "--config.sample.solver_order=3"],
      "dpmsolver++3 (timed over 2 calls, --sample_steps)"),
     (["--samplers", "ddim5", "--eval_samples", "0"], "--eval_samples must be at least 1")])
 @pytest.mark.slow  # the benchmark's command line, with JAX, in a subprocess

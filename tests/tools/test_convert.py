@@ -9,8 +9,8 @@ from diffusion_jax.config import build
 from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
 from diffusion_jax.tools import convert_tf_checkpoint
+from diffusion_jax.evaluation import inference
 from diffusion_jax.models import tf_names
-
 
 
 def original_variables(config, seed):
@@ -124,3 +124,26 @@ def test_missing_checkpoint_is_reported(config, tmp_path):
     convert_tf_checkpoint.convert(str(tmp_path / "model.ckpt-1"), config, str(tmp_path / "o"))
   with pytest.raises(FileNotFoundError, match="no TensorFlow checkpoint in directory"):
     convert_tf_checkpoint.convert(str(tmp_path), config, str(tmp_path / "o"))
+
+
+def test_command_line_converts_with_config_overrides_and_refuses_another_model(config, tmp_path,
+                                                                             capsys):
+  raw = original_variables(config, seed=4)
+  prefix = tmp_path / "model.ckpt-9"
+  write_tf1_checkpoint(prefix, {**raw, "global_step": np.int64(9)})
+  out = tmp_path / "out"
+  convert_tf_checkpoint.main([f"--checkpoint={prefix}", "--config", "configs/test.py",
+                              "--config.model.dropout=0.0", f"--out={out}"])
+  assert capsys.readouterr().out.startswith(f"converted {prefix} (step 9, ")
+  saved = inference.saved_config(str(out))
+  assert saved.model.dropout == 0.0 and saved.model.ch == 32
+  assert checkpoints.restore_params(str(out / "checkpoints"))[1] == 9
+  # A config of another model (an override of the width): one line, exit 2, nothing written.
+  with pytest.raises(SystemExit) as exited:
+    convert_tf_checkpoint.main([f"--checkpoint={prefix}", "--config=test",
+                                "--config.model.ch=64", f"--out={tmp_path / 'other'}"])
+  assert exited.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: the TensorFlow checkpoint does not match the model this config "
+                        "builds: model/") and len(err.splitlines()) == 1, err
+  assert not (tmp_path / "other" / "checkpoints").exists()

@@ -137,9 +137,10 @@ def test_command_line_names_the_releases_when_it_cannot_tell_the_config(golden_c
   cmd = [sys.executable, "-m", "diffusion_jax.tools.convert_torch_checkpoint",
          f"--checkpoint={tmp_path / 'mine.pt'}", f"--out={tmp_path / 'out'}"]
   got = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert got.returncode != 0
-  assert "mine.pt is not one of the released checkpoints" in got.stderr
-  assert "pass --config" in got.stderr
+  assert got.returncode == 2, got.stderr[-2000:]
+  assert got.stderr.startswith("error: mine.pt is not one of the released checkpoints"), (
+      got.stderr[-2000:])
+  assert "pass --config" in got.stderr and len(got.stderr.splitlines()) == 1
   # A released name with the wrong contents: its config is the full-size model's.
   save_pt(tmp_path / "cifar10_uncond_50M_500K.pt", case["state"])
   cmd[3] = f"--checkpoint={tmp_path / 'cifar10_uncond_50M_500K.pt'}"
@@ -148,3 +149,31 @@ def test_command_line_names_the_releases_when_it_cannot_tell_the_config(golden_c
   assert got.stderr.startswith("error: the PyTorch checkpoint does not match the model this "
                                "config builds"), got.stderr[-2000:]
   assert "Traceback" not in got.stderr
+
+
+def test_command_line_builds_the_config_from_its_flags(golden_case, tmp_path, capsys):
+  """The golden case's model as `--config` with overrides (the one `tiny_config` builds in
+  Python), converted in this process."""
+  _, case = golden_case
+  save_pt(tmp_path / "mine.pt", case["state"])
+  out = tmp_path / "converted"
+  convert_torch_checkpoint.main([
+      f"--checkpoint={tmp_path / 'mine.pt'}", f"--out={out}", "--step=7",
+      "--config=configs/test.py:var_type=learned_range,loss_type=hybrid",
+      "--config.data.image_size=16", "--config.model.architecture=iddpm", "--config.model.ch=64",
+      "--config.model.attn_resolutions=(16, 8)", "--config.model.num_heads=2",
+      "--config.model.num_heads_upsample=4", "--config.model.scale_shift_norm=True",
+      "--config.model.num_classes=5", "--config.model.dropout=0.0"])
+  assert capsys.readouterr().out.startswith(
+      f"converted {tmp_path / 'mine.pt'} (step 7, {len(case['state'])} tensors) -> ")
+  saved = inference.saved_config(str(out))
+  assert saved.model.to_dict() == tiny_config(case["spec"]).model.to_dict()
+  assert saved.diffusion.var_type == "learned_range"
+  # Without --config, a file not among the releases is refused in one line, exit 2.
+  with pytest.raises(SystemExit) as exited:
+    convert_torch_checkpoint.main([f"--checkpoint={tmp_path / 'mine.pt'}",
+                                   f"--out={tmp_path / 'other'}"])
+  assert exited.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: mine.pt is not one of the released checkpoints (") and (
+      err.endswith("pass --config with the config it was trained with\n")), err
