@@ -6,6 +6,7 @@ Every other config starts from `get_config()` here and changes what differs. Con
 """
 import ml_collections
 
+from diffusion_jax import samplers
 from diffusion_jax.config import config_lib
 
 
@@ -110,22 +111,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.compile_cache_dir = "~/.cache/diffusion_jax/xla"
 
   # How images are sampled: the training grids, every evaluation mode and the notebook sampler.
-  config.sample = ml_collections.ConfigDict()
-  # One of sampling.SAMPLERS: ancestral, ddim, dpmsolver++, dpmsolver.
-  config.sample.sampler = "ancestral"
-  # Timesteps the sampler visits: 0 = all T, else K in 1..T, evenly spaced from 0 to T-1
-  # (ancestral sampling over K < T steps runs on the schedule respaced to them).
-  config.sample.num_steps = 0
-  # Or the timesteps as Improved DDPM's respacing spec (num_steps 0): 'ddim50' (every 20th step
-  # of 1000 from 0), '50' (50 evenly spaced, rounded), '10,20,30' (counts in equal sections of
-  # T); ancestral sampling then runs on the respaced schedule. '' = none.
-  config.sample.respacing = ""
-  config.sample.eta = 0.0          # DDIM's noise scale (0 = deterministic); ancestral: 0.
-  # sampler 'dpmsolver++' / 'dpmsolver' (DPM-Solver, multistep; num_steps network calls): its
-  # order (1, 2 or 3) and its time grid ('time_uniform' or 'logSNR').
-  config.sample.solver_order = 2
-  config.sample.solver_grid = "time_uniform"
-  config.sample.clip_denoised = True  # clip each x_0 prediction to [-1, 1] while sampling.
+  # The sampler (`sample.sampler`, one of `samplers.names()`: ancestral, ddim, dpmsolver++,
+  # dpmsolver) and every sampler setting with its default come from the samplers' registry:
+  #   num_steps      timesteps to visit: 0 = all T, else K in 1..T, evenly spaced from 0 to T-1
+  #                  (ancestral sampling over K < T steps runs on the respaced schedule)
+  #   respacing      or Improved DDPM's respacing spec (num_steps 0): 'ddim50', '50',
+  #                  '10,20,30'; '' = none
+  #   clip_denoised  clip each x_0 prediction to [-1, 1] while sampling
+  #   eta            ddim: the noise scale (0 = deterministic)
+  #   solver_order, solver_grid   dpmsolver++ / dpmsolver: order 1, 2 or 3; 'time_uniform' or
+  #                  'logSNR'
+  # `python -c "from diffusion_jax import samplers; print(samplers.default_settings())"` lists them.
+  config.sample = ml_collections.ConfigDict(samplers.default_settings())
   # Classifier-free guidance's w (a model trained with model.p_uncond > 0): every network call
   # becomes (1 + w) f(x, c) - w f(x, null), both halves in one batched call. 0 = no guidance.
   config.sample.guidance_scale = 0.0

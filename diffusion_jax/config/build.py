@@ -19,7 +19,7 @@ import optax
 from diffusion_jax.core import diffusion
 from diffusion_jax.data import images
 from diffusion_jax import parallel
-from diffusion_jax import samplers as sampling
+from diffusion_jax import samplers
 from diffusion_jax.core import schedules
 from diffusion_jax.models import iddpm_unet
 from diffusion_jax.models import unet
@@ -164,14 +164,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
-  """The `sample` section as `make_sample_fn`'s settings: `sampling.sample`'s sampler,
-  num_steps, respacing, eta, clip_denoised, order and grid (DPM-Solver's `solver_order`,
-  `solver_grid`), and guidance_scale; `overrides` (e.g. sampler='ddim', num_steps=50) replace
-  single ones."""
+  """The `sample` section as `make_sample_fn`'s settings: the sampler, every sampler setting
+  (`samplers.settings()`: num_steps, respacing, clip_denoised and each sampler's own) and
+  guidance_scale; `overrides` (e.g. sampler='ddim', num_steps=50) replace single ones."""
   s = config.sample
-  out = dict(sampler=s.sampler, num_steps=s.num_steps, respacing=s.respacing, eta=s.eta,
-             clip_denoised=s.clip_denoised, order=s.solver_order, grid=s.solver_grid,
-             guidance_scale=s.guidance_scale)
+  out = {"sampler": s.sampler, **{setting.name: s[setting.name] if setting.name in s
+                                  else setting.default for setting in samplers.settings()},
+         "guidance_scale": s.guidance_scale}
   unknown = set(overrides) - set(out)
   if unknown:
     raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(out)}")
@@ -181,37 +180,27 @@ def sampler_kwargs(config: ml_collections.ConfigDict, **overrides) -> dict[str, 
 
 def sampler_tag(config: ml_collections.ConfigDict) -> str:
   """A file-name suffix for the `sample` section's settings, so that results of one checkpoint
-  under different samplers sit side by side: '' for ancestral sampling over all T steps with
-  clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
-  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR', '_guidance3'."""
-  s = config.sample
-  steps = ("_respaced" + s.respacing if s.respacing else
-           str(s.num_steps) if s.num_steps not in (0, config.diffusion.num_timesteps) else "")
-  parts = [s.sampler + steps] if (s.sampler != "ancestral" or steps) else []
-  if s.sampler in sampling.DPM_SAMPLERS:
-    parts.append(f"order{s.solver_order}_{s.solver_grid}")
-  if s.eta:
-    parts.append(f"eta{s.eta:g}")
-  if not s.clip_denoised:
-    parts.append("noclip")
-  if s.guidance_scale:
-    parts.append(f"guidance{s.guidance_scale:g}")
-  return "".join("_" + part for part in parts)
+  under different samplers sit side by side: the sampler's (`samplers.tag`: '' for ancestral
+  sampling over all T steps with clipping, the original's, else e.g. '_ddim50',
+  '_ancestral_respaced25', '_ddim_eta1', '_ancestral_noclip', '_dpmsolver++20_order2_logSNR'),
+  then classifier-free guidance's ('_guidance3')."""
+  tag = samplers.tag(config.sample, config.diffusion.num_timesteps)
+  if config.sample.guidance_scale:
+    tag += f"_guidance{config.sample.guidance_scale:g}"
+  return tag
 
 
 def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sampler: str,
-                   num_steps: int, eta: float, clip_denoised: bool,
-                   respacing: str = "", order: int = 2, grid: str = "time_uniform",
-                   guidance_scale: float = 0.0) -> Callable:
+                   guidance_scale: float = 0.0, **settings) -> Callable:
   """The sampler as one compiled program over the mesh.
 
   Args:
     config: what to sample (image size, channels, diffusion types, the model's classes).
     model, sched: the U-Net and its schedule.
     mesh: the devices; the keys (and labels, and images) are split over its `data` axis.
-    sampler, num_steps, eta, clip_denoised, respacing, order, grid: `sampling.sample`'s settings
-      (`sampler_kwargs`).
+    sampler: the sampler's name (`samplers.names()`).
     guidance_scale: classifier-free guidance's w (`denoiser`); 0 = none.
+    **settings: the sampler settings (`sampler_kwargs`; missing ones take their defaults).
 
   Returns:
     f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1]; for a class-conditional
@@ -220,15 +209,13 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sam
   d = config.diffusion
   size, channels = config.data.image_size, config.data.channels
   check_guidance(config, guidance_scale)
+  samplers.check(sampler, settings, sched.num_timesteps, mean_type=d.mean_type)
 
   def sample(params, keys, labels=None):
     model_fn = denoiser(model, params, labels, guidance_scale=guidance_scale,
                         var_type=d.var_type)
-    return sampling.sample(sampler, sched, model_fn, keys,
-                           (keys.shape[0], size, size, channels), num_steps=num_steps,
-                           order=order, grid=grid,
-                           respacing=respacing, eta=eta, clip_denoised=clip_denoised,
-                           mean_type=d.mean_type, var_type=d.var_type)
+    return samplers.sample(sampler, sched, model_fn, keys, (keys.shape[0], size, size, channels),
+                           mean_type=d.mean_type, var_type=d.var_type, **settings)
 
   return parallel.batch_map(sample, mesh, num_batched=2 if num_classes(config) else 1)
 

@@ -3,7 +3,7 @@
 A rule names a field, its type and its allowed range; a bound may be another field's name
 ("diffusion.num_timesteps"). Beyond the rules, `check` asks the library about the choices it
 owns: the diffusion types (`diffusion.check_types`, via `check_diffusion`) in every mode, and
-the sampler settings (`sampling.check_sampler`) in the modes that sample. It reports every
+the sampler settings (`samplers.check`) in the modes that sample. It reports every
 problem at once in one `ConfigError`, each line naming the field, its value, what is allowed
 and the flag to set. A numeric field added to configs/default.py needs a line in `RULES` (a test
 fails until it has one).
@@ -19,10 +19,9 @@ import ml_collections
 
 from diffusion_jax.config import build
 from diffusion_jax.core import diffusion
-from diffusion_jax.samplers import dpm_solver
 from diffusion_jax.data import input_pipeline
 from diffusion_jax import parallel
-from diffusion_jax import samplers as sampling
+from diffusion_jax import samplers
 from diffusion_jax.core import timestep_sampling
 
 MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
@@ -124,13 +123,7 @@ RULES = (
     Rule("train.heartbeat_timeout_s", "int", 1),
     Rule("train.profile_start", "int", -1, note="-1 = no trace"),
     Rule("train.profile_steps", "int", 1),
-    Rule("sample.sampler", "str", choices=tuple(sampling.SAMPLERS)),
-    Rule("sample.num_steps", "int", 0, _T, modes=_SAMPLER_MODES, note="0 = all T"),
-    Rule("sample.respacing", "str"),
-    Rule("sample.eta", "float", 0, note="0 = deterministic DDIM"),
-    Rule("sample.solver_order", "int", choices=dpm_solver.ORDERS),
-    Rule("sample.solver_grid", "str", choices=dpm_solver.GRIDS),
-    Rule("sample.clip_denoised", "bool"),
+    # sample.sampler and the sampler settings: `sampler_rules`, from the samplers' registry.
     Rule("sample.guidance_scale", "float", 0, note="0 = no guidance"),
     Rule("sample.num_samples", "int", 1),
     Rule("eval.batch_size", "int", 1),
@@ -210,6 +203,26 @@ def _in_range(value, rule: Rule, low, high) -> bool:
   if high is not None and (value >= high if rule.high_open else value > high):
     return False
   return True
+
+
+def sampler_rules() -> tuple[Rule, ...]:
+  """The rules of `sample.sampler` and of every sampler setting, as the registered samplers
+  state them (`samplers.Setting`): a setting's bounds, with T for the schedule's length."""
+  out = [Rule("sample.sampler", "str", choices=samplers.names())]
+  for setting in samplers.settings():
+    high = _T if setting.high == samplers.registry.T else setting.high
+    out.append(Rule(f"sample.{setting.name}", setting.kind, setting.low, high,
+                    choices=setting.choices,
+                    modes=_SAMPLER_MODES if isinstance(high, str) else None,
+                    note=setting.note if setting.kind != "str" or not setting.choices else ""))
+  return tuple(out)
+
+
+def rules() -> tuple[Rule, ...]:
+  """Every rule: `RULES`, with the samplers' (`sampler_rules`, which depend on what is
+  registered) first among the `sample` section's."""
+  first = next(i for i, rule in enumerate(RULES) if rule.path.startswith("sample."))
+  return RULES[:first] + sampler_rules() + RULES[first:]
 
 
 def _problem(rule: Rule, value, config, mode: str) -> str | None:
@@ -317,7 +330,8 @@ def _draws_samples(config, mode: str) -> bool:
 
 
 def sampler_problems(config, mode: str = "sample") -> list[str]:
-  """What `sampling.check_sampler` refuses in `config.sample`, for a mode that samples.
+  """What the sampler of `config.sample` refuses (`samplers.check`), and classifier-free
+  guidance a model cannot take, for a mode that samples.
 
   Args:
     config: a full config.
@@ -330,18 +344,14 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
   """
   if not _draws_samples(config, mode):
     return []
-  sampler, num_steps, eta, respacing, num_timesteps, order, grid, mean_type = (
-      _get(config, path) for path in ("sample.sampler", "sample.num_steps", "sample.eta",
-                                      "sample.respacing", _T, "sample.solver_order",
-                                      "sample.solver_grid", "diffusion.mean_type"))
-  if _MISSING in (sampler, num_steps, eta) or not _is_int(num_timesteps):
+  section = _get(config, "sample")
+  num_timesteps, mean_type = _get(config, _T), _get(config, "diffusion.mean_type")
+  if section is _MISSING or "sampler" not in section or not _is_int(num_timesteps):
     return []
-  respacing = "" if respacing is _MISSING else respacing
   try:
-    sampling.check_sampler(sampler, num_steps, eta, num_timesteps, respacing=respacing,
-                           flag_prefix="--config.", order=2 if order is _MISSING else order,
-                           grid="time_uniform" if grid is _MISSING else grid,
-                           mean_type="eps" if mean_type is _MISSING else mean_type)
+    samplers.check(section["sampler"], dict(section), num_timesteps,
+                   mean_type="eps" if mean_type is _MISSING else mean_type,
+                   flag_prefix="--config.")
   except ValueError as e:
     return [str(e)]
   guidance = _get(config, "sample.guidance_scale")
@@ -396,13 +406,13 @@ def problems(config, mode: str = "train") -> list[str]:
     mode: the --mode of the run: which fields' cross-field ranges matter.
 
   Returns:
-    one message per bad field, in `RULES` order, then the diffusion types', the model's and the
+    one message per bad field, in `rules()` order, then the diffusion types', the model's and the
     sampler's.
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
   out = []
-  for rule in RULES:
+  for rule in rules():
     value = _get(config, rule.path)
     if value is not _MISSING:
       message = _problem(rule, value, config, mode)
@@ -413,9 +423,7 @@ def problems(config, mode: str = "train") -> list[str]:
   if not any(m.startswith(("model.", "data.image_size=", "data.channels=")) for m in out):
     out += model_problems(config, mode)
   # The sampler's own limits, once its fields and T have the right types and ranges.
-  if not any(m.startswith(("sample.sampler=", "sample.num_steps=", "sample.eta=",
-                            "sample.respacing=", "sample.solver_order=", "sample.solver_grid=",
-                            _T + "="))
+  if not any(m.startswith(tuple(f"{rule.path}=" for rule in sampler_rules()) + (_T + "=",))
              for m in out):
     out += sampler_problems(config, mode)
   return out
@@ -430,7 +438,7 @@ def raise_if_any(messages: list[str]) -> None:
 
 
 def check(config, mode: str = "train") -> None:
-  """Raises ConfigError naming every field whose value `mode` cannot use: `RULES`, the diffusion
+  """Raises ConfigError naming every field whose value `mode` cannot use: `rules()`, the diffusion
   types (`check_diffusion`) and, where `mode` samples, the sampler (`sampler_problems`)."""
   raise_if_any(problems(config, mode))
 

@@ -12,6 +12,7 @@ from diffusion_jax.core import schedules
 from diffusion_jax.core.diffusion import ModelFn
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.samplers import common
+from diffusion_jax.samplers import registry
 
 
 def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str, var_type: str,
@@ -202,25 +203,29 @@ def interpolate(sched: Schedule, model_fn: ModelFn, x1, x2, lam, t: int, keys, *
   return x0
 
 
-def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
-                     clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
-                     grid: str = "time_uniform") -> jax.Array:
-  """`p_sample_loop` with the `samplers.SAMPLERS` signature; fewer steps than T respace the schedule
-  (order and grid are DPM-Solver's, unused here).
+def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps,
+                     clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+  """Ancestral sampling as a registry entry runs it: over all T steps, or over the schedule
+  respaced to `timesteps`.
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
     timesteps: the timesteps to visit, ascending; unless that is all T, the chain runs over
       `schedules.respace(sched, timesteps)` (at least 2 of them; `sched` must be concrete).
-    eta: must be 0 (ancestral sampling's noise is set by var_type).
 
   Returns:
     Samples [B, H, W, C].
   """
   timesteps = schedules.check_timesteps(timesteps, sched.num_timesteps)
-  if eta != 0:
-    raise ValueError(f"eta={eta} is DDIM's; ancestral sampling takes eta=0")
   if timesteps.size != sched.num_timesteps:
     sched = schedules.respace(sched, timesteps)
   return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
                        clip_denoised=clip_denoised)
+
+
+# Its noise is set by the variance type, so it has no settings of its own. Over fewer than T
+# steps it runs on the respaced schedule, which needs two steps at least.
+ENTRY = registry.SamplerEntry(
+    name="ancestral", run=sample_ancestral, min_steps=2,
+    summary="Ho et al.'s Algorithm 2: x_{t-1} ~ p(x_{t-1} | x_t), over all T steps or a "
+            "respaced schedule")

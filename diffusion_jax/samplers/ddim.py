@@ -11,15 +11,12 @@ from diffusion_jax.core import schedules
 from diffusion_jax.core.diffusion import ModelFn
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.samplers import common
+from diffusion_jax.samplers import registry
 
 
-def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The respaced subset of timesteps DDIM visits, ascending: evenly spaced from 0 to T-1."""
-  if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be in [1, T={num_timesteps}], got {num_steps}")
-  if num_steps == 1:
-    return np.array([num_timesteps - 1])
-  return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
+# The K of T timesteps DDIM visits, ascending: evenly spaced from 0 to T-1 (the rule every
+# sampler's num_steps follows).
+ddim_timesteps = registry.evenly_spaced
 
 
 def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
@@ -83,10 +80,8 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
 
 
 def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
-                clip_denoised: bool, mean_type: str, var_type: str, order: int = 2,
-                grid: str = "time_uniform") -> jax.Array:
-  """`ddim_sample_loop` with the `samplers.SAMPLERS` signature (order and grid are DPM-Solver's, unused
-  here).
+                clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+  """`ddim_sample_loop` as a registry entry runs it.
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
@@ -98,3 +93,12 @@ def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, e
   """
   return ddim_sample_loop(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
                           mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+
+
+# 1 gives DDPM's posterior variance on the visited steps.
+ETA = registry.Setting("eta", 0.0, "float", low=0, note="DDIM's noise scale, 0 = deterministic")
+
+ENTRY = registry.SamplerEntry(
+    name="ddim", run=sample_ddim, settings=(ETA,),
+    tag=lambda eta: [f"eta{eta:g}"] if eta else [],
+    summary="Song et al.'s DDIM over any subset of the timesteps; eta = 0 is deterministic")

@@ -29,6 +29,7 @@ import numpy as np
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import prng
 from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.samplers import registry
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 GRIDS = ("time_uniform", "logSNR")
@@ -242,3 +243,38 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
   zeros = jnp.zeros_like(x_init)
   (x, _, _), _ = jax.lax.scan(step, (x_init, zeros, zeros), xs)
   return x
+
+
+# --- As samplers by name -----------------------------------------------------------------------
+
+ORDER = registry.Setting("solver_order", 2, "int", choices=ORDERS, note="DPM-Solver's order")
+GRID = registry.Setting("solver_grid", "time_uniform", "str", choices=GRIDS,
+                        note="DPM-Solver's time grid")
+
+
+def _entry(algorithm: str) -> registry.SamplerEntry:
+  """DPM-Solver with one algorithm as a sampler: num_steps network calls of `solver_order` on
+  `solver_grid`, on its own continuous-time grid (so no respacing)."""
+
+  def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, mean_type, var_type,
+          solver_order, solver_grid):
+    return solve(sched, model_fn, keys, shape, num_steps=num_steps, order=solver_order,
+                 algorithm=algorithm, grid=solver_grid, mean_type=mean_type, var_type=var_type,
+                 clip_denoised=clip_denoised)
+
+  def check(field, *, count, num_timesteps, mean_type, solver_order, solver_grid):
+    try:
+      check_solver(algorithm, solver_order, solver_grid, count, num_timesteps, mean_type)
+    except ValueError as e:
+      raise ValueError(f"{e}: set {field('solver_order')}, {field('solver_grid')} or "
+                       f"{field('num_steps')}, or another {field('sampler')}") from None
+
+  what = "x_0" if algorithm == "dpmsolver++" else "noise"
+  return registry.SamplerEntry(
+      name=algorithm, run=run, settings=(ORDER, GRID), check=check,
+      tag=lambda solver_order, solver_grid: [f"order{solver_order}_{solver_grid}"],
+      visits_timesteps=False,
+      summary=f"Lu et al.'s {algorithm}, multistep on the {what} predictions")
+
+
+ENTRIES = tuple(_entry(algorithm) for algorithm in ALGORITHMS)

@@ -158,22 +158,23 @@ class UsageError(ValueError):
   """Settings the benchmark cannot run; `main` prints it as one `error:` line, exit code 2."""
 
 
-_SAMPLER_NAMES = ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
-
-
 def _sampler_list(text: str) -> list[tuple[str, int]]:
-  """'ancestral,ddim50' -> [('ancestral', 0), ('ddim', 50)]: 0 means all T steps."""
+  """'ancestral,ddim50' -> [('ancestral', 0), ('ddim', 50)]: 0 means all T steps. The names are
+  the registered samplers' (importing them imports jax, but starts no backend)."""
+  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top
+  known = samplers.names()
   out = []
   for item in (s.strip() for s in text.split(",")):
     if not item:
       continue
-    name = max((n for n in _SAMPLER_NAMES if item.startswith(n)), key=len, default=None)
+    name = max((n for n in known if item.startswith(n)), key=len, default=None)
     count = item[len(name):] if name else ""
     if name is None or (count and not count.isdigit()) or (count and int(count) < 1):
       raise ValueError(
-          f"{item!r} is not a sampler with its calls: want one of {', '.join(_SAMPLER_NAMES)} "
-          f"followed by a positive count, e.g. ddim50 (ancestral alone: all T steps)")
-    if name != "ancestral" and not count:
+          f"{item!r} is not a sampler with its calls: want one of {', '.join(known)} "
+          f"followed by a positive count, e.g. ddim50 ({samplers.registry.REFERENCE} alone: "
+          f"all T steps)")
+    if name != samplers.registry.REFERENCE and not count:
       raise ValueError(f"{item!r} needs its number of calls, e.g. {name}20")
     if (name, int(count or 0)) in out:
       raise ValueError(f"{item!r} is given twice")
@@ -347,8 +348,8 @@ def _sampler_programs(args, config) -> list[tuple[str, int, int, dict]]:
   A sampler of more calls than `--sample_steps` is timed over that many (ancestral sampling
   over a schedule respaced to them: the same step on other coefficients).
   """
+  from diffusion_jax import samplers  # pylint: disable=g-import-not-at-top
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
-  from diffusion_jax import samplers as sampling  # pylint: disable=g-import-not-at-top
 
   num_timesteps = config.diffusion.num_timesteps
   programs = []
@@ -359,16 +360,18 @@ def _sampler_programs(args, config) -> list[tuple[str, int, int, dict]]:
       raise UsageError(f"--samplers {tag}: {calls} calls, more than the T={num_timesteps} "
                        "steps of the schedule; give at most T")
     timed_calls = min(calls, args.sample_steps)
-    settings = dict(sampler=name, num_steps=0, respacing="", eta=0.0, clip_denoised=True)
-    if name != "ancestral":
+    # Its own settings from the config, the other samplers' at their defaults.
+    own = {setting.name for setting in samplers.get(name).settings}
+    settings = {setting.name: setting.default for setting in samplers.settings()
+                if setting.name not in own and setting not in samplers.registry.COMMON}
+    settings.update(sampler=name, num_steps=0, respacing="", clip_denoised=True)
+    if name != samplers.registry.REFERENCE:
       settings["num_steps"] = timed_calls
     elif timed_calls != num_timesteps:
       settings["respacing"] = str(timed_calls)
     kwargs = build.sampler_kwargs(config, **settings)
     try:
-      sampling.check_sampler(kwargs["sampler"], kwargs["num_steps"], kwargs["eta"],
-                             num_timesteps, respacing=kwargs["respacing"], order=kwargs["order"],
-                             grid=kwargs["grid"], mean_type=config.diffusion.mean_type)
+      samplers.check(name, kwargs, num_timesteps, mean_type=config.diffusion.mean_type)
     except ValueError as e:
       raise UsageError(f"--samplers {tag} (timed over {timed_calls} calls, --sample_steps): "
                        f"{e}") from None

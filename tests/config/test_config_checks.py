@@ -28,14 +28,15 @@ def numeric_leaves(tree, prefix=""):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_numeric_field_has_a_rule(name):
   tree = load_config(name).to_dict()
-  ruled = {rule.path for rule in config_checks.RULES}
+  ruled = {rule.path for rule in config_checks.rules()}
   missing = sorted(set(numeric_leaves(tree)) - ruled)
-  assert not missing, f"add a Rule to config_checks.RULES for {missing}"
+  assert not missing, (f"add a Rule to config_checks.RULES (or a samplers.Setting, for the "
+                       f"sample section) for {missing}")
 
 
 def test_every_rule_names_a_field():
   tree = load_config("default").to_dict()
-  for rule in config_checks.RULES:
+  for rule in config_checks.rules():
     node = tree
     for name in rule.path.split("."):
       node = node[name]
@@ -197,9 +198,9 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
   config = load_config(overrides={"sample.sampler": "ancestral", "sample.num_steps": 1})
   for mode in ("summary", "progressive", "interpolate", "train"):  # train: sample_every = 0
     config_checks.check(config, mode)
-  want = (r"ancestral sampling over a respaced schedule needs at least 2 steps, got 1: set "
-          r"--config.sample.num_steps or --config.sample.respacing to keep more, or "
-          r"--config.sample.sampler='ddim'")
+  want = (r"sampler 'ancestral' needs at least 2 steps, got 1: set "
+          r"--config.sample.num_steps or --config.sample.respacing to keep more, or another "
+          r"--config.sample.sampler")
   for mode in ("sample", "eval"):
     with pytest.raises(config_checks.ConfigError, match=want):
       config_checks.check(config, mode)
@@ -210,13 +211,14 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
 
 @pytest.mark.parametrize("overrides, match", [
     ({"sample.eta": 0.5, "sample.sampler": "ancestral", "sample.num_steps": 0},
-     r"sample.eta=0.5 is DDIM's noise scale.*set --config.sample.eta=0.0, or "
+     r"sample.eta=0.5 is a setting of sampler 'ddim' \(DDIM's noise scale, 0 = "
+     r"deterministic\), which 'ancestral' does not use: set --config.sample.eta=0.0, or "
      r"--config.sample.sampler='ddim'"),
     ({"sample.sampler": "plms"},
      r"^sample.sampler='plms' must be one of ancestral, ddim, dpmsolver\+\+, dpmsolver: "
      r"set --config.sample.sampler=ancestral\|ddim\|dpmsolver\+\+\|dpmsolver$"),
     ({"sample.sampler": "dpmsolver++", "sample.solver_order": 4},
-     r"^sample.solver_order=4 must be an integer one of 1, 2, 3: set "
+     r"^sample.solver_order=4 must be an integer one of 1, 2, 3 \(DPM-Solver's order\): set "
      r"--config.sample.solver_order=N$"),
     ({"sample.sampler": "dpmsolver++", "sample.solver_grid": "quadratic"},
      r"^sample.solver_grid='quadratic' must be one of time_uniform, logSNR"),
@@ -227,9 +229,12 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
     ({"sample.sampler": "dpmsolver", "diffusion.mean_type": "xprev"},
      r"mean_type 'eps', 'xstart' or 'v'\), got mean_type 'xprev'"),
     ({"sample.sampler": "dpmsolver++", "sample.num_steps": 0, "sample.respacing": "10"},
-     r"^sample.respacing='10': dpmsolver\+\+ takes its steps from --config.sample.num_steps"),
+     r"^sample.respacing='10': 'dpmsolver\+\+' takes its steps from "
+     r"--config.sample.num_steps, not from a respacing; set --config.sample.respacing=''$"),
     ({"sample.sampler": "ddim", "sample.solver_grid": "logSNR"},
-     r"are DPM-Solver's, which ddim does not use"),
+     r"^sample.solver_grid='logSNR' is a setting of sampler 'dpmsolver\+\+' or 'dpmsolver' "
+     r"\(DPM-Solver's time grid\), which 'ddim' does not use: set "
+     r"--config.sample.solver_grid='time_uniform', or --config.sample.sampler='dpmsolver\+\+'$"),
     ({"sample.num_steps": 101},
      r"^sample.num_steps=101 must be an integer in \[0, diffusion.num_timesteps=100\] "
      r"\(0 = all T\): set --config.sample.num_steps=N$"),
@@ -268,7 +273,7 @@ def test_bools():
   tree["eval"]["bpd_clip_denoised"] = 0
   tree["sample"]["clip_denoised"] = "yes"
   assert config_checks.problems(tree, "progressive") == [
-      "sample.clip_denoised='yes' must be True or False: "
+      "sample.clip_denoised='yes' must be True or False (clip each x_0 prediction to [-1, 1]): "
       "set --config.sample.clip_denoised=True|False",
       "eval.bpd_clip_denoised=0 must be True or False: "
       "set --config.eval.bpd_clip_denoised=True|False"]

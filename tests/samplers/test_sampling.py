@@ -362,14 +362,18 @@ def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_
   np.testing.assert_array_equal(np.asarray(got), np.asarray(direct(sched, model_fn, keys, kw)))
 
 
-def test_every_registered_sampler_has_the_one_signature():
-  want = ["sched", "model_fn", "keys", "shape", "timesteps", "eta", "clip_denoised", "mean_type",
-          "var_type", "order", "grid"]
-  assert set(sampling.SAMPLERS) == {"ancestral", "ddim", "dpmsolver++", "dpmsolver"}
-  for name, fn in sampling.SAMPLERS.items():
-    params = inspect.signature(fn).parameters
-    assert list(params) == want, name
-    assert all(params[p].kind == inspect.Parameter.KEYWORD_ONLY for p in want[4:]), name
+def test_every_registered_sampler_runs_on_one_contract():
+  """The run function of each entry takes the samples' arguments, then its steps and exactly its
+  own settings, keyword-only."""
+  assert sampling.names() == ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
+  for name in sampling.names():
+    entry = sampling.get(name)
+    params = inspect.signature(entry.run).parameters
+    steps = "timesteps" if entry.visits_timesteps else "num_steps"
+    assert list(params)[:4] == ["sched", "model_fn", "keys", "shape"], name
+    keywords = {p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == ({steps, "clip_denoised", "mean_type", "var_type"}
+                        | {s.name for s in entry.settings}), name
 
 
 @pytest.mark.parametrize("sampler, num_steps, eta, respacing", [
@@ -378,28 +382,47 @@ def test_every_registered_sampler_has_the_one_signature():
     ("ddim", 0, 0.0, ""), ("ddim", 1, 0.0, ""), ("ddim", STEPS, 1.0, ""), ("ddim", 5, 0.3, ""),
     ("ddim", 0, 0.0, "1"), ("ddim", 0, 0.5, "ddim8"),
 ])
-def test_check_sampler_accepts(sampler, num_steps, eta, respacing):
-  sampling.check_sampler(sampler, num_steps, eta, STEPS, respacing=respacing)
+def test_check_accepts(sampler, num_steps, eta, respacing):
+  sampling.check(sampler, dict(num_steps=num_steps, eta=eta, respacing=respacing), STEPS)
 
 
 @pytest.mark.parametrize("sampler, num_steps, eta, match", [
     ("plms", 0, 0.0, r"unknown sampler 'plms': set sample.sampler to one of 'ancestral', 'ddim'"),
-    ("ancestral", 1, 0.0, r"needs at least 2 steps, got 1: set sample.num_steps or "
-                          r"sample.respacing to keep more, or sample.sampler='ddim'"),
-    ("ancestral", -1, 0.0, r"got -1: set sample.num_steps to one of 1..40"),
-    ("ancestral", 0, 0.5, r"sample.eta=0.5 is DDIM's noise scale.*set sample.eta=0.0, or "
+    ("ancestral", 1, 0.0, r"sampler 'ancestral' needs at least 2 steps, got 1: set "
+                          r"sample.num_steps or sample.respacing to keep more, or another "
+                          r"sample.sampler"),
+    ("ancestral", -1, 0.0, r"sample.num_steps=-1 must be in 0..40 \(0 = all T\): set "
+                           r"sample.num_steps to one of 0..40"),
+    ("ancestral", 0, 0.5, r"sample.eta=0.5 is a setting of sampler 'ddim' \(DDIM's noise scale"
+                          r".*\), which 'ancestral' does not use: set sample.eta=0.0, or "
                           r"sample.sampler='ddim'"),
-    ("ddim", STEPS + 1, 0.0, r"got 41: set sample.num_steps to one of 1..40 \(0 = all 40\)"),
-    ("ddim", -1, 0.0, r"got -1: set sample.num_steps to one of 1..40"),
-    ("ddim", 4, -0.5, r"sample.eta=-0.5 must be >= 0.*set sample.eta=0.0 or more"),
-    ("ddim", 4, float("nan"), r"sample.eta=nan must be >= 0"),
+    ("ddim", STEPS + 1, 0.0, r"sample.num_steps=41 must be in 0..40 .*set sample.num_steps to "
+                             r"one of 0..40"),
+    ("ddim", -1, 0.0, r"sample.num_steps=-1 must be in 0..40"),
+    ("ddim", 4, -0.5, r"sample.eta=-0.5 must be >= 0 \(DDIM's noise scale.*set sample.eta to "
+                      r"0 or more"),
+    ("ddim", 4, float("nan"), r"sample.eta=nan must be a finite number"),
     ("ddim", 4.0, 0.0, r"sample.num_steps=4.0 must be an integer"),
     ("ddim", True, 0.0, r"sample.num_steps=True must be an integer"),
-    ("ddim", 4, "0", r"sample.eta='0' must be a number"),
+    ("ddim", 4, "0", r"sample.eta='0' must be a finite number"),
+    ("dpmsolver++", 0, 0.5, r"sample.eta=0.5 is a setting of sampler 'ddim'.*which 'dpmsolver\+\+'"
+                            r" does not use: set sample.eta=0.0"),
 ])
-def test_check_sampler_says_what_to_set(sampler, num_steps, eta, match):
+def test_check_says_what_to_set(sampler, num_steps, eta, match):
   with pytest.raises(ValueError, match=match):
-    sampling.check_sampler(sampler, num_steps, eta, STEPS)
+    sampling.check(sampler, dict(num_steps=num_steps, eta=eta), STEPS)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(solver_order=3), r"sample.solver_order=3 is a setting of sampler 'dpmsolver\+\+' or "
+                           r"'dpmsolver' \(DPM-Solver's order\), which 'ddim' does not use: set "
+                           r"sample.solver_order=2, or sample.sampler='dpmsolver\+\+'"),
+    (dict(solver_grid="logSNR"), r"sample.solver_grid='logSNR' is a setting of sampler"),
+    (dict(clip_denoised="yes"), r"sample.clip_denoised='yes' must be True or False"),
+])
+def test_check_refuses_other_samplers_settings_and_bad_types(settings, match):
+  with pytest.raises(ValueError, match=match):
+    sampling.check("ddim", settings, STEPS)
 
 
 @pytest.mark.parametrize("num_steps, respacing, match", [
@@ -408,19 +431,19 @@ def test_check_sampler_says_what_to_set(sampler, num_steps, eta, match):
     (0, "41", r"keeps 41 steps, more than T=40: set sample.respacing to a spec such as"),
     (0, "ddim 5x", r"does not parse.*set sample.respacing to a spec"),
     (0, "ddim30", r"no integer stride keeps exactly 30"),
-    (0, "1", r"ancestral sampling over a respaced schedule needs at least 2 steps, got 1"),
+    (0, "1", r"sampler 'ancestral' needs at least 2 steps, got 1"),
     (0, 50, r"sample.respacing=50 must be a string"),
 ])
-def test_check_sampler_refuses_respacing(num_steps, respacing, match):
+def test_check_refuses_respacing(num_steps, respacing, match):
   with pytest.raises(ValueError, match=match):
-    sampling.check_sampler("ancestral", num_steps, 0.0, STEPS, respacing=respacing)
+    sampling.check("ancestral", dict(num_steps=num_steps, respacing=respacing), STEPS)
 
 
-def test_check_sampler_names_flags_with_a_prefix():
+def test_check_names_flags_with_a_prefix():
   with pytest.raises(ValueError, match=r"set --config.sample.num_steps or "
-                                       r"--config.sample.respacing to keep more, or "
-                                       r"--config.sample.sampler='ddim'"):
-    sampling.check_sampler("ancestral", 1, 0.0, STEPS, flag_prefix="--config.")
+                                       r"--config.sample.respacing to keep more, or another "
+                                       r"--config.sample.sampler"):
+    sampling.check("ancestral", dict(num_steps=1), STEPS, flag_prefix="--config.")
 
 
 def test_sample_checks_before_sampling(sched):
@@ -434,6 +457,9 @@ def test_sample_checks_before_sampling(sched):
   with pytest.raises(ValueError, match="unknown sampler"):
     sampling.sample("DDIM", sched, toy_model(), keys, (4, 2, 2, 1), mean_type="eps",
                     var_type="fixedlarge")
+  with pytest.raises(TypeError, match=r"unknown sampler settings \['order'\]"):
+    sampling.sample("dpmsolver++", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=4,
+                    order=3, mean_type="eps", var_type="fixedlarge")
 
 
 def overshooting_model(x, t):

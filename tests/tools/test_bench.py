@@ -14,11 +14,13 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 BLOCKED = ("tensorflow", "tensorflow_datasets", "clu", "orbax", "etils", "PIL")
 
 
-def _blocker(blocked) -> str:
+def _blocker(blocked, no_backend: bool = False) -> str:
   """A script that runs the benchmark with every import of `blocked` packages failing.
 
   Installed before anything else runs: any import of a blocked package (or its submodules)
-  raises, as it would on a machine without it.
+  raises, as it would on a machine without it. With `no_backend`, the script also fails if a JAX
+  backend was started by the time the benchmark ended (loading a config imports jax, for the
+  samplers' settings, but must start nothing).
   """
   return textwrap.dedent(f"""
       import runpy, sys
@@ -32,7 +34,12 @@ def _blocker(blocked) -> str:
 
       sys.meta_path.insert(0, _Block())
       sys.argv = ["diffusion_jax.tools.bench"] + sys.argv[1:]
-      runpy.run_module("diffusion_jax.tools.bench", run_name="__main__", alter_sys=True)
+      try:
+        runpy.run_module("diffusion_jax.tools.bench", run_name="__main__", alter_sys=True)
+      finally:
+        if {no_backend!r} and "jax" in sys.modules:
+          from jax._src import xla_bridge
+          assert not xla_bridge._backends, "a JAX backend was started"
       assert not any(m.split(".")[0] in {tuple(blocked)!r} for m in sys.modules)
   """)
 
@@ -139,9 +146,9 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
     ("--samplers", "ddim5,ddim5", "'ddim5' is given twice")])
 def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  # With jax blocked too, getting past the argument parsing would end in an ImportError.
+  # With flax blocked too, getting past the argument parsing would end in an ImportError.
   proc = subprocess.run(
-      [sys.executable, "-c", _blocker(BLOCKED + ("jax", "jaxlib", "flax")), "--config",
+      [sys.executable, "-c", _blocker(BLOCKED + ("flax",), no_backend=True), "--config",
        "configs/test.py", flag, value],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 2, proc.stderr[-4000:]
@@ -150,8 +157,9 @@ def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
   assert proc.stdout == "", proc.stdout
 
 
-# With jax, jaxlib and flax blocked too: the flags and the config are checked before JAX starts.
-_BLOCKER_WITHOUT_JAX = _blocker(BLOCKED + ("jax", "jaxlib", "flax"))
+# With flax blocked too and no JAX backend started: the flags and the config are checked before
+# any model code loads or JAX starts (loading a config imports jax for the samplers' settings).
+_BLOCKER_WITHOUT_JAX = _blocker(BLOCKED + ("flax",), no_backend=True)
 
 
 def _bench_without_jax(*args):

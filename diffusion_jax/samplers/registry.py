@@ -1,0 +1,349 @@
+"""Samplers by name: each one an entry that owns its settings, their defaults and rules, its part
+of a result's name and its run function.
+
+The `sample` section of a config is built from the registry (`default_settings`): the settings
+every sampler has (`COMMON`), then each registered sampler's own. Everything that samples by name
+reads the entries: `sample`, the config checks (`check`, and the rules of
+`diffusion_jax.config.checks` made from the settings), the result names (`tag`), the command
+line, the `Sampler` and the benchmark.
+
+Registration is explicit. The package registers its samplers in `diffusion_jax/samplers/
+__init__.py`; a sampler from another package is registered with `register(entry)`, or through the
+entry-point group `diffusion_jax.samplers` (each entry point loads a `SamplerEntry`, or a list of
+them), read the first time the registry is asked for its names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import math
+import numbers
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from diffusion_jax.core import schedules
+
+ENTRY_POINT_GROUP = "diffusion_jax.samplers"
+# The sampler of the original code: over all T steps it needs no name in a result's name.
+REFERENCE = "ancestral"
+# `Setting.high` meaning the schedule's length T.
+T = "T"
+
+_KINDS = {"int": "an integer", "float": "a finite number", "str": "a string",
+          "bool": "True or False"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One field of the config's `sample` section.
+
+  Attributes:
+    name: the field, `sample.<name>`, and the keyword of the sampler's run function.
+    default: its value when not given; a sampler that does not own the setting needs it there.
+    kind: "int" (not bool), "float" (int or float, not bool), "str" or "bool".
+    low, high: inclusive bounds (None = unbounded); `high` may be `T`, the schedule's length.
+    choices: the only allowed values, when not a range.
+    note: what it is, for messages and the config's documentation, e.g. "DDIM's noise scale".
+  """
+  name: str
+  default: Any
+  kind: str
+  low: float | None = None
+  high: float | str | None = None
+  choices: tuple = ()
+  note: str = ""
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f"setting {self.name!r}: kind must be one of {', '.join(_KINDS)}")
+
+  def problem(self, value, num_timesteps: int, field: Callable[[str], str]) -> str | None:
+    """What is wrong with `value` for this setting (None: nothing)."""
+    note = f" ({self.note})" if self.note else ""
+    if self.kind == "int":
+      ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif self.kind == "float":
+      ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+    elif self.kind == "bool":
+      ok = isinstance(value, (bool, np.bool_))
+    else:
+      ok = isinstance(value, str)
+    example = {"int": "N", "float": f"{self.default!r}", "str": f"{self.default!r}",
+               "bool": "True|False"}[self.kind]
+    if not ok:
+      return (f"sample.{self.name}={value!r} must be {_KINDS[self.kind]}{note}: set "
+              f"{field(self.name)}={example}")
+    if self.choices and value not in self.choices:
+      allowed = "|".join(map(str, self.choices))
+      return (f"sample.{self.name}={value!r} must be one of {allowed}{note}: set "
+              f"{field(self.name)}={allowed}")
+    low, high = self.low, num_timesteps if self.high == T else self.high
+    if (low is not None and value < low) or (high is not None and value > high):
+      if low is not None and high is not None:
+        bounds, wanted = f"in {low:g}..{high:g}", f"one of {low:g}..{high:g}"
+      elif low is not None:
+        bounds, wanted = f">= {low:g}", f"{low:g} or more"
+      else:
+        bounds, wanted = f"<= {high:g}", f"{high:g} or less"
+      return (f"sample.{self.name}={value!r} must be {bounds}{note}: set {field(self.name)} to "
+              f"{wanted}")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerEntry:
+  """A sampler, all of it.
+
+  Attributes:
+    name: how configs and commands name it (`sample.sampler`).
+    run: run(sched, model_fn, keys, shape, *, clip_denoised, mean_type, var_type, **settings)
+      -> samples [B, H, W, C], where settings are its own (`settings`), and it gets either
+      `timesteps` (the steps to visit, ascending, from num_steps or the respacing) or, with
+      `visits_timesteps` False, `num_steps` (its count of network calls, >= 1).
+    settings: its own fields of the `sample` section. Two samplers may share one (the same
+      default and rules).
+    check: check(field, *, count, num_timesteps, mean_type, **settings) raises ValueError, saying
+      with `field(name)` what to set, for settings it cannot run beyond each setting's own rules
+      (count: the steps it would take).
+    tag: tag(**settings) -> the parts of a result's name its settings add (e.g. ['eta1']).
+    summary: one line for help texts.
+    min_steps: the fewest steps it runs.
+    visits_timesteps: it visits a subset of the trained timesteps (and so takes a respacing).
+  """
+  name: str
+  run: Callable[..., Any]
+  settings: tuple[Setting, ...] = ()
+  check: Callable[..., None] | None = None
+  tag: Callable[..., list[str]] | None = None
+  summary: str = ""
+  min_steps: int = 1
+  visits_timesteps: bool = True
+
+
+# The settings of every sampler.
+COMMON = (
+    # K in 1..T: K timesteps evenly spaced from 0 to T-1 (`evenly_spaced`), a network call each.
+    Setting("num_steps", 0, "int", 0, T, note="0 = all T"),
+    # Improved DDPM's respacing spec instead (num_steps 0): 'ddim50' (every 20th step of 1000
+    # from 0), '50' (50 evenly spaced, rounded), '10,20,30' (counts in equal sections of T).
+    Setting("respacing", "", "str", note="'' = none, or e.g. 'ddim50', '50', '10,20,30'"),
+    Setting("clip_denoised", True, "bool", note="clip each x_0 prediction to [-1, 1]"),
+)
+
+_ENTRIES: dict[str, SamplerEntry] = {}
+_plugins_loaded = False
+
+
+def register(entry: SamplerEntry) -> SamplerEntry:
+  """Adds `entry` to the samplers by name; returns it (so it can decorate a module constant).
+
+  Raises:
+    ValueError: a sampler of that name exists, or a setting clashes with a common one or with
+      another sampler's setting of the same name (another default, kind or rule).
+  """
+  if not isinstance(entry, SamplerEntry):
+    raise TypeError(f"register takes a SamplerEntry, got {type(entry).__name__}")
+  if entry.name in _ENTRIES:
+    raise ValueError(f"a sampler named {entry.name!r} is registered already")
+  common = {s.name for s in COMMON} | {"sampler", "guidance_scale", "num_samples"}
+  for setting in entry.settings:
+    if setting.name in common:
+      raise ValueError(f"sampler {entry.name!r}: its setting {setting.name!r} is a field every "
+                       "sampler has; name it after the sampler")
+    for other in _ENTRIES.values():
+      for theirs in other.settings:
+        if theirs.name == setting.name and theirs != setting:
+          raise ValueError(f"sampler {entry.name!r}: its setting {setting.name!r} differs from "
+                           f"the one of sampler {other.name!r}: {setting} vs {theirs}; give it "
+                           f"the same default and rules, or another name")
+  _ENTRIES[entry.name] = entry
+  return entry
+
+
+def unregister(name: str) -> None:
+  """Removes a sampler registered with `register` (for tests and interactive use)."""
+  _ENTRIES.pop(name, None)
+
+
+def _load_plugins() -> None:
+  global _plugins_loaded
+  if _plugins_loaded:
+    return
+  _plugins_loaded = True
+  for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    loaded = point.load()
+    for entry in (loaded if isinstance(loaded, (list, tuple)) else [loaded]):
+      register(entry)
+
+
+def names() -> tuple[str, ...]:
+  """The registered samplers' names, in registration order."""
+  _load_plugins()
+  return tuple(_ENTRIES)
+
+
+def get(name: str, *, flag_prefix: str = "") -> SamplerEntry:
+  """The entry of the sampler `name`; ValueError saying which names exist."""
+  _load_plugins()
+  if name not in _ENTRIES:
+    known = ", ".join(repr(n) for n in _ENTRIES)
+    raise ValueError(f"unknown sampler {name!r}: set {flag_prefix}sample.sampler to one of "
+                     f"{known}")
+  return _ENTRIES[name]
+
+
+def settings() -> tuple[Setting, ...]:
+  """Every setting of the `sample` section a sampler reads: the common ones, then each
+  registered sampler's own (a shared one once)."""
+  out = {s.name: s for s in COMMON}
+  for name in names():
+    for setting in _ENTRIES[name].settings:
+      out.setdefault(setting.name, setting)
+  return tuple(out.values())
+
+
+def default_settings() -> dict[str, Any]:
+  """The `sample` section's sampler fields with their defaults: `sampler` (the reference
+  sampler), then `settings()`."""
+  return {"sampler": REFERENCE, **{s.name: s.default for s in settings()}}
+
+
+def owners(setting_name: str) -> list[str]:
+  """The samplers that read a setting of their own named `setting_name`."""
+  return [n for n in names() if any(s.name == setting_name for s in _ENTRIES[n].settings)]
+
+
+def _resolved(values: Mapping[str, Any]) -> dict[str, Any]:
+  return {**{s.name: s.default for s in settings()},
+          **{k: v for k, v in values.items() if k in {s.name for s in settings()}}}
+
+
+def visited_timesteps(num_timesteps: int, num_steps: int = 0, respacing: str = "") -> np.ndarray:
+  """The timesteps a sampler visits, ascending: all T (num_steps 0 or T), K evenly spaced from 0
+  to T-1 (rounded; K in 1..T), or those of a `schedules.space_timesteps` spec."""
+  if respacing:
+    return schedules.space_timesteps(num_timesteps, respacing)
+  if num_steps in (0, num_timesteps):
+    return np.arange(num_timesteps)
+  return evenly_spaced(num_timesteps, num_steps)
+
+
+def evenly_spaced(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """K of T timesteps, ascending, evenly spaced from 0 to T-1 (rounded; T-1 alone for K = 1)."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, T={num_timesteps}], got {num_steps}")
+  if num_steps == 1:
+    return np.array([num_timesteps - 1])
+  return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
+
+
+def check(name: str, values: Mapping[str, Any], num_timesteps: int, *, mean_type: str = "eps",
+          flag_prefix: str = "") -> None:
+  """Raises ValueError, saying what to set, unless `sample` can run sampler `name` with these
+  settings (missing ones take their defaults; other keys, e.g. guidance_scale, are ignored).
+
+  Args:
+    name: the sampler.
+    values: settings by name (a `sample` section, or some of its fields).
+    num_timesteps: T, the schedule's length.
+    mean_type: what the model predicts (a sampler may need one).
+    flag_prefix: put before the field names in the message ('--config.' for the command line).
+  """
+  field = lambda n: f"{flag_prefix}sample.{n}"
+  entry = get(name, flag_prefix=flag_prefix)
+  values = _resolved(values)
+  own = {s.name for s in entry.settings}
+  for setting in COMMON + entry.settings:
+    message = setting.problem(values[setting.name], num_timesteps, field)
+    if message:
+      raise ValueError(message)
+  for setting in settings():
+    if setting.name in own or setting in COMMON or values[setting.name] == setting.default:
+      continue
+    whose = " or ".join(repr(n) for n in owners(setting.name))
+    note = f" ({setting.note})" if setting.note else ""
+    raise ValueError(
+        f"sample.{setting.name}={values[setting.name]!r} is a setting of sampler {whose}{note}, "
+        f"which {name!r} does not use: set {field(setting.name)}={setting.default!r}, or "
+        f"{field('sampler')}={owners(setting.name)[0]!r}")
+  num_steps, respacing = values["num_steps"], values["respacing"]
+  if respacing:
+    if not entry.visits_timesteps:
+      raise ValueError(f"sample.respacing={respacing!r}: {name!r} takes its steps from "
+                       f"{field('num_steps')}, not from a respacing; set {field('respacing')}=''")
+    if num_steps != 0:
+      raise ValueError(
+          f"sample.respacing={respacing!r} and sample.num_steps={num_steps} both choose the "
+          f"timesteps: set {field('num_steps')}=0 to use the respacing, or "
+          f"{field('respacing')}='' to use the step count")
+    try:
+      count = len(schedules.space_timesteps(num_timesteps, respacing))
+    except ValueError as e:
+      raise ValueError(f"{e}: set {field('respacing')} to a spec such as 'ddim50', '50' or "
+                       f"'10,20,30' (steps of T={num_timesteps}), or '' for none") from None
+  else:
+    count = num_steps or num_timesteps
+  if count < entry.min_steps:
+    raise ValueError(
+        f"sampler {name!r} needs at least {entry.min_steps} steps, got {count}: set "
+        f"{field('num_steps')} or {field('respacing')} to keep more, or another "
+        f"{field('sampler')}")
+  if entry.check is not None:
+    entry.check(field, count=count, num_timesteps=num_timesteps, mean_type=mean_type,
+                **{k: values[k] for k in own})
+
+
+def sample(name: str, sched, model_fn, keys, shape, *, mean_type: str, var_type: str,
+           **values) -> Any:
+  """Samples with the sampler `name`, after `check`.
+
+  Args:
+    name: a registered sampler ('ancestral', 'ddim', 'dpmsolver++', 'dpmsolver', ...).
+    sched, model_fn, keys, shape: the schedule, the network (`model_fn(x, t)`), one key per
+      example [B] and the samples' shape [B, H, W, C].
+    mean_type, var_type: the model's output types.
+    **values: settings by name (`settings()`: num_steps, respacing, clip_denoised, and the
+      samplers' own, e.g. eta, solver_order, solver_grid); missing ones take their defaults.
+
+  Returns:
+    Samples [B, H, W, C], nominally in [-1, 1].
+  """
+  known = {s.name for s in settings()}
+  unknown = set(values) - known
+  if unknown:
+    raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(known)}")
+  check(name, values, sched.num_timesteps, mean_type=mean_type)
+  entry = get(name)
+  values = _resolved(values)
+  own = {s.name: values[s.name] for s in entry.settings}
+  timesteps = visited_timesteps(sched.num_timesteps, values["num_steps"], values["respacing"])
+  steps = (dict(timesteps=timesteps) if entry.visits_timesteps else
+           dict(num_steps=len(timesteps)))
+  return entry.run(sched, model_fn, keys, shape, clip_denoised=values["clip_denoised"],
+                   mean_type=mean_type, var_type=var_type, **steps, **own)
+
+
+def tag(values: Mapping[str, Any], num_timesteps: int) -> str:
+  """A file-name suffix for these sampler settings, so that results of one checkpoint under
+  different samplers sit side by side: '' for the reference sampler over all T steps with
+  clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
+  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR'.
+
+  Args:
+    values: a `sample` section (its `sampler` and settings; missing settings take defaults).
+    num_timesteps: T.
+  """
+  name = values["sampler"]
+  entry = get(name)
+  values = _resolved(values)
+  num_steps, respacing = values["num_steps"], values["respacing"]
+  steps = ("_respaced" + respacing if respacing else
+           str(num_steps) if num_steps not in (0, num_timesteps) else "")
+  parts = [name + steps] if (name != REFERENCE or steps) else []
+  if entry.tag is not None:
+    parts += entry.tag(**{s.name: values[s.name] for s in entry.settings})
+  if not values["clip_denoised"]:
+    parts.append("noclip")
+  return "".join("_" + part for part in parts)
