@@ -13,9 +13,9 @@ import jax
 import numpy as np
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
 from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
 from diffusion_jax.training import step as train_step
 
 

@@ -6,8 +6,8 @@ Every other config starts from `get_config()` here and changes what differs. Con
 """
 import ml_collections
 
-from diffusion_jax import samplers
 from diffusion_jax.config import config_lib
+from diffusion_jax import samplers
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

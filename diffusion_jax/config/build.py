@@ -17,12 +17,12 @@ import numpy as np
 import optax
 
 from diffusion_jax.core import diffusion
-from diffusion_jax.data import images
-from diffusion_jax import parallel
-from diffusion_jax import samplers
 from diffusion_jax.core import schedules
+from diffusion_jax.data import images
 from diffusion_jax.models import iddpm_unet
 from diffusion_jax.models import unet
+from diffusion_jax import parallel
+from diffusion_jax import samplers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # model.architecture: DDPM's U-Net (models/unet.py) or Improved DDPM's (models/iddpm_unet.py).

@@ -19,10 +19,10 @@ import ml_collections
 
 from diffusion_jax.config import build
 from diffusion_jax.core import diffusion
+from diffusion_jax.core import timestep_sampling
 from diffusion_jax.data import input_pipeline
 from diffusion_jax import parallel
 from diffusion_jax import samplers
-from diffusion_jax.core import timestep_sampling
 
 MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
 _SAMPLING = ("sample", "eval")

@@ -24,12 +24,12 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
-from diffusion_jax.data import images as images_lib
-from diffusion_jax.utils import outputs
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
+from diffusion_jax.data import images as images_lib
+from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
+from diffusion_jax.utils import outputs
 
 
 @dataclasses.dataclass

@@ -45,16 +45,16 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import checks as config_checks
-from diffusion_jax.data import images as images_lib
-from diffusion_jax.evaluation import inference
-from diffusion_jax.data import input_pipeline
-from diffusion_jax.utils import outputs
-from diffusion_jax import parallel
-from diffusion_jax.utils import progress as progress_lib
 from diffusion_jax.core import prng
-from diffusion_jax import samplers as sampling
+from diffusion_jax.data import images as images_lib
+from diffusion_jax.data import input_pipeline
+from diffusion_jax.evaluation import inference
+from diffusion_jax import parallel
+from diffusion_jax import samplers
+from diffusion_jax.training import checkpoints
+from diffusion_jax.utils import outputs
+from diffusion_jax.utils import progress as progress_lib
 
 
 def _is_main() -> bool:
@@ -301,7 +301,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
   num = parallel.round_up_to_devices(settings.progressive_num, mesh)
 
   def fn(params, keys, labels=None):
-    return sampling.p_sample_loop_progressive(
+    return samplers.p_sample_loop_progressive(
         sched, build.denoiser(model, params, labels), keys,
         (keys.shape[0], size, size, channels),
         mean_type=d.mean_type, var_type=d.var_type,
@@ -351,7 +351,7 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
 
   def fn(params, x1, x2, lam, keys, labels=None):
-    return sampling.interpolate(sched, build.denoiser(model, params, labels),
+    return samplers.interpolate(sched, build.denoiser(model, params, labels),
                                 images_lib.to_float(x1),
                                 images_lib.to_float(x2), lam, settings.interp_t, keys,
                                 mean_type=d.mean_type, var_type=d.var_type,

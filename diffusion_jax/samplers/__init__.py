@@ -19,25 +19,25 @@ another package, `register` or the entry-point group `diffusion_jax.samplers`), 
 under tests/samplers/ (against a NumPy reference, and through `sample`).
 """
 from diffusion_jax.samplers import ancestral
-from diffusion_jax.samplers import ddim
-from diffusion_jax.samplers import dpm_solver
-from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.ancestral import interpolate
 from diffusion_jax.samplers.ancestral import p_sample
 from diffusion_jax.samplers.ancestral import p_sample_loop
 from diffusion_jax.samplers.ancestral import p_sample_loop_progressive
 from diffusion_jax.samplers.ancestral import p_sample_loop_trajectory
 from diffusion_jax.samplers.ancestral import sample_ancestral
+from diffusion_jax.samplers import ddim
 from diffusion_jax.samplers.ddim import ddim_sample_loop
 from diffusion_jax.samplers.ddim import ddim_timesteps
 from diffusion_jax.samplers.ddim import sample_ddim
+from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.registry import check
 from diffusion_jax.samplers.registry import default_settings
 from diffusion_jax.samplers.registry import get
 from diffusion_jax.samplers.registry import names
 from diffusion_jax.samplers.registry import register
-from diffusion_jax.samplers.registry import SamplerEntry
 from diffusion_jax.samplers.registry import sample
+from diffusion_jax.samplers.registry import SamplerEntry
 from diffusion_jax.samplers.registry import Setting
 from diffusion_jax.samplers.registry import settings
 from diffusion_jax.samplers.registry import tag

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.core import diffusion
+from diffusion_jax.core.diffusion import ModelFn
 from diffusion_jax.core import prng
 from diffusion_jax.core import schedules
-from diffusion_jax.core.diffusion import ModelFn
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.samplers import common
 from diffusion_jax.samplers import registry

@@ -31,8 +31,8 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.models import tf_names
+from diffusion_jax.training import checkpoints
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 _MODEL_PREFIX = "model/"

@@ -34,9 +34,9 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
 from diffusion_jax.models import torch_names
+from diffusion_jax.training import checkpoints
 
 # The released checkpoints (upsample_cond_500K, a super-resolution model, is not among them):
 # file name -> (the config of its README flags, its training step).

@@ -27,18 +27,18 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import checks as config_checks
+from diffusion_jax.core import prng
 from diffusion_jax.data import images as images_lib
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.utils import outputs
-from diffusion_jax import parallel
-from diffusion_jax.utils import progress as progress_lib
-from diffusion_jax.core import prng
-from diffusion_jax.training import stopping
-from diffusion_jax.training import step as train_step
-from diffusion_jax.training import workdir_lock
 from diffusion_jax.models import layers
+from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
+from diffusion_jax.training import step as train_step
+from diffusion_jax.training import stopping
+from diffusion_jax.training import workdir_lock
+from diffusion_jax.utils import outputs
+from diffusion_jax.utils import progress as progress_lib
 
 
 # ----------------------------------------------------------------------------------------------

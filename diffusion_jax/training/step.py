@@ -21,10 +21,10 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_jax.config import build
 from diffusion_jax.core import diffusion
-from diffusion_jax.data import images
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
 from diffusion_jax.core import timestep_sampling
+from diffusion_jax.data import images
+from diffusion_jax import parallel
 
 
 @flax.struct.dataclass

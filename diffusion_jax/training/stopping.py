@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax.training import checkpoints
 from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -11,10 +11,10 @@ import pytest
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
-from diffusion_jax.samplers import dpm_solver
 from diffusion_jax.core import prng
-from diffusion_jax import samplers as sampling
 from diffusion_jax.core import schedules
+from diffusion_jax import samplers
+from diffusion_jax.samplers import dpm_solver
 from tests import math_helpers, reference
 
 T = 1000
@@ -156,7 +156,7 @@ def test_every_sampler_samples_a_v_model_as_its_eps_form(sampler, settings):
   got = {}
   for mean_type in ("eps", "v"):
     model_fn = math_helpers.gaussian_model(vp, vp.num_steps, mean_type=mean_type)
-    got[mean_type] = np.asarray(sampling.sample(
+    got[mean_type] = np.asarray(samplers.sample(
         sampler, sched, model_fn, keys, shape, mean_type=mean_type, var_type="fixedlarge",
         clip_denoised=False, **settings))
   assert np.abs(got["eps"]).max() > 0.1

@@ -12,9 +12,9 @@ from PIL import Image
 
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
-from diffusion_jax.tools import input_bench
 from diffusion_jax.data import input_pipeline
 from diffusion_jax import parallel
+from diffusion_jax.tools import input_bench
 
 
 

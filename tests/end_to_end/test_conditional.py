@@ -12,9 +12,9 @@ from diffusion_jax.config import build
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
-from diffusion_jax.evaluation import modes as evaluate
-from diffusion_jax.evaluation import inference
 from diffusion_jax.data import images as images_lib
+from diffusion_jax.evaluation import inference
+from diffusion_jax.evaluation import modes as evaluate
 from diffusion_jax import parallel
 from diffusion_jax.training import loop as train
 from tests import checkpoint_fixtures, helpers

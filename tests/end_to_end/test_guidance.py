@@ -12,11 +12,11 @@ from diffusion_jax.config import build
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
-from diffusion_jax.evaluation import modes as evaluate
-from diffusion_jax.evaluation import inference
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
-from diffusion_jax import samplers as sampling
+from diffusion_jax.evaluation import inference
+from diffusion_jax.evaluation import modes as evaluate
+from diffusion_jax import parallel
+from diffusion_jax import samplers
 from diffusion_jax.training import step as train_step
 from tests import checkpoint_fixtures, helpers
 
@@ -183,7 +183,7 @@ def test_guided_sampling_by_every_sampler_on_one_and_eight_devices(workdir, samp
     return 3.0 * c - 2.0 * u
 
   keys = prng.example_keys(prng.run_key(2, prng.RunStream.SAMPLE), np.arange(8))
-  want = sampling.sample(sampler, sched, by_hand, keys, (8, 8, 8, 3),
+  want = samplers.sample(sampler, sched, by_hand, keys, (8, 8, 8, 3),
                          mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
                          **settings)
   np.testing.assert_allclose(guided, want, atol=1e-4)

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import diffusion_jax
 from diffusion_jax.config import config_lib
+import diffusion_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = os.environ.get("DIFFUSION_JAX_TEST_CACHE", str(ROOT / ".cache" / "jax_tests"))

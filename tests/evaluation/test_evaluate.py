@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
-from diffusion_jax.samplers import dpm_solver
-from diffusion_jax.evaluation import modes as evaluate
-from diffusion_jax.evaluation import inference
-from diffusion_jax.data import images as images_lib
-from diffusion_jax.utils import outputs
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
+from diffusion_jax.data import images as images_lib
+from diffusion_jax.evaluation import inference
+from diffusion_jax.evaluation import modes as evaluate
+from diffusion_jax import parallel
+from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.training import checkpoints
+from diffusion_jax.utils import outputs
 from tests import checkpoint_fixtures, helpers
 
 STEP = 5

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.tools import convert_inception
 from diffusion_jax.evaluation.metrics import fid as fid_lib
 from diffusion_jax.evaluation.metrics import inception as inception_lib
+from diffusion_jax.tools import convert_inception
 
 _GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[1] / "golden"
 _spec = importlib.util.spec_from_file_location("make_inception_golden",

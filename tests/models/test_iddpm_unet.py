@@ -16,9 +16,9 @@ import pytest
 from diffusion_jax.config import build
 from diffusion_jax.config import config_lib
 from diffusion_jax.models import iddpm_unet
-from diffusion_jax.models import torch_names
-from diffusion_jax.models import layers
 from diffusion_jax.models.iddpm_unet import IDDPMUNet
+from diffusion_jax.models import layers
+from diffusion_jax.models import torch_names
 from tests import iddpm_golden
 
 golden_script = iddpm_golden.golden_script

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax.samplers import dpm_solver
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
-from diffusion_jax import samplers as sampling
 from diffusion_jax.core import schedules
+from diffusion_jax import parallel
+from diffusion_jax import samplers
+from diffusion_jax.samplers import dpm_solver
 from tests.math_helpers import GAUSSIAN_SHAPE, MU, S, gaussian_model
 
 SHAPE = GAUSSIAN_SHAPE
@@ -163,7 +163,7 @@ def test_first_order_is_deterministic_ddim_on_the_same_grid(keys, steps):
     return 0.5 * jnp.sin(2 * x) + 0.3 * tt - 0.2 * x * tt
 
   with jax.enable_x64(True):
-    ddim = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE,
+    ddim = samplers.ddim_sample_loop(sched, model_fn, keys, SHAPE,
                                      timesteps=np.arange(0, 101, 100 // steps), eta=0.0,
                                      mean_type="eps", var_type="fixedlarge", clip_denoised=False)
     for algorithm in dpm_solver.ALGORITHMS:

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import samplers
 from diffusion_jax.config import build
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import schedules
 from diffusion_jax.evaluation import inference
+from diffusion_jax import samplers
 from diffusion_jax.samplers import registry
 from tests import checkpoint_fixtures, helpers
 

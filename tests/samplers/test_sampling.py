@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffusion_jax.core import diffusion
-from diffusion_jax import samplers as sampling
 from diffusion_jax.core import schedules
+from diffusion_jax import samplers
 from tests import reference
 
 STEPS = 40
@@ -70,7 +70,7 @@ def ancestral_np(ref, model_fn, x, timesteps, keys, mean_type, var_type, clip=Tr
 def test_p_sample_loop_matches_numpy(sched, ref, mean_type, var_type):
   model_fn = toy_model(var_type)
   keys = keys_for(SHAPE[0])
-  got = jax.jit(lambda s, k: sampling.p_sample_loop(
+  got = jax.jit(lambda s, k: samplers.p_sample_loop(
       s, model_fn, k, SHAPE, mean_type=mean_type, var_type=var_type))(sched, keys)
   x_init = noise_np(keys, STEPS, SHAPE[1:])
   want = ancestral_np(ref, model_fn, x_init, range(STEPS - 1, -1, -1), keys, mean_type, var_type)
@@ -83,7 +83,7 @@ def test_p_sample_adds_no_noise_at_t0(sched):
   noise = jnp.ones_like(x) * 5.0
   model_fn = toy_model()
   t = jnp.array([0, 1])
-  sample, _ = sampling.p_sample(sched, model_fn, x, t, noise, mean_type="eps",
+  sample, _ = samplers.p_sample(sched, model_fn, x, t, noise, mean_type="eps",
                                 var_type="fixedlarge")
   out = diffusion.p_mean_variance(sched, model_fn(x, t), x, t, mean_type="eps",
                                   var_type="fixedlarge", clip_denoised=True)
@@ -95,7 +95,7 @@ def test_samples_do_not_depend_on_the_batch(sched):
   """Each example's sample depends only on its own key."""
   model_fn = toy_model()
   keys = keys_for(SHAPE[0])
-  run = jax.jit(lambda k: sampling.p_sample_loop(sched, model_fn, k, (k.shape[0],) + SHAPE[1:],
+  run = jax.jit(lambda k: samplers.p_sample_loop(sched, model_fn, k, (k.shape[0],) + SHAPE[1:],
                                                  mean_type="eps", var_type="fixedlarge"))
   full = run(keys)
   alone = jnp.concatenate([run(keys[i:i + 1]) for i in (2, 5)])
@@ -114,20 +114,20 @@ def test_one_and_eight_devices_agree(sched):
   def everything(k, x):
     local = (k.shape[0],) + shape[1:]
     kwargs = dict(mean_type="eps", var_type="learned")
-    _, progressive = sampling.p_sample_loop_progressive(sched, model_fn, k, local,
+    _, progressive = samplers.p_sample_loop_progressive(sched, model_fn, k, local,
                                                         include_xstartpred_freq=9, **kwargs)
-    _, trajectory = sampling.p_sample_loop_trajectory(sched, model_fn, k, local,
+    _, trajectory = samplers.p_sample_loop_trajectory(sched, model_fn, k, local,
                                                       repeat_noise_steps=3,
                                                       shared_key=jax.random.key(1), **kwargs)
-    return (sampling.p_sample_loop(sched, model_fn, k, local, **kwargs),
+    return (samplers.p_sample_loop(sched, model_fn, k, local, **kwargs),
             # Ancestral sampling over 10 of the 40 steps, on the respaced schedule.
-            sampling.sample("ancestral", sched, model_fn, k, local, num_steps=10, **kwargs),
-            sampling.ddim_sample_loop(sched, model_fn, k, local, num_steps=10, eta=0.5,
+            samplers.sample("ancestral", sched, model_fn, k, local, num_steps=10, **kwargs),
+            samplers.ddim_sample_loop(sched, model_fn, k, local, num_steps=10, eta=0.5,
                                       **kwargs),
             diffusion.calc_bpd_loop(sched, model_fn, x, k, **kwargs).total_bpd,
             progressive,
             jnp.moveaxis(trajectory, 0, 1),  # batch first, to split over devices
-            sampling.interpolate(sched, model_fn, x, -0.5 * x, 0.3, 7, k, **kwargs))
+            samplers.interpolate(sched, model_fn, x, -0.5 * x, 0.3, 7, k, **kwargs))
 
   results = []
   for mesh_devices in (devices[:1], devices):
@@ -147,7 +147,7 @@ def test_progressive_records_x0_predictions(sched, ref):
   freq = 7
   model_fn = toy_model()
   keys = keys_for(SHAPE[0], seed=4)
-  x0, preds = jax.jit(lambda k: sampling.p_sample_loop_progressive(
+  x0, preds = jax.jit(lambda k: samplers.p_sample_loop_progressive(
       sched, model_fn, k, SHAPE, mean_type="eps", var_type="fixedlarge",
       include_xstartpred_freq=freq))(keys)
   num_recorded = STEPS // freq
@@ -167,7 +167,7 @@ def test_trajectory_shares_noise_for_the_first_steps(sched):
   model_fn = toy_model()
   keys = keys_for(SHAPE[0], seed=5)
   k_shared = 6
-  times, images = jax.jit(lambda k: sampling.p_sample_loop_trajectory(
+  times, images = jax.jit(lambda k: samplers.p_sample_loop_trajectory(
       sched, model_fn, k, SHAPE, mean_type="eps", var_type="fixedlarge",
       repeat_noise_steps=k_shared, shared_key=jax.random.key(42)))(keys)
   assert images.shape == (STEPS + 1,) + SHAPE
@@ -176,13 +176,13 @@ def test_trajectory_shares_noise_for_the_first_steps(sched):
   assert np.all(spread[:k_shared + 1] == 0)  # x_T and the first k steps: one trajectory
   assert np.all(spread[k_shared + 1:] > 1e-3)  # then it branches
 
-  _, independent = sampling.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE,
+  _, independent = samplers.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE,
                                                      mean_type="eps", var_type="fixedlarge")
-  final = sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
+  final = samplers.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
                                  var_type="fixedlarge")
   np.testing.assert_allclose(np.asarray(independent[-1]), np.asarray(final), atol=1e-6)
   with pytest.raises(ValueError, match="needs shared_key"):
-    sampling.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE, mean_type="eps",
+    samplers.p_sample_loop_trajectory(sched, model_fn, keys, SHAPE, mean_type="eps",
                                       var_type="fixedlarge", repeat_noise_steps=2)
 
 
@@ -195,7 +195,7 @@ def test_interpolate_matches_numpy(sched, ref):
   x1, x2 = rng.uniform(-1, 1, size=(2,) + shape)
   lam = np.array([0.0, 0.25, 0.5, 1.0])
   t_mix = 12
-  got = sampling.interpolate(sched, model_fn, jnp.asarray(x1, jnp.float32),
+  got = samplers.interpolate(sched, model_fn, jnp.asarray(x1, jnp.float32),
                              jnp.asarray(x2, jnp.float32), jnp.asarray(lam), t_mix, keys,
                              mean_type="eps", var_type="fixedlarge")
   t = np.full(n, t_mix)
@@ -206,7 +206,7 @@ def test_interpolate_matches_numpy(sched, ref):
                       keys, "eps", "fixedlarge")
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
   with pytest.raises(ValueError, match=r"t must be in \[0, 40\)"):
-    sampling.interpolate(sched, model_fn, jnp.asarray(x1), jnp.asarray(x2), 0.5, STEPS, keys,
+    samplers.interpolate(sched, model_fn, jnp.asarray(x1), jnp.asarray(x2), 0.5, STEPS, keys,
                          mean_type="eps", var_type="fixedlarge")
 
 
@@ -234,9 +234,9 @@ def test_ddim_matches_numpy(sched, ref, eta, mean_type, var_type):
   model_fn = toy_model(var_type)
   keys = keys_for(SHAPE[0], seed=7)
   num_steps = 9
-  visited = sampling.ddim_timesteps(STEPS, num_steps)
+  visited = samplers.ddim_timesteps(STEPS, num_steps)
   assert visited[0] == 0 and visited[-1] == STEPS - 1 and len(set(visited)) == num_steps
-  got = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta,
+  got = samplers.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta,
                                   mean_type=mean_type, var_type=var_type)
   want = ddim_np(ref, model_fn, keys, SHAPE, list(visited[::-1]), eta, mean_type, var_type)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
@@ -246,9 +246,9 @@ def test_ddim_with_eta_one_and_every_step_is_ancestral_sampling(sched):
   """Song et al.: eta = 1 over all T steps is DDPM with the posterior variance (fixedsmall)."""
   model_fn = toy_model()
   keys = keys_for(SHAPE[0], seed=8)
-  ddim = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=STEPS, eta=1.0,
+  ddim = samplers.ddim_sample_loop(sched, model_fn, keys, SHAPE, num_steps=STEPS, eta=1.0,
                                    mean_type="eps", var_type="fixedsmall")
-  ddpm = sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
+  ddpm = samplers.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps",
                                 var_type="fixedsmall")
   np.testing.assert_allclose(np.asarray(ddim), np.asarray(ddpm), atol=2e-4)
 
@@ -287,7 +287,7 @@ def test_samplers_reproduce_gaussian_data(sampler):
   chain = []
   if sampler.startswith("ancestral"):
     var_type = sampler.split("_")[1]
-    x = jax.jit(lambda k: sampling.p_sample_loop(sched, exact_eps, k, shape, mean_type="eps",
+    x = jax.jit(lambda k: samplers.p_sample_loop(sched, exact_eps, k, shape, mean_type="eps",
                                                  var_type=var_type, clip_denoised=False))(keys)
     logvar = ref["fixedlarge_logvar"] if var_type == "fixedlarge" else ref["post_logvar"]
     for t in range(T - 1, -1, -1):
@@ -299,10 +299,10 @@ def test_samplers_reproduce_gaussian_data(sampler):
                     math.exp(0.5 * logvar[t]) if t > 0 else 0.0))
   else:
     num_steps = 250  # deterministic DDIM: variance ratio 0.87 at 50 steps, 0.97 at 250, 0.99 at T
-    x = jax.jit(lambda k: sampling.ddim_sample_loop(
+    x = jax.jit(lambda k: samplers.ddim_sample_loop(
         sched, exact_eps, k, shape, num_steps=num_steps, eta=0.0, mean_type="eps",
         var_type="fixedlarge", clip_denoised=False))(keys)
-    visited = list(sampling.ddim_timesteps(T, num_steps)[::-1])
+    visited = list(samplers.ddim_timesteps(T, num_steps)[::-1])
     for i, t in enumerate(visited):
       a_s = ab[visited[i + 1]] if i + 1 < len(visited) else 1.0
       g = math.sqrt(1 - ab[t]) / (ab[t] * s**2 + 1 - ab[t])
@@ -327,30 +327,30 @@ def test_sampler_errors(sched):
   model_fn = toy_model()
   keys = keys_for(4)
   with pytest.raises(ValueError, match="need one key per example: 4 keys for shape"):
-    sampling.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps", var_type="fixedlarge")
+    samplers.p_sample_loop(sched, model_fn, keys, SHAPE, mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="include_xstartpred_freq must be in"):
-    sampling.p_sample_loop_progressive(sched, model_fn, keys, (4, 2, 2, 1), mean_type="eps",
+    samplers.p_sample_loop_progressive(sched, model_fn, keys, (4, 2, 2, 1), mean_type="eps",
                                        var_type="fixedlarge", include_xstartpred_freq=0)
   with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):
-    sampling.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=41,
+    samplers.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=41,
                               mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="Unknown mean_type"):
-    sampling.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=4,
+    samplers.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=4,
                               mean_type="velocity", var_type="fixedlarge")
   with pytest.raises(ValueError, match=r"keys must be a key array \[B\]"):
-    sampling.p_sample_loop(sched, model_fn, jnp.zeros((4,), jnp.uint32), (4, 2, 2, 1),
+    samplers.p_sample_loop(sched, model_fn, jnp.zeros((4,), jnp.uint32), (4, 2, 2, 1),
                            mean_type="eps", var_type="fixedlarge")
 
 
 # --- Samplers by name --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, num_steps, eta, clip, direct", [
-    ("ancestral", 0, 0.0, True, lambda s, m, k, kw: sampling.p_sample_loop(s, m, k, SHAPE, **kw)),
+    ("ancestral", 0, 0.0, True, lambda s, m, k, kw: samplers.p_sample_loop(s, m, k, SHAPE, **kw)),
     ("ancestral", STEPS, 0.0, False,
-     lambda s, m, k, kw: sampling.p_sample_loop(s, m, k, SHAPE, **kw)),
-    ("ddim", 0, 0.0, True, lambda s, m, k, kw: sampling.ddim_sample_loop(
+     lambda s, m, k, kw: samplers.p_sample_loop(s, m, k, SHAPE, **kw)),
+    ("ddim", 0, 0.0, True, lambda s, m, k, kw: samplers.ddim_sample_loop(
         s, m, k, SHAPE, num_steps=STEPS, eta=0.0, **kw)),
-    ("ddim", 7, 0.5, False, lambda s, m, k, kw: sampling.ddim_sample_loop(
+    ("ddim", 7, 0.5, False, lambda s, m, k, kw: samplers.ddim_sample_loop(
         s, m, k, SHAPE, num_steps=7, eta=0.5, **kw)),
 ], ids=["ancestral", "ancestral_T_unclipped", "ddim_all", "ddim_7_eta"])
 def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_steps, eta, clip,
@@ -358,16 +358,16 @@ def test_sample_dispatches_to_the_direct_functions_bit_for_bit(sched, name, num_
   model_fn = toy_model("learned")
   keys = keys_for(SHAPE[0], seed=9)
   kw = dict(mean_type="eps", var_type="learned", clip_denoised=clip)
-  got = sampling.sample(name, sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta, **kw)
+  got = samplers.sample(name, sched, model_fn, keys, SHAPE, num_steps=num_steps, eta=eta, **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(direct(sched, model_fn, keys, kw)))
 
 
 def test_every_registered_sampler_runs_on_one_contract():
   """The run function of each entry takes the samples' arguments, then its steps and exactly its
   own settings, keyword-only."""
-  assert sampling.names() == ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
-  for name in sampling.names():
-    entry = sampling.get(name)
+  assert samplers.names() == ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
+  for name in samplers.names():
+    entry = samplers.get(name)
     params = inspect.signature(entry.run).parameters
     steps = "timesteps" if entry.visits_timesteps else "num_steps"
     assert list(params)[:4] == ["sched", "model_fn", "keys", "shape"], name
@@ -383,7 +383,7 @@ def test_every_registered_sampler_runs_on_one_contract():
     ("ddim", 0, 0.0, "1"), ("ddim", 0, 0.5, "ddim8"),
 ])
 def test_check_accepts(sampler, num_steps, eta, respacing):
-  sampling.check(sampler, dict(num_steps=num_steps, eta=eta, respacing=respacing), STEPS)
+  samplers.check(sampler, dict(num_steps=num_steps, eta=eta, respacing=respacing), STEPS)
 
 
 @pytest.mark.parametrize("sampler, num_steps, eta, match", [
@@ -410,7 +410,7 @@ def test_check_accepts(sampler, num_steps, eta, respacing):
 ])
 def test_check_says_what_to_set(sampler, num_steps, eta, match):
   with pytest.raises(ValueError, match=match):
-    sampling.check(sampler, dict(num_steps=num_steps, eta=eta), STEPS)
+    samplers.check(sampler, dict(num_steps=num_steps, eta=eta), STEPS)
 
 
 @pytest.mark.parametrize("settings, match", [
@@ -422,7 +422,7 @@ def test_check_says_what_to_set(sampler, num_steps, eta, match):
 ])
 def test_check_refuses_other_samplers_settings_and_bad_types(settings, match):
   with pytest.raises(ValueError, match=match):
-    sampling.check("ddim", settings, STEPS)
+    samplers.check("ddim", settings, STEPS)
 
 
 @pytest.mark.parametrize("num_steps, respacing, match", [
@@ -436,29 +436,29 @@ def test_check_refuses_other_samplers_settings_and_bad_types(settings, match):
 ])
 def test_check_refuses_respacing(num_steps, respacing, match):
   with pytest.raises(ValueError, match=match):
-    sampling.check("ancestral", dict(num_steps=num_steps, respacing=respacing), STEPS)
+    samplers.check("ancestral", dict(num_steps=num_steps, respacing=respacing), STEPS)
 
 
 def test_check_names_flags_with_a_prefix():
   with pytest.raises(ValueError, match=r"set --config.sample.num_steps or "
                                        r"--config.sample.respacing to keep more, or another "
                                        r"--config.sample.sampler"):
-    sampling.check("ancestral", dict(num_steps=1), STEPS, flag_prefix="--config.")
+    samplers.check("ancestral", dict(num_steps=1), STEPS, flag_prefix="--config.")
 
 
 def test_sample_checks_before_sampling(sched):
   keys = keys_for(4)
   with pytest.raises(ValueError, match="needs at least 2 steps"):
-    sampling.sample("ancestral", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=1,
+    samplers.sample("ancestral", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=1,
                     mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="more than T=40"):
-    sampling.sample("ddim", sched, toy_model(), keys, (4, 2, 2, 1), respacing="50",
+    samplers.sample("ddim", sched, toy_model(), keys, (4, 2, 2, 1), respacing="50",
                     mean_type="eps", var_type="fixedlarge")
   with pytest.raises(ValueError, match="unknown sampler"):
-    sampling.sample("DDIM", sched, toy_model(), keys, (4, 2, 2, 1), mean_type="eps",
+    samplers.sample("DDIM", sched, toy_model(), keys, (4, 2, 2, 1), mean_type="eps",
                     var_type="fixedlarge")
   with pytest.raises(TypeError, match=r"unknown sampler settings \['order'\]"):
-    sampling.sample("dpmsolver++", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=4,
+    samplers.sample("dpmsolver++", sched, toy_model(), keys, (4, 2, 2, 1), num_steps=4,
                     order=3, mean_type="eps", var_type="fixedlarge")
 
 
@@ -474,7 +474,7 @@ def test_progressive_honours_clip_denoised(sched, ref):
   shape = (4,) + SHAPE[1:]
 
   def run(**kw):
-    return jax.jit(lambda k: sampling.p_sample_loop_progressive(
+    return jax.jit(lambda k: samplers.p_sample_loop_progressive(
         sched, overshooting_model, k, shape, mean_type="xstart", var_type="fixedsmall",
         include_xstartpred_freq=freq, **kw))(keys)
 
@@ -504,7 +504,7 @@ def test_interpolate_honours_clip_denoised(sched, ref):
   t_mix = 9
 
   def run(**kw):
-    return sampling.interpolate(sched, overshooting_model, jnp.asarray(x1, jnp.float32),
+    return samplers.interpolate(sched, overshooting_model, jnp.asarray(x1, jnp.float32),
                                 jnp.asarray(x2, jnp.float32), jnp.asarray(lam), t_mix, keys,
                                 mean_type="xstart", var_type="fixedsmall", **kw)
 
@@ -536,7 +536,7 @@ def test_respaced_ancestral_matches_numpy(sched, spec, mean_type, var_type):
   ref = reference.coefficients(reference.respaced_betas(BETAS, kept))
   model_fn = toy_model(var_type)
   keys = keys_for(SHAPE[0], seed=12)
-  got = sampling.sample("ancestral", sched, model_fn, keys, SHAPE, respacing=spec,
+  got = samplers.sample("ancestral", sched, model_fn, keys, SHAPE, respacing=spec,
                         mean_type=mean_type, var_type=var_type)
   x = noise_np(keys, STEPS, SHAPE[1:])
   for i in range(len(kept) - 1, -1, -1):
@@ -553,13 +553,13 @@ def test_integer_steps_respace_ancestral_and_keep_ddim_spacing(sched):
   model_fn = toy_model("learned_range")
   keys = keys_for(SHAPE[0], seed=13)
   kw = dict(mean_type="eps", var_type="learned_range", clip_denoised=True)
-  kept = sampling.ddim_timesteps(STEPS, 9)
-  got = sampling.sample("ancestral", sched, model_fn, keys, SHAPE, num_steps=9, **kw)
-  want = sampling.p_sample_loop(schedules.respace(sched, kept), model_fn, keys, SHAPE, **kw)
+  kept = samplers.ddim_timesteps(STEPS, 9)
+  got = samplers.sample("ancestral", sched, model_fn, keys, SHAPE, num_steps=9, **kw)
+  want = samplers.p_sample_loop(schedules.respace(sched, kept), model_fn, keys, SHAPE, **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # DDIM with a spec visits its kept steps on the full schedule.
-  got = sampling.sample("ddim", sched, model_fn, keys, SHAPE, respacing="3,4", eta=0.5, **kw)
-  want = sampling.ddim_sample_loop(sched, model_fn, keys, SHAPE, eta=0.5,
+  got = samplers.sample("ddim", sched, model_fn, keys, SHAPE, respacing="3,4", eta=0.5, **kw)
+  want = samplers.ddim_sample_loop(sched, model_fn, keys, SHAPE, eta=0.5,
                                    timesteps=schedules.space_timesteps(STEPS, "3,4"), **kw)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -599,7 +599,7 @@ def test_respaced_ancestral_reproduces_gaussian_data():
       v = jnp.asarray(v_at_original, jnp.float32)[t_model].reshape(-1, 1, 1, 1)
       return jnp.concatenate([eps, jnp.broadcast_to(v, x.shape)], -1)
 
-    x = jax.jit(lambda k: sampling.sample(
+    x = jax.jit(lambda k: samplers.sample(
         "ancestral", sched, exact_model, k, shape, respacing=spec, mean_type="eps",
         var_type=var_type, clip_denoised=False))(keys)
     logvar = {"fixedsmall": ref["post_logvar"], "fixedlarge": ref["fixedlarge_logvar"],

@@ -6,11 +6,11 @@ import pytest
 import tensorflow as tf  # the 'test' extra installs tensorflow-cpu
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
-from diffusion_jax.tools import convert_tf_checkpoint
 from diffusion_jax.evaluation import inference
 from diffusion_jax.models import tf_names
+from diffusion_jax.tools import convert_tf_checkpoint
+from diffusion_jax.training import checkpoints
 
 
 def original_variables(config, seed):

@@ -17,11 +17,11 @@ import torch
 
 from diffusion_jax.config import build
 from diffusion_jax.config import config_lib
-from diffusion_jax.tools import convert_torch_checkpoint
-from diffusion_jax.evaluation import modes as evaluate
 from diffusion_jax.evaluation import inference
-from diffusion_jax.models import torch_names
+from diffusion_jax.evaluation import modes as evaluate
 from diffusion_jax.models import layers
+from diffusion_jax.models import torch_names
+from diffusion_jax.tools import convert_torch_checkpoint
 from tests import iddpm_golden
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import config_lib
 from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
 from diffusion_jax.training import loop as train
 from diffusion_jax.training import step as train_step
 

@@ -16,9 +16,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from diffusion_jax.config import config_lib
-from diffusion_jax.utils import outputs
-from diffusion_jax.training import stopping
 from diffusion_jax.training import loop as train
+from diffusion_jax.training import stopping
+from diffusion_jax.utils import outputs
 
 # Slow: each test starts a training run, in this process or on the command line.
 pytestmark = pytest.mark.slow

@@ -9,15 +9,15 @@ import optax
 import pytest
 
 from diffusion_jax.config import build
-from diffusion_jax.training import checkpoints
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.data import images as images_lib
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.utils import outputs
 from diffusion_jax import parallel
+from diffusion_jax.training import checkpoints
 from diffusion_jax.training import loop as train
 from diffusion_jax.training import step as train_step
+from diffusion_jax.utils import outputs
 from tests import helpers
 
 NUM_EXAMPLES = 32

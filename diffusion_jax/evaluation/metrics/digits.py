@@ -52,8 +52,8 @@ from etils import epath
 from PIL import Image
 
 from diffusion_jax.data import input_pipeline
-from diffusion_jax.utils import outputs
 from diffusion_jax.evaluation.metrics import fid
+from diffusion_jax.utils import outputs
 
 NATIVE_SIZE = 8
 NUM_CLASSES = 10
