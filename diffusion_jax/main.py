@@ -27,10 +27,6 @@ from diffusion_jax.config import config_lib
 # to another version or be missing.
 _DEFAULT_CONFIG = config_lib.shipped_dir() / "digits.py"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]) or a shipped "
-    "config's name (digits, cifar10, ...[:argument]); default: digits, or for sample/eval/"
-    "progressive/interpolate the config saved with the checkpoint.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
 _MODE = flags.DEFINE_enum(
@@ -59,7 +55,7 @@ def _evaluation_config(mode: str, workdir: str):
   """The config of an evaluation mode: --config when given, else the one saved with the
   checkpoint (upgraded when an older version wrote it), with the --config.a.b overrides on top."""
   if flags.FLAGS["config"].present:
-    return _CONFIG.value
+    return flags.FLAGS["config"].value
   from diffusion_jax.evaluation import inference  # pylint: disable=g-import-not-at-top
   config = inference.saved_config(workdir, _STEP.value)
   try:
@@ -101,8 +97,22 @@ def _dispatch(mode: str, config, workdir: str | None) -> None:
     raise app.UsageError(f"unknown --mode {mode}")
 
 
+def _define_config_flag(flag_values: flags.FlagValues, argv) -> None:
+  """--config, defined while the flags are parsed: loading the default config applies the
+  command line's --config.a.b overrides, so a misspelled one is a mistake in the flags (one
+  `error:` line), not an error at import."""
+  if "config" in flag_values:  # parsed once already in this process
+    return
+  config_flags.DEFINE_config_file(
+      "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]) or a shipped "
+      "config's name (digits, cifar10, ...[:argument]); default: digits, or for sample/eval/"
+      "progressive/interpolate the config saved with the checkpoint.", flag_values=flag_values,
+      lock_config=True, sys_argv=argv)
+
+
 # Mistakes in the flags: one `error:` line, exit 2; --help: exit 0.
-parse_flags = cli.parse_flags(config_flag="config", default_config=str(_DEFAULT_CONFIG))
+parse_flags = cli.parse_flags(define=_define_config_flag, config_flag="config",
+                              default_config=str(_DEFAULT_CONFIG))
 
 
 @cli.reports_errors()
@@ -118,7 +128,7 @@ def main(argv):
   cli.quiet_library_logs()
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   mode = _MODE.value
-  config = _CONFIG.value
+  config = flags.FLAGS["config"].value
   # Before waiting for other processes. An evaluation mode without --config checks the config
   # saved with the checkpoint instead, once it is read.
   if mode not in _EVALUATION_MODES or flags.FLAGS["config"].present:

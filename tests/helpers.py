@@ -7,6 +7,7 @@ import copy
 import os
 import pathlib
 import socket
+import time
 
 import jax
 import numpy as np
@@ -14,8 +15,8 @@ import tensorflow_datasets as tfds
 
 from diffusion_jax.config import build
 from diffusion_jax.config import config_lib
-from diffusion_jax import parallel
 from diffusion_jax.core import prng
+from diffusion_jax import parallel
 from diffusion_jax.training import step as train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -117,3 +118,33 @@ def assert_steps_do_not_depend_on_the_devices(config, layouts):
         diffusion_kw=build.diffusion_kwargs(config), p_uncond=p_uncond)[0])(b))
 
   return batch, want_params, loss
+
+
+def slurm_env(num_tasks: int, task: int, port: int, job_id: int = 4242, **extra):
+  """The environment of task `task` of a SLURM job step of `num_tasks` tasks on this machine,
+  faked: the variables srun sets that jax.distributed.initialize() reads (the step's node list is
+  127.0.0.1; JAX_COORDINATOR_PORT=`port` replaces the port JAX derives from the job's id), over
+  `subprocess_env(**extra)`, without any SLURM, Open MPI or TPU variable of this machine."""
+  env = {k: v for k, v in subprocess_env(**extra).items()
+         if not k.startswith(("SLURM_", "OMPI_", "TPU_", "MEGASCALE_"))}
+  env.update(SLURM_JOB_ID=str(job_id), SLURM_JOB_NODELIST="127.0.0.1",
+             SLURM_STEP_NODELIST="127.0.0.1", SLURM_STEP_NUM_NODES="1",
+             SLURM_NTASKS=str(num_tasks), SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
+             JAX_COORDINATOR_PORT=str(port))
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def read_until(proc, prefix: str, timeout: float = 240) -> list[str]:
+  """Lines of the process's output (text mode) up to and including the first starting with
+  `prefix`; all of them if it ends or `timeout` seconds pass first."""
+  lines = []
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if not line:
+      break
+    lines.append(line)
+    if line.startswith(prefix):
+      break
+  return lines

@@ -468,3 +468,15 @@ def test_a_damaged_checkpoint_is_set_aside_in_a_few_lines(tmp_path):
       second.stderr[-3000:])
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [
       "3", "6", "6.corrupt", "9"]
+
+
+@pytest.mark.slow  # the command line in a subprocess
+def test_a_misspelled_override_of_the_default_config_is_one_error_line(tmp_path):
+  # No --config: the default config (digits) takes the override while the flags are defined.
+  proc = subprocess.run([sys.executable, "-m", "diffusion_jax.main", "--mode", "summary",
+                         "--config.optim.lrr=1e-4"], cwd=tmp_path, env=helpers.subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.startswith("error: --config.optim.lrr: the config has no field "
+                                "'optim.lrr'; did you mean --config.optim.lr?"), proc.stderr
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

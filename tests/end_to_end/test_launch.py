@@ -5,12 +5,16 @@ Every script runs either with --dry-run (it prints each gcloud command on a line
 lines and answers `describe` and run-status queries from small files of canned answers. The remote
 command strings are also run locally with bash, in a temporary home, to check the nohup/pid/exit
 bookkeeping that supervise.sh relies on.
+
+The SLURM script, launch/slurm/train.sbatch, runs with bash as sbatch would run it, against
+stand-ins for srun and scontrol: its srun command, and when it requeues the job.
 """
 import json
 import os
 import pathlib
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -574,3 +578,186 @@ def test_supervise_copies_the_prepared_dataset_onto_a_new_slice_before_running(g
   assert len(copy) == 1 and setup and start and setup[-1] < copy[0] < start[-1], remote
   without = dry_run("supervise.sh", "--workdir", "gs://bucket/runs/cifar10", gcloud=gcloud)
   assert not any("storage rsync" in remote_command(c) for c in without if "ssh" in c)
+
+
+# --- SLURM: launch/slurm/train.sbatch, run with bash against a stand-in srun and scontrol ------
+
+SBATCH = LAUNCH / "slurm" / "train.sbatch"
+
+# srun records its arguments; FAKE_SRUN is the status it exits with, or "wait": run until
+# SIGTERM (which it records), then exit 0, as training does after saving a checkpoint.
+FAKE_SRUN = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    printf '%s\\n' "$*" >> "$FAKE_SLURM_DIR/srun"
+    if [[ "$FAKE_SRUN" == wait ]]; then
+      trap 'echo TERM >> "$FAKE_SLURM_DIR/srun"; exit 0' TERM
+      touch "$FAKE_SLURM_DIR/started"
+      while :; do sleep 0.05; done
+    fi
+    exit "$FAKE_SRUN"
+""")
+FAKE_SCONTROL = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    printf '%s\\n' "$*" >> "$FAKE_SLURM_DIR/scontrol"
+""")
+
+
+@pytest.fixture
+def slurm(tmp_path):
+  """Runs train.sbatch with bash as SLURM would (job 1234 of 16 tasks, submitted from
+  tmp_path), srun and scontrol stand-ins first on PATH; returns a helper."""
+  bin_dir = tmp_path / "slurm_bin"
+  bin_dir.mkdir()
+  for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+
+  class Slurm:
+    dir = tmp_path
+
+    def env(self, srun="0", **extra):
+      base = {k: v for k, v in os.environ.items()
+              if not k.startswith(("SLURM_", "RUN_")) and k != "DRY_RUN"}
+      env = dict(base, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                 FAKE_SLURM_DIR=str(tmp_path), FAKE_SRUN=srun, SLURM_JOB_ID="1234",
+                 SLURM_SUBMIT_DIR=str(tmp_path), SLURM_NTASKS="16", SLURM_JOB_NUM_NODES="2")
+      env.update(extra)
+      return {k: v for k, v in env.items() if v is not None}  # None: unset
+
+    def start(self, *args, srun="0", **extra):
+      return subprocess.Popen(["bash", str(SBATCH), *args], env=self.env(srun, **extra),
+                              cwd=LAUNCH.parent, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+
+    def calls(self, name):
+      path = tmp_path / name
+      return path.read_text().splitlines() if path.exists() else []
+
+  return Slurm()
+
+
+def _sbatch_directives():
+  """The #SBATCH options of the script, {name: value or True}, in the header sbatch reads (up to
+  the first command)."""
+  options = {}
+  for line in SBATCH.read_text().splitlines()[1:]:
+    if line.strip() and not line.startswith("#"):
+      break
+    if line.startswith("#SBATCH "):
+      name, _, value = line[len("#SBATCH "):].strip().partition("=")
+      options[name] = value or True
+  return options
+
+
+def test_slurm_script_passes_shellcheck():
+  shellcheck = shutil.which("shellcheck") or shutil.which(
+      "shellcheck", path=str(pathlib.Path(sys.executable).parent))
+  assert shellcheck, "shellcheck is missing: pip install -e '.[test]'"
+  result = subprocess.run([shellcheck, "--shell=bash", str(SBATCH)], capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_slurm_directives_ask_one_task_per_gpu_a_requeue_and_an_early_signal():
+  options = _sbatch_directives()
+  assert "--requeue" in options
+  assert options["--ntasks-per-node"] == options["--gpus-per-node"]
+  signal_name, _, seconds = options["--signal"].partition("@")
+  assert signal_name == "B:USR1" and int(seconds) >= 60  # to the script, time to save
+  assert options["--open-mode"] == "append"  # a requeued job adds to its log
+  # sbatch reads no directive after the first command: all of them are in the header.
+  assert len(options) == SBATCH.read_text().count("\n#SBATCH ")
+
+
+def test_slurm_dry_run_prints_the_srun_command(slurm):
+  result = subprocess.run(
+      ["bash", str(SBATCH), "--dry-run", "--workdir", "/shared/runs/cifar10", "--data-dir",
+       "/shared/tfds", "--", "--config.optim.lr=1e-4"], env=slurm.env(SLURM_JOB_ID=None),
+      capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  lines = [shlex.split(line[len(PREFIX):]) for line in result.stdout.splitlines()
+           if line.startswith(PREFIX)]
+  assert lines == [["srun", "--kill-on-bad-exit=0", "python", "-m", "diffusion_jax.main",
+                    "--config", "configs/cifar10.py", "--workdir", "/shared/runs/cifar10",
+                    "--config.data.data_dir=/shared/tfds", "--config.optim.lr=1e-4"]]
+  assert slurm.calls("srun") == [] and slurm.calls("scontrol") == []
+
+
+def test_slurm_settings_from_the_environment(slurm):
+  result = subprocess.run(["bash", str(SBATCH), "--dry-run"], capture_output=True, text=True,
+                          env=slurm.env(RUN_WORKDIR="runs/x", RUN_CONFIG="configs/digits.py",
+                                        RUN_PYTHON="/opt/venv/bin/python"), timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == (
+      f"{PREFIX}srun --kill-on-bad-exit=0 /opt/venv/bin/python -m diffusion_jax.main --config "
+      "configs/digits.py --workdir runs/x")
+
+
+def test_slurm_help_prints_usage(slurm):
+  result = subprocess.run(["bash", str(SBATCH), "--help"], capture_output=True, text=True,
+                          env=slurm.env(), timeout=60)
+  assert result.returncode == 0
+  assert result.stdout.startswith("Usage: sbatch [SBATCH_OPTIONS] launch/slurm/train.sbatch")
+  assert "--dry-run" in result.stdout and "--workdir DIR" in result.stdout
+
+
+@pytest.mark.parametrize("args, extra, message", [
+    ([], {}, "needs --workdir DIR"),
+    (["--workdir", "w", "--frobnicate"], {}, "unknown argument '--frobnicate'"),
+    (["--workdir"], {}, "--workdir needs a value"),
+    (["--workdir", "w", "--max-requeues", "many"], {}, "--max-requeues must be a number"),
+    (["--workdir", "w"], {"SLURM_JOB_ID": None}, "not inside a SLURM job: submit it with sbatch"),
+])
+def test_slurm_refuses_bad_input(slurm, args, extra, message):
+  result = subprocess.run(["bash", str(SBATCH), *args], env=slurm.env(**extra),
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert slurm.calls("srun") == []
+
+
+def test_slurm_time_limit_signal_stops_training_and_requeues_the_job(slurm):
+  proc = slurm.start("--workdir", "/shared/runs/cifar10", srun="wait")
+  deadline = time.monotonic() + 30
+  while not (slurm.dir / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends before the time limit
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err
+  assert slurm.calls("srun") == [
+      "--kill-on-bad-exit=0 python -m diffusion_jax.main --config configs/cifar10.py "
+      "--workdir /shared/runs/cifar10", "TERM"]
+  assert slurm.calls("scontrol") == ["requeue 1234"]
+  assert "USR1 received: every process saves a checkpoint and stops" in err
+  assert "requeueing job 1234; it resumes from /shared/runs/cifar10" in err
+
+
+def test_slurm_sigterm_is_passed_on_without_a_requeue(slurm):
+  """A preemption (SLURM requeues the job itself) or scancel."""
+  proc = slurm.start("--workdir", "w", srun="wait")
+  deadline = time.monotonic() + 30
+  while not (slurm.dir / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err
+  assert slurm.calls("srun")[-1] == "TERM"
+  assert slurm.calls("scontrol") == []
+
+
+@pytest.mark.parametrize("status, restarts, exit_status, requeued", [
+    ("0", "0", 0, False),      # training finished
+    ("2", "0", 2, False),      # a mistake in the flags or config
+    ("1", "0", 1, False),      # an error
+    ("75", "0", 0, True),      # another process was lost
+    ("137", "3", 0, True),     # a process was killed (SIGKILL)
+    ("75", "10", 1, False),    # requeued SLURM_MAX_REQUEUES times already
+])
+def test_slurm_requeues_after_a_lost_process_only(slurm, status, restarts, exit_status,
+                                                  requeued):
+  proc = slurm.start("--workdir", "w", srun=status, SLURM_RESTART_COUNT=restarts)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == exit_status, err
+  assert len(slurm.calls("srun")) == 1
+  assert slurm.calls("scontrol") == (["requeue 1234"] if requeued else [])
+  if restarts == "10":
+    assert "requeued 10 times already (SLURM_MAX_REQUEUES): not again" in err
