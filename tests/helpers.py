@@ -148,3 +148,32 @@ def read_until(proc, prefix: str, timeout: float = 240) -> list[str]:
     if line.startswith(prefix):
       break
   return lines
+
+
+def kill_second_process(procs, prefix: str, committed: pathlib.Path,
+                        timeout: float) -> tuple[str, float]:
+  """Loses process 1 of a 2-process training run, as the lost-process tests do: reads process
+  0's output up to its first line starting with `prefix`, waits (60 s at most) for the
+  checkpoint directory `committed`, SIGKILLs process 1 (it says nothing to anyone, as when its
+  node is gone) and waits up to `timeout` s for process 0 to end. Every process is killed and
+  reaped before it returns.
+
+  Returns:
+    (process 0's whole output, the `time.time()` of the kill).
+  """
+  lines, out = [], ""
+  try:
+    lines = read_until(procs[0], prefix)
+    deadline = time.time() + 60
+    while time.time() < deadline and not committed.is_dir():
+      time.sleep(0.05)
+    procs[1].kill()
+    killed = time.time()
+    out, _ = procs[0].communicate(timeout=timeout)
+    print(f"process 0 exited {time.time() - killed:.1f} s after process 1 was killed")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+      proc.communicate()
+  return "".join(lines) + out, killed

@@ -118,7 +118,7 @@ def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   # to process 1 alone stops both at the same step, a multiple of train.stop_check_every.
   procs = _start_workers(tmp_path, 2, 4, num_steps=10_000, CHECKPOINT_EVERY=10_000,
                          overrides={"train.stop_check_every": 2})
-  lines = _read_until(procs[0], "step 5/")
+  lines = helpers.read_until(procs[0], "step 5/")
   procs[1].send_signal(signal.SIGTERM)
   outs = _wait(procs, timeout=120)
   out = "".join(lines) + outs[0]
@@ -136,24 +136,10 @@ def test_pod_simulation_two_processes_of_four_devices(tmp_path):
   assert _checkpoint_steps(tmp_path) == [3, step]
 
 
-def _read_until(proc, prefix, timeout=240):
-  """Lines of the process's output up to and including the first starting with `prefix`."""
-  lines = []
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    line = proc.stdout.readline()
-    if not line:
-      break
-    lines.append(line)
-    if line.startswith(prefix):
-      break
-  return lines
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_and_exits(tmp_path, signum):
   (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CHECKPOINT_EVERY=10_000)
-  lines = _read_until(proc, "step 2/")
+  lines = helpers.read_until(proc, "step 2/")
   proc.send_signal(signum)
   out, _ = proc.communicate(timeout=120)
   out = "".join(lines) + out
@@ -185,23 +171,8 @@ def test_time_limit_on_one_fast_clock_stops_every_process_at_the_same_step(tmp_p
 def test_a_lost_process_ends_the_other_with_status_75_naming_it(tmp_path):
   procs = _start_workers(tmp_path, 2, 2, num_steps=10_000, CHECKPOINT_EVERY=3,
                          overrides={"train.lost_process_timeout_s": 5.0})
-  try:
-    lines = _read_until(procs[0], "step 4/")
-    committed = tmp_path / "work/checkpoints/3"
-    deadline = time.time() + 60
-    while time.time() < deadline and not committed.is_dir():
-      time.sleep(0.05)
-    procs[1].kill()  # SIGKILL: process 1 says nothing to anyone
-    killed = time.time()
-    out, _ = procs[0].communicate(timeout=150)
-    print(f"process 0 exited {time.time() - killed:.1f} s after process 1 was killed "
-          f"(train.lost_process_timeout_s=5)")
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-      proc.communicate()
-  out = "".join(lines) + out
+  out, _ = helpers.kill_second_process(procs, "step 4/", tmp_path / "work/checkpoints/3",
+                                       timeout=150)
   assert procs[0].returncode == 75, out[-4000:]
   lost = re.search(r"^error: process 1 of 2 is lost \(no heartbeat for \d+ s\); the last "
                    r"checkpoint is step (\d+), (\S+)\. Process 0 exits with status 75", out,
@@ -216,7 +187,7 @@ def test_a_lost_process_ends_the_other_with_status_75_naming_it(tmp_path):
 def test_sigterm_while_compiling_stops_before_the_first_step(tmp_path):
   # An empty compile cache: the step compiles for seconds after the start-up line is printed.
   (proc,) = _start_workers(tmp_path, 1, 8, num_steps=10_000, CACHE=tmp_path / "cache")
-  lines = _read_until(proc, "8 devices on 1 host(s)")
+  lines = helpers.read_until(proc, "8 devices on 1 host(s)")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=240)
   out = "".join(lines) + out
@@ -418,7 +389,7 @@ def test_kill_9_at_seeded_moments_then_restart_finishes(tmp_path):
   checkpoints_dir = tmp_path / "work" / "checkpoints"
   for wait_for_a_checkpoint in (True, False):
     (proc,) = _start_workers(tmp_path, 1, 2, num_steps=10_000, CHECKPOINT_EVERY=1)
-    lines = _read_until(proc, "step ")  # training has started
+    lines = helpers.read_until(proc, "step ")  # training has started
     deadline = time.time() + 120
     while (wait_for_a_checkpoint and time.time() < deadline
            and not (checkpoints_dir.exists() and _committed_steps(checkpoints_dir))):

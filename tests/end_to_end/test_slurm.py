@@ -105,23 +105,8 @@ def test_slurm_job_a_killed_process_ends_the_other_with_status_75(tmp_path):
   procs = _start(workdir, 4242, "--config.train.num_steps=10000",
                  "--config.train.checkpoint_every=3", "--config.train.lost_process_timeout_s=5",
                  f"--config.train.heartbeat_timeout_s={heartbeat_timeout_s}")
-  try:
-    lines = helpers.read_until(procs[0], "step 4/")
-    committed = workdir / "checkpoints" / "3"
-    deadline = time.time() + 60
-    while time.time() < deadline and not committed.is_dir():
-      time.sleep(0.05)
-    procs[1].kill()  # SIGKILL: its node is gone
-    killed = time.time()
-    out, _ = procs[0].communicate(timeout=heartbeat_timeout_s + 60)
-    print(f"process 0 exited {time.time() - killed:.1f} s after process 1 was killed "
-          f"(train.lost_process_timeout_s=5)")
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-      proc.communicate()
-  out = "".join(lines) + out
+  out, killed = helpers.kill_second_process(procs, "step 4/", workdir / "checkpoints" / "3",
+                                            timeout=heartbeat_timeout_s + 60)
   assert procs[0].returncode == 75, out[-4000:]
   assert time.time() - killed < heartbeat_timeout_s  # the watchdog, not the runtime's abort
   lost = re.search(r"^error: process 1 of 2 is lost \(no heartbeat for \d+ s\); the last "
