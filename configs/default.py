@@ -7,6 +7,7 @@ Every other config starts from `get_config()` here and changes what differs. Con
 import ml_collections
 
 from diffusion_jax.config import config_lib
+from diffusion_jax import models
 from diffusion_jax import samplers
 
 
@@ -33,28 +34,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 8      # threads decoding examples on each host.
   config.data.prefetch = 2         # batches prepared ahead on each host.
 
-  config.model = ml_collections.ConfigDict()
-  # 'ddpm': the original's U-Net (models/unet.py); 'iddpm': Improved DDPM's (models/iddpm_unet.py:
-  # multi-head attention, scale-shift norm, class labels; what its released checkpoints need).
-  config.model.architecture = "ddpm"
-  config.model.ch = 128
-  config.model.ch_mult = (1, 2, 2, 2)
-  config.model.num_res_blocks = 2
-  config.model.attn_resolutions = (16,)
-  config.model.dropout = 0.1
-  config.model.dtype = "float32"   # compute dtype: float32 or bfloat16 (weights stay float32).
-  config.model.remat = False
-  config.model.block_size = 1
-  # Improved DDPM's U-Net only (architecture='iddpm'); the values here are the original's.
-  config.model.num_heads = 1           # attention heads (each width with attention splits evenly)
-  config.model.num_head_channels = -1  # or channels per head (-1 = use num_heads)
-  config.model.num_heads_upsample = -1  # heads on the way up (-1 = num_heads)
-  config.model.scale_shift_norm = False  # the timestep sets each block's norm scale and shift
-  config.model.num_classes = 0         # class-conditional on the data's labels; 0 = unconditional
-  # Classifier-free guidance's training: each example's label is replaced by the null class
-  # (label num_classes, whose embedding row exists only when p_uncond > 0) with this
-  # probability. 0 = no null class (and no guidance).
-  config.model.p_uncond = 0.0
+  # The network: model.architecture (one of `models.names()`: 'ddpm', the original's U-Net
+  # (models/unet.py); 'iddpm', Improved DDPM's (models/iddpm_unet.py: multi-head attention,
+  # scale-shift norm, class labels; what its released checkpoints need)) and every
+  # architecture's settings with their defaults, from the models' registry (a setting of another
+  # architecture than the chosen one keeps its default):
+  #   ch, ch_mult, num_res_blocks, attn_resolutions, dropout  the U-Net's widths and levels:
+  #                  the original's CIFAR-10 model (35.7M parameters)
+  #   dtype, remat   compute dtype float32 or bfloat16 (weights stay float32); recompute
+  #                  activations in the backward pass
+  #   block_size     ddpm: space-to-depth factor of the input (the LSUN scripts')
+  #   num_heads, num_head_channels, num_heads_upsample, scale_shift_norm   iddpm: attention heads
+  #                  (or channels per head), scale-shift norm
+  #   num_classes, p_uncond   iddpm: class-conditional on the data's labels (0 = unconditional);
+  #                  classifier-free guidance's training, each label replaced by the null class
+  #                  with probability p_uncond (0 = no null class, no guidance)
+  # `python -c "from diffusion_jax import models; print(models.default_settings())"` lists them.
+  config.model = ml_collections.ConfigDict(models.default_settings())
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.beta_schedule = "linear"

@@ -177,3 +177,18 @@ def kill_second_process(procs, prefix: str, committed: pathlib.Path,
         proc.kill()
       proc.communicate()
   return "".join(lines) + out, killed
+
+
+def write_plugin(root: pathlib.Path, module: str, source: str, group: str) -> pathlib.Path:
+  """An installed distribution under `root` as another package would ship a component: the
+  module `module` with `source`, and a dist-info whose entry point `toy` in the entry-point
+  `group` loads `module:ENTRY`. Put `root` on sys.path (or PYTHONPATH) to install it."""
+  root.mkdir(parents=True, exist_ok=True)
+  (root / f"{module}.py").write_text(source)
+  info = root / f"{module}-0.1.dist-info"
+  info.mkdir(exist_ok=True)
+  (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\n"
+                                 "Version: 0.1\n")
+  (info / "entry_points.txt").write_text(f"[{group}]\ntoy = {module}:ENTRY\n")
+  return root
+

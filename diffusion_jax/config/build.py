@@ -1,5 +1,6 @@
-"""From a config to what every driver uses: the U-Net, the schedule, the optimizer, the
-diffusion types and the sampler.
+"""From a config to what every driver uses: the network, the schedule, the optimizer, the
+diffusion types, the sampler settings and a conditional model's labels (the compiled programs
+that run them over a mesh are `programs`).
 
 The one place that reads `config.model`, `config.diffusion`, `config.optim` and `config.sample`
 to build objects; below it the model takes plain keyword hyperparameters and the math takes
@@ -8,7 +9,7 @@ benchmarks build exactly what training runs with nothing but the JAX stack insta
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,37 +19,17 @@ import optax
 
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import schedules
-from diffusion_jax.data import images
-from diffusion_jax.models import iddpm_unet
-from diffusion_jax.models import unet
-from diffusion_jax import parallel
+from diffusion_jax import models
 from diffusion_jax import samplers
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# model.architecture: DDPM's U-Net (models/unet.py) or Improved DDPM's (models/iddpm_unet.py).
-ARCHITECTURES = ("ddpm", "iddpm")
-# model fields only Improved DDPM's U-Net has, with the value that means "as DDPM's".
-_IDDPM_ONLY = {"num_heads": 1, "num_head_channels": -1, "num_heads_upsample": -1,
-               "scale_shift_norm": False, "num_classes": 0, "p_uncond": 0.0}
 
 
 def make_model(config: ml_collections.ConfigDict):
-  """The U-Net the config describes (2C outputs for a learned variance): `unet.UNet` for
-  model.architecture 'ddpm', `iddpm_unet.IDDPMUNet` for 'iddpm'."""
-  m = config.model
+  """The network the config describes (`models.make`: the architecture `model.architecture`
+  with the `model` section's settings), with 2C outputs for a learned variance."""
   channels = config.data.channels
   learned = config.diffusion.var_type in diffusion.LEARNED_VAR_TYPES
-  out_ch = 2 * channels if learned else channels
-  common = dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_ch=out_ch,
-                dtype=DTYPES[m.dtype], remat=m.remat)
-  if m.architecture == "iddpm":
-    return iddpm_unet.IDDPMUNet(**common, num_heads=m.num_heads,
-                                num_head_channels=m.num_head_channels,
-                                num_heads_upsample=m.num_heads_upsample,
-                                scale_shift_norm=m.scale_shift_norm, num_classes=m.num_classes,
-                                null_class=has_null_class(config))
-  return unet.UNet(**common, block_size=m.block_size)
+  return models.make(config.model, out_ch=2 * channels if learned else channels)
 
 
 def init_params(config: ml_collections.ConfigDict, model, key: jax.Array):
@@ -61,7 +42,8 @@ def init_params(config: ml_collections.ConfigDict, model, key: jax.Array):
 
 
 def num_classes(config: ml_collections.ConfigDict) -> int:
-  """The model's classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1)."""
+  """The model's classes: > 0 for a class-conditional model (labels 0 .. num_classes - 1); 0 for
+  an architecture without labels."""
   return int(config.model.get("num_classes", 0))
 
 
@@ -71,62 +53,35 @@ def has_null_class(config: ml_collections.ConfigDict) -> bool:
   return float(config.model.get("p_uncond", 0.0)) > 0
 
 
-def check_guidance(config: ml_collections.ConfigDict, guidance_scale: float) -> None:
-  """Raises ValueError, saying what to set, unless the model can be sampled with classifier-free
-  guidance of this scale (0: no guidance, always fine)."""
+def check_guidance(model_section, guidance_scale: float) -> None:
+  """Raises ValueError, saying what to set, unless the model (`config.model`) can be sampled
+  with classifier-free guidance of this scale (0: no guidance, always fine)."""
   if not np.isfinite(guidance_scale) or guidance_scale < 0:
     raise ValueError(f"sample.guidance_scale={guidance_scale!r}: use a number >= 0 "
                      "(0 = no guidance)")
   if not guidance_scale:
     return
-  if not num_classes(config):
+  if not model_section.get("num_classes", 0):
     raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a class-conditional "
                      "model, and this one is unconditional (model.num_classes=0): set "
                      "--config.sample.guidance_scale=0")
-  if not has_null_class(config):
+  if not model_section.get("p_uncond", 0.0) > 0:
     raise ValueError(f"sample.guidance_scale={guidance_scale:g} needs a model trained with a "
                      "null class (model.p_uncond > 0, e.g. --config.model.p_uncond=0.1); this "
                      "one has none: set --config.sample.guidance_scale=0")
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError unless the config's U-Net fits its image size and dtype, and its
-  architecture has every setting given."""
-  m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f"model.dtype {m.dtype!r} is not one of {tuple(DTYPES)}: set "
-                     f"--config.model.dtype={' or '.join(DTYPES)}")
-  if m.architecture not in ARCHITECTURES:
-    raise ValueError(f"model.architecture {m.architecture!r} is not one of {ARCHITECTURES}")
-  if m.architecture == "ddpm":
-    given = [f"model.{k}={m[k]!r}" for k, plain in _IDDPM_ONLY.items() if m[k] != plain]
-    if given:
-      raise ValueError(f"{', '.join(given)}: DDPM's U-Net (model.architecture='ddpm') has one "
-                       f"attention head, no scale-shift norm and no class labels; set "
-                       f"--config.model.architecture=iddpm for Improved DDPM's U-Net")
-    unet.check_config(image_size=config.data.image_size, ch_mult=tuple(m.ch_mult),
-                      attn_resolutions=tuple(m.attn_resolutions), block_size=m.block_size,
-                      ch=m.ch)
-    return
-  if has_null_class(config) and not m.num_classes:
-    raise ValueError(f"model.p_uncond={m.p_uncond!r} trains classifier-free guidance's null "
-                     "class, which needs a class-conditional model: set "
-                     "--config.model.num_classes to the number of classes, or "
-                     "--config.model.p_uncond=0")
-  if m.block_size != 1:
-    raise ValueError(f"model.block_size={m.block_size}: Improved DDPM's U-Net has no "
-                     f"space-to-depth input; set --config.model.block_size=1")
-  iddpm_unet.check_config(image_size=config.data.image_size, ch=m.ch, ch_mult=tuple(m.ch_mult),
-                          attn_resolutions=tuple(m.attn_resolutions), num_heads=m.num_heads,
-                          num_head_channels=m.num_head_channels,
-                          num_heads_upsample=m.num_heads_upsample, num_classes=m.num_classes,
-                          null_class=has_null_class(config))
+  """Raises ValueError, saying what to set, unless the config's architecture can be built with
+  its settings for the data's images (`models.check`)."""
+  models.check(config.model, image_size=config.data.image_size, channels=config.data.channels,
+               flag_prefix="--config.")
 
 
 def model_summary(config: ml_collections.ConfigDict) -> str:
   """The U-Net's parameter table (no compile); ends with `total params: N`."""
-  summary = iddpm_unet.summary if config.model.architecture == "iddpm" else unet.summary
-  return summary(make_model(config), config.data.image_size, config.data.channels)
+  return models.summary(config.model.architecture, make_model(config), config.data.image_size,
+                        config.data.channels)
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
@@ -190,62 +145,6 @@ def sampler_tag(config: ml_collections.ConfigDict) -> str:
   return tag
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, model, sched, mesh, *, sampler: str,
-                   guidance_scale: float = 0.0, **settings) -> Callable:
-  """The sampler as one compiled program over the mesh.
-
-  Args:
-    config: what to sample (image size, channels, diffusion types, the model's classes).
-    model, sched: the U-Net and its schedule.
-    mesh: the devices; the keys (and labels, and images) are split over its `data` axis.
-    sampler: the sampler's name (`samplers.names()`).
-    guidance_scale: classifier-free guidance's w (`denoiser`); 0 = none.
-    **settings: the sampler settings (`sampler_kwargs`; missing ones take their defaults).
-
-  Returns:
-    f(params, keys [n]) -> images float32 [n, H, W, C] in [-1, 1]; for a class-conditional
-    model f(params, keys [n], labels int32 [n]).
-  """
-  d = config.diffusion
-  size, channels = config.data.image_size, config.data.channels
-  check_guidance(config, guidance_scale)
-  samplers.check(sampler, settings, sched.num_timesteps, mean_type=d.mean_type)
-
-  def sample(params, keys, labels=None):
-    model_fn = denoiser(model, params, labels, guidance_scale=guidance_scale,
-                        var_type=d.var_type)
-    return samplers.sample(sampler, sched, model_fn, keys, (keys.shape[0], size, size, channels),
-                           mean_type=d.mean_type, var_type=d.var_type, **settings)
-
-  return parallel.batch_map(sample, mesh, num_batched=2 if num_classes(config) else 1)
-
-
-def make_bpd_fn(config: ml_collections.ConfigDict, model, sched, mesh, *,
-                clip_denoised: bool) -> Callable:
-  """The full variational bound over all T steps as one compiled program over the mesh.
-
-  Args:
-    config: the diffusion types, the model's classes.
-    model, sched: the U-Net and its (full, not respaced) schedule.
-    mesh: the devices; images, keys (and labels) are split over its `data` axis.
-    clip_denoised: clip the x_0 predictions to [-1, 1] (`eval.bpd_clip_denoised`).
-
-  Returns:
-    f(params, images uint8 [n, H, W, C], keys [n]) -> (total, prior, sum of the per-t terms),
-    each [n] in bits/dim; for a class-conditional model f(params, images, keys, labels [n]),
-    the bound of each image given its label.
-  """
-  d = config.diffusion
-
-  def bpd(params, images_, keys, labels=None):
-    out = diffusion.calc_bpd_loop(sched, denoiser(model, params, labels),
-                                  images.to_float(images_), keys, mean_type=d.mean_type,
-                                  var_type=d.var_type, clip_denoised=clip_denoised)
-    return out.total_bpd, out.prior_bpd, out.terms_bpd.sum(axis=1)
-
-  return parallel.batch_map(bpd, mesh, num_batched=3 if num_classes(config) else 2)
-
-
 def check_sample_labels(config: ml_collections.ConfigDict, labels) -> np.ndarray:
   """Returns the labels asked of a class-conditional model as int32 [n]; raises ValueError,
   saying what to give, for labels given to an unconditional model or outside its classes."""
@@ -269,56 +168,7 @@ def default_labels(config: ml_collections.ConfigDict, indices) -> np.ndarray | N
   return np.asarray(indices) % classes if classes else None
 
 
-def sample_labels(config: ml_collections.ConfigDict, indices: np.ndarray, mesh,
-                  labels: np.ndarray | None = None) -> tuple:
-  """The labels argument of a class-conditional sampler, for the samples with these global
-  indices: `labels` when given, else sample i's class is i mod num_classes (every class in
-  turn). Unconditional models take none.
-
-  Returns:
-    () for an unconditional model, else (int32 [len(indices)] split over the mesh,).
-  """
-  indices = np.asarray(indices)
-  if labels is None:
-    labels = default_labels(config, indices)
-    if labels is None:
-      return ()
-  labels = check_sample_labels(config, labels)
-  if labels.shape != indices.shape:
-    raise ValueError(f"{len(indices)} samples and {len(labels)} labels: give one per sample")
-  return (parallel.shard_rows(labels, mesh),)
-
-
 def label_kwargs(labels) -> dict[str, Any]:
   """The model's keyword for class labels: {} for none (an unconditional model), else
   {'labels_B': labels}."""
   return {} if labels is None else {"labels_B": labels}
-
-
-def denoiser(model, params, labels=None, *, guidance_scale: float = 0.0,
-             var_type: str = "fixedlarge") -> Callable:
-  """model_fn(x_t, t) of the math layer: the U-Net with `params`, in evaluation mode,
-  conditioned on `labels` [B] (int) for a class-conditional model.
-
-  With guidance_scale w > 0 (a model with a null class, `check_guidance`), each call runs the
-  network once on the batch doubled, [labels; null class], and returns
-  `diffusion.guided_output` of the two halves (var_type says which channels are a variance).
-  """
-  def apply(x_t, t, labels_):
-    return model.apply({"params": params}, x_t, t, train=False, **label_kwargs(labels_))
-
-  if not guidance_scale:
-    return lambda x_t, t: apply(x_t, t, labels)
-  if labels is None or not getattr(model, "null_class", False):
-    raise ValueError("classifier-free guidance needs labels and a model with a null class "
-                     "(model.p_uncond > 0)")
-  null = jnp.full_like(labels, model.num_classes)
-
-  def guided(x_t, t):
-    t = jnp.broadcast_to(jnp.asarray(t), x_t.shape[:1])
-    both = apply(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                 jnp.concatenate([labels, null]))
-    cond, uncond = jnp.split(both, 2)
-    return diffusion.guided_output(cond, uncond, guidance_scale, x_t.shape, var_type=var_type)
-
-  return guided

@@ -1,12 +1,16 @@
-"""Checks of every value in a config, before anything compiles: one rule per field.
+"""Checks of every value in a config, before anything compiles: one rule per field, each stated
+by the field's owner.
 
 A rule names a field, its type and its allowed range; a bound may be another field's name
-("diffusion.num_timesteps"). Beyond the rules, `check` asks the library about the choices it
-owns: the diffusion types (`diffusion.check_types`, via `check_diffusion`) in every mode, and
-the sampler settings (`samplers.check`) in the modes that sample. It reports every
-problem at once in one `ConfigError`, each line naming the field, its value, what is allowed
-and the flag to set. A numeric field added to configs/default.py needs a line in `RULES` (a test
-fails until it has one).
+("diffusion.num_timesteps"). The config's own fields have their line in `RULES`; the `model` and
+`sample` sections' rules are made from the settings the registered architectures and samplers
+state (`model_rules`, `sampler_rules`). Beyond the rules, `check` asks the owners about what
+their fields mean together: the diffusion types (`diffusion.type_problems`) in every mode, the
+architecture (`models.check`, via `build.check_model`) and the dataset's labels, and, in the modes
+that sample, the sampler (`samplers.check`) and guidance (`build.check_guidance`); each is asked
+once the fields it reads passed their rules. It reports every problem at once in one
+`ConfigError`, each line naming the field, its value, what is allowed and the flag to set. A
+numeric field added to configs/default.py needs a rule (a test fails until it has one).
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ from diffusion_jax.config import build
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import timestep_sampling
 from diffusion_jax.data import input_pipeline
+from diffusion_jax import models
 from diffusion_jax import parallel
 from diffusion_jax import samplers
+from diffusion_jax.utils import settings as settings_lib
 
 MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
 _SAMPLING = ("sample", "eval")
@@ -78,19 +84,7 @@ RULES = (
     Rule("data.channels", "int", choices=(1, 3)),
     Rule("data.num_workers", "int", 1),
     Rule("data.prefetch", "int", 1),
-    Rule("model.ch", "int", 1),
-    Rule("model.ch_mult", "ints", 1),
-    Rule("model.num_res_blocks", "int", 1),
-    Rule("model.attn_resolutions", "ints", 1),
-    Rule("model.dropout", "float", 0, 1, high_open=True),
-    Rule("model.block_size", "int", 1),
-    Rule("model.architecture", "str", choices=build.ARCHITECTURES),
-    Rule("model.num_heads", "int", 1),
-    Rule("model.num_head_channels", "int", -1, note="-1 = use num_heads"),
-    Rule("model.num_heads_upsample", "int", -1, note="-1 = num_heads"),
-    Rule("model.scale_shift_norm", "bool"),
-    Rule("model.num_classes", "int", 0, note="0 = unconditional"),
-    Rule("model.p_uncond", "float", 0, 1, high_open=True, note="0 = no null class"),
+    # model.architecture and the model's settings: `model_rules`, from the models' registry.
     Rule("diffusion.beta_start", "float", 0, "diffusion.beta_end", low_open=True,
          when=_schedule_uses(*_RAMPS)),
     Rule("diffusion.beta_end", "float", 0, 1, low_open=True, high_open=True,
@@ -205,24 +199,37 @@ def _in_range(value, rule: Rule, low, high) -> bool:
   return True
 
 
+def _setting_rule(section: str, setting, modes: tuple[str, ...] | None = None) -> Rule:
+  """The rule of a registered component's setting (`utils.settings.Setting`), T being the
+  schedule's length."""
+  high = _T if setting.high == settings_lib.T else setting.high
+  return Rule(f"{section}.{setting.name}", setting.kind, setting.low, high,
+              high_open=setting.high_open, choices=setting.choices,
+              modes=modes if isinstance(high, str) else None,
+              note=setting.note if setting.kind != "str" or not setting.choices else "")
+
+
+def model_rules() -> tuple[Rule, ...]:
+  """The rules of `model.architecture` and of every architecture's setting, as the registered
+  architectures state them (`models.registry`)."""
+  return (Rule("model.architecture", "str", choices=models.names()),
+          *(_setting_rule("model", setting) for setting in models.settings()))
+
+
 def sampler_rules() -> tuple[Rule, ...]:
   """The rules of `sample.sampler` and of every sampler setting, as the registered samplers
   state them (`samplers.Setting`): a setting's bounds, with T for the schedule's length."""
-  out = [Rule("sample.sampler", "str", choices=samplers.names())]
-  for setting in samplers.settings():
-    high = _T if setting.high == samplers.registry.T else setting.high
-    out.append(Rule(f"sample.{setting.name}", setting.kind, setting.low, high,
-                    choices=setting.choices,
-                    modes=_SAMPLER_MODES if isinstance(high, str) else None,
-                    note=setting.note if setting.kind != "str" or not setting.choices else ""))
-  return tuple(out)
+  return (Rule("sample.sampler", "str", choices=samplers.names()),
+          *(_setting_rule("sample", setting, _SAMPLER_MODES) for setting in samplers.settings()))
 
 
 def rules() -> tuple[Rule, ...]:
-  """Every rule: `RULES`, with the samplers' (`sampler_rules`, which depend on what is
-  registered) first among the `sample` section's."""
-  first = next(i for i, rule in enumerate(RULES) if rule.path.startswith("sample."))
-  return RULES[:first] + sampler_rules() + RULES[first:]
+  """Every rule: `RULES`, with the architectures' (`model_rules`) and the samplers'
+  (`sampler_rules`, both depending on what is registered) first among their sections'."""
+  models_at = next(i for i, rule in enumerate(RULES) if rule.path.startswith("diffusion."))
+  samplers_at = next(i for i, rule in enumerate(RULES) if rule.path.startswith("sample."))
+  return (RULES[:models_at] + model_rules() + RULES[models_at:samplers_at] + sampler_rules()
+          + RULES[samplers_at:])
 
 
 def _problem(rule: Rule, value, config, mode: str) -> str | None:
@@ -254,66 +261,28 @@ def _problem(rule: Rule, value, config, mode: str) -> str | None:
           f"set --config.{rule.path}={placeholder}")
 
 
-# The diffusion types and their allowed values, as diffusion.py defines them.
-_DIFFUSION_TYPES = (("mean_type", diffusion.MEAN_TYPES), ("var_type", diffusion.VAR_TYPES),
-                    ("loss_type", diffusion.LOSS_TYPES))
+# The diffusion types a config argument sets (`config_lib.parse_diffusion_arg`).
+_CONFIG_ARGUMENT_TYPES = ("mean_type", "var_type", "loss_type")
 
 
-def diffusion_problems(config) -> list[str]:
-  """What `diffusion.check_types` refuses in `config.diffusion`, saying what to set.
+def diffusion_problems(config, bad: frozenset[str] = frozenset()) -> list[str]:
+  """What `diffusion.type_problems` refuses in `config.diffusion`, saying what to set.
 
   Args:
     config: a full config.
+    bad: the fields whose rules failed already (their values are not asked about again).
 
   Returns:
-    one message per problem (empty: the types are usable). Each names the flag and the config
-    argument (`--config file.py:key=value`) that set the field.
+    one message per problem (empty: the types are usable). An unknown type's names the flag and
+    the config argument (`--config file.py:key=value`) that set it.
   """
-  out, known = [], {}
-  for name, allowed in _DIFFUSION_TYPES:
-    value = _get(config, f"diffusion.{name}")
-    if value is _MISSING:
-      continue
-    try:
-      diffusion.check_types(**{name: value})
-    except (TypeError, ValueError):
-      out.append(f"diffusion.{name}={_fmt(value)} must be one of {', '.join(allowed)}: set "
-                 f"--config.diffusion.{name}={'|'.join(allowed)}, or the config argument "
-                 f":{name}={'|'.join(allowed)}")
-      continue
-    known[name] = value
-  if "var_type" in known and "loss_type" in known:
-    try:
-      diffusion.check_types(var_type=known["var_type"], loss_type=known["loss_type"])
-    except ValueError:
-      var_type, loss_type = known["var_type"], known["loss_type"]
-      learned = var_type in diffusion.LEARNED_VAR_TYPES
-      # The loss types that can train this variance, and the variances this loss can train.
-      losses = [l for l in diffusion.LOSS_TYPES if l != loss_type and
-                (l != "mse" if learned else l != "hybrid")]
-      var_types = [v for v in diffusion.VAR_TYPES
-                   if (v in diffusion.LEARNED_VAR_TYPES) != learned]
-      out.append(
-          f"diffusion.loss_type={_fmt(loss_type)} cannot train diffusion.var_type="
-          f"{_fmt(var_type)}: set --config.diffusion.loss_type={'|'.join(losses)} (or the config "
-          f"argument :var_type={var_type},loss_type={'hybrid' if learned else 'mse'}), or keep "
-          f"loss_type={loss_type} "
-          f"with --config.diffusion.var_type={'|'.join(var_types)} (config argument "
-          f":var_type={'|'.join(var_types)})")
-  gamma = _get(config, "diffusion.min_snr_gamma")
-  if _is_number(gamma) and gamma > 0 and "mean_type" in known and "loss_type" in known:
-    try:
-      diffusion.check_min_snr(gamma, mean_type=known["mean_type"], loss_type=known["loss_type"])
-    except ValueError:
-      out.append(
-          f"diffusion.min_snr_gamma={gamma!r} weights the mse term of mean types "
-          f"{', '.join(diffusion.MIN_SNR_MEAN_TYPES)} (losses "
-          f"{', '.join(diffusion.MIN_SNR_LOSS_TYPES)}), not mean_type "
-          f"{_fmt(known['mean_type'])} with loss_type {_fmt(known['loss_type'])}: set "
-          f"--config.diffusion.min_snr_gamma=0, or --config.diffusion.mean_type="
-          f"{'|'.join(diffusion.MIN_SNR_MEAN_TYPES)} with --config.diffusion.loss_type="
-          f"{'|'.join(diffusion.MIN_SNR_LOSS_TYPES)}")
-  return out
+  types = {name: value for name in _CONFIG_ARGUMENT_TYPES + ("min_snr_gamma",)
+           if (value := _get(config, f"diffusion.{name}")) is not _MISSING
+           and f"diffusion.{name}" not in bad}
+  return diffusion.type_problems(
+      **types, field=lambda n: f"diffusion.{n}", flag=lambda n: f"--config.diffusion.{n}",
+      also=lambda n, values: (f", or the config argument :{n}={values}"
+                              if n in _CONFIG_ARGUMENT_TYPES else ""))
 
 
 def check_diffusion(config) -> None:
@@ -358,9 +327,7 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
   if _is_number(guidance) and guidance > 0 and all(
       _is_number(_get(config, p)) for p in ("model.num_classes", "model.p_uncond")):
     try:
-      build.check_guidance(ml_collections.ConfigDict(
-          {"model": {"num_classes": _get(config, "model.num_classes"),
-                     "p_uncond": _get(config, "model.p_uncond")}}), guidance)
+      build.check_guidance(_get(config, "model"), guidance)
     except ValueError as e:
       return [str(e)]
   return []
@@ -373,13 +340,10 @@ def _reads_labels(config, mode: str) -> bool:
 
 
 def model_problems(config, mode: str = "train") -> list[str]:
-  """What `build.check_model` refuses in the model section (its architecture's settings, its
-  geometry, its dtype), and, where `mode` reads the dataset, labels the dataset cannot give a
+  """What `build.check_model` refuses in the model section (`models.check`: a setting of
+  another architecture, what the architecture cannot build for these images), and, where `mode` reads the dataset, labels the dataset cannot give a
   class-conditional model (`input_pipeline.check_labels`)."""
-  needed = ["data.image_size", "data.channels", "data.dataset"] + [
-      f"model.{name}" for name in ("architecture", "dtype", "ch", "ch_mult", "attn_resolutions",
-                                   "block_size", "num_heads", "num_head_channels",
-                                   "num_heads_upsample", "num_classes", "p_uncond")]
+  needed = ("data.image_size", "data.channels", "data.dataset", "model")
   if any(_get(config, path) is _MISSING for path in needed):
     return []
   if not isinstance(config, ml_collections.ConfigDict):
@@ -411,20 +375,21 @@ def problems(config, mode: str = "train") -> list[str]:
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-  out = []
+  out, bad = [], set()
   for rule in rules():
     value = _get(config, rule.path)
     if value is not _MISSING:
       message = _problem(rule, value, config, mode)
       if message:
         out.append(message)
-  out += diffusion_problems(config)
+        bad.add(rule.path)
+  out += diffusion_problems(config, frozenset(bad))
   # The model as a whole, once its fields have the right types and ranges.
-  if not any(m.startswith(("model.", "data.image_size=", "data.channels=")) for m in out):
+  if not any(path.startswith("model.") or path in ("data.image_size", "data.channels")
+             for path in bad):
     out += model_problems(config, mode)
   # The sampler's own limits, once its fields and T have the right types and ranges.
-  if not any(m.startswith(tuple(f"{rule.path}=" for rule in sampler_rules()) + (_T + "=",))
-             for m in out):
+  if not bad & ({rule.path for rule in sampler_rules()} | {_T}):
     out += sampler_problems(config, mode)
   return out
 

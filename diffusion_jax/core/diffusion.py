@@ -37,29 +37,71 @@ LOSS_TERMS = {"mse": ("mse",), "kl": ("vb",), "rescaled_kl": ("vb",), "hybrid": 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def _check_choice(name, value, allowed):
-  if value not in allowed:
-    raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
+def type_problems(*, mean_type: str | None = None, var_type: str | None = None,
+                  loss_type: str | None = None, min_snr_gamma: float = 0.0,
+                  field: Callable[[str], str] = str, flag: Callable[[str], str] = str,
+                  also: Callable[[str, str], str] = lambda name, values: "") -> list[str]:
+  """What is wrong with these diffusion types (None: not given), one message per problem, each
+  saying what to set: an unknown type; a loss that cannot train the variance (mse with a learned
+  one, which only the bound's term trains; hybrid with a fixed one, leaving its bound term
+  nothing to train); min-SNR weighting (gamma > 0) of a mean type or a loss it does not weight.
+
+  Args:
+    mean_type, var_type, loss_type, min_snr_gamma: the types (see the module's docstring) and
+      the min-SNR gamma (0 = no weighting).
+    field: a type's name in a message, e.g. `lambda n: f"diffusion.{n}"`.
+    flag: how to set a type, e.g. `lambda n: f"--config.diffusion.{n}"`.
+    also: another way to set one type to one of these values ('|'-separated), appended to the
+      message of an unknown type, e.g. a config argument; '' = none.
+
+  Returns:
+    the messages (empty: the types work together).
+  """
+  out, known = [], {}
+  for name, value, allowed in (("mean_type", mean_type, MEAN_TYPES),
+                               ("var_type", var_type, VAR_TYPES),
+                               ("loss_type", loss_type, LOSS_TYPES)):
+    if value is None:
+      continue
+    if value not in allowed:
+      choices = "|".join(allowed)
+      out.append(f"{field(name)}={value!r} must be one of {', '.join(allowed)}: set "
+                 f"{flag(name)}={choices}{also(name, choices)}")
+    else:
+      known[name] = value
+  var_type, loss_type = known.get("var_type"), known.get("loss_type")
+  if var_type and loss_type:
+    learned = var_type in LEARNED_VAR_TYPES
+    if (loss_type == "mse" and learned) or (loss_type == "hybrid" and not learned):
+      # The losses that can train this variance, and the variances this loss can train.
+      losses = [l for l in LOSS_TYPES if l != loss_type and (l != "mse" if learned else
+                                                             l != "hybrid")]
+      var_types = [v for v in VAR_TYPES if (v in LEARNED_VAR_TYPES) != learned]
+      out.append(f"{field('loss_type')}={loss_type!r} cannot train {field('var_type')}="
+                 f"{var_type!r} ({'a learned' if learned else 'a fixed'} variance): set "
+                 f"{flag('loss_type')}={'|'.join(losses)}, or keep loss_type={loss_type} with "
+                 f"{flag('var_type')}={'|'.join(var_types)}")
+  if not (isinstance(min_snr_gamma, (int, float)) and math.isfinite(min_snr_gamma)
+          and min_snr_gamma >= 0):
+    out.append(f"{field('min_snr_gamma')}={min_snr_gamma!r} must be a number >= 0 (0 = no "
+               f"weighting): set {flag('min_snr_gamma')}=0 or a positive gamma, e.g. 5")
+  elif min_snr_gamma and known.get("mean_type") and loss_type and (
+      known["mean_type"] not in MIN_SNR_MEAN_TYPES or loss_type not in MIN_SNR_LOSS_TYPES):
+    out.append(
+        f"{field('min_snr_gamma')}={min_snr_gamma!r} weights the mse term of mean types "
+        f"{', '.join(MIN_SNR_MEAN_TYPES)} (losses {', '.join(MIN_SNR_LOSS_TYPES)}), not "
+        f"mean_type {known['mean_type']!r} with loss_type {loss_type!r}: set "
+        f"{flag('min_snr_gamma')}=0, or {flag('mean_type')}={'|'.join(MIN_SNR_MEAN_TYPES)} with "
+        f"{flag('loss_type')}={'|'.join(MIN_SNR_LOSS_TYPES)}")
+  return out
 
 
 def check_types(*, mean_type: str | None = None, var_type: str | None = None,
                 loss_type: str | None = None) -> None:
-  """Raises ValueError for an unknown type, for the `mse` loss with a learned variance (which it
-  cannot train) or for the `hybrid` loss with a fixed one (nothing for its bound term to train)."""
-  if mean_type is not None:
-    _check_choice("mean_type", mean_type, MEAN_TYPES)
-  if var_type is not None:
-    _check_choice("var_type", var_type, VAR_TYPES)
-  if loss_type is not None:
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-  if loss_type == "mse" and var_type in LEARNED_VAR_TYPES:
-    raise ValueError(f"loss_type 'mse' cannot train a learned variance; use loss_type 'hybrid' "
-                     f"or 'kl' with var_type {var_type!r}, or a fixed var_type (fixedlarge, "
-                     f"fixedsmall) with 'mse'.")
-  if loss_type == "hybrid" and var_type is not None and var_type not in LEARNED_VAR_TYPES:
-    raise ValueError(f"loss_type 'hybrid' trains a learned variance with its bound term; use "
-                     f"var_type 'learned_range' (or 'learned') with it, or loss_type 'mse' with "
-                     f"var_type {var_type!r}.")
+  """Raises ValueError, saying what to use, for what `type_problems` refuses in these types."""
+  problems = type_problems(mean_type=mean_type, var_type=var_type, loss_type=loss_type)
+  if problems:
+    raise ValueError(problems[0])
 
 
 def extract(coef: jax.Array, t: jax.Array, x_shape) -> jax.Array:
@@ -209,7 +251,8 @@ def pred_xstart_from_output(sched: Schedule, mean_output, x_t, t, *, mean_type: 
     return predict_xstart_from_xprev(sched, x_t, t, mean_output)
   if mean_type == "v":
     return predict_xstart_from_v(sched, x_t, t, mean_output)
-  raise ValueError(f"Unknown mean_type {mean_type!r}; choose one of {', '.join(MEAN_TYPES)}.")
+  check_types(mean_type=mean_type)
+  raise AssertionError(f"mean_type {mean_type!r} is known but has no x_0")
 
 
 def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, var_type: str,
@@ -373,19 +416,10 @@ MIN_SNR_MEAN_TYPES = ("eps", "xstart", "v")
 
 def check_min_snr(min_snr_gamma: float, *, mean_type: str, loss_type: str) -> None:
   """Raises ValueError, saying what to change, unless min-SNR weighting with this gamma (0: none)
-  can weight this loss."""
-  if not (isinstance(min_snr_gamma, (int, float)) and math.isfinite(min_snr_gamma)
-          and min_snr_gamma >= 0):
-    raise ValueError(f"min_snr_gamma={min_snr_gamma!r}: use a number >= 0 (0 = no weighting)")
-  if not min_snr_gamma:
-    return
-  if mean_type not in MIN_SNR_MEAN_TYPES:
-    raise ValueError(f"min_snr_gamma weights the mse of {', '.join(MIN_SNR_MEAN_TYPES)} "
-                     f"predictions, not mean_type {mean_type!r}: set min_snr_gamma=0 or another "
-                     "mean_type")
-  if loss_type not in MIN_SNR_LOSS_TYPES:
-    raise ValueError(f"min_snr_gamma weights the mse term, which loss_type {loss_type!r} does not "
-                     f"have: set min_snr_gamma=0 or loss_type {' or '.join(MIN_SNR_LOSS_TYPES)}")
+  can weight this loss (`type_problems`)."""
+  problems = type_problems(mean_type=mean_type, loss_type=loss_type, min_snr_gamma=min_snr_gamma)
+  if problems:
+    raise ValueError(problems[0])
 
 
 def min_snr_weight(sched: Schedule, t, min_snr_gamma: float, *, mean_type: str) -> jax.Array:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import prng
 from diffusion_jax.data import images as images_lib
@@ -122,7 +123,7 @@ class Sampler:
     kwargs = build.sampler_kwargs(self.config, **settings)
     key = tuple(sorted(kwargs.items()))
     if key not in self._fns:
-      self._fns[key] = build.make_sample_fn(self.config, self.model, self.sched, self.mesh,
+      self._fns[key] = programs.make_sample_fn(self.config, self.model, self.sched, self.mesh,
                                             **kwargs)
     return self._fns[key]
 
@@ -144,7 +145,7 @@ class Sampler:
     """Samples the examples with these global indices (len divisible by the devices), as one
     global float array [len, H, W, C] in [-1, 1] split over the mesh (not waited for).
     A class-conditional model's samples are of `labels` (default: `self.labels(indices)`)."""
-    labels_arg = build.sample_labels(self.config, indices, self.mesh, labels)
+    labels_arg = programs.sample_labels(self.config, indices, self.mesh, labels)
     return self.sample_fn(**settings)(self.params, self.keys(indices, seed), *labels_arg)
 
   def sample_batch(self, indices: np.ndarray, *, seed: int = 0,

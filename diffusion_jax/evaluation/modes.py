@@ -45,6 +45,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.core import prng
 from diffusion_jax.data import images as images_lib
@@ -247,7 +248,7 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
   The x_0 predictions are clipped to [-1, 1] unless `eval.bpd_clip_denoised` is false. A
   class-conditional model's bound is of each image given its label.
   """
-  fn = build.make_bpd_fn(config, build.make_model(config), build.make_schedule(config), mesh,
+  fn = programs.make_bpd_fn(config, build.make_model(config), build.make_schedule(config), mesh,
                         clip_denoised=config.eval.bpd_clip_denoised)
   sums = np.zeros(3, np.float64)
   num = 0
@@ -302,7 +303,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 
   def fn(params, keys, labels=None):
     return samplers.p_sample_loop_progressive(
-        sched, build.denoiser(model, params, labels), keys,
+        sched, programs.denoiser(model, params, labels), keys,
         (keys.shape[0], size, size, channels),
         mean_type=d.mean_type, var_type=d.var_type,
         include_xstartpred_freq=settings.progressive_freq,
@@ -310,7 +311,7 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 
   keys = parallel.sharded_example_keys(settings.seed, prng.RunStream.PROGRESSIVE, np.arange(num),
                                    mesh)
-  labels = build.sample_labels(config, np.arange(num), mesh)  # sample i: class i mod classes
+  labels = programs.sample_labels(config, np.arange(num), mesh)  # sample i: class i mod classes
   samples, preds = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=1 + len(labels))(
       parallel.replicate(loaded.params, mesh), keys, *labels))
   # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
@@ -351,7 +352,7 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
   columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
 
   def fn(params, x1, x2, lam, keys, labels=None):
-    return samplers.interpolate(sched, build.denoiser(model, params, labels),
+    return samplers.interpolate(sched, programs.denoiser(model, params, labels),
                                 images_lib.to_float(x1),
                                 images_lib.to_float(x2), lam, settings.interp_t, keys,
                                 mean_type=d.mean_type, var_type=d.var_type,

@@ -28,9 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
+from diffusion_jax.models import registry
 from diffusion_jax.models import unet
+from diffusion_jax.utils.settings import Setting
 
-__all__ = ["IDDPMUNet", "timestep_embedding", "check_config", "attention_heads", "summary"]
+__all__ = ["IDDPMUNet", "timestep_embedding", "check_config", "attention_heads", "summary",
+           "ARCHITECTURE"]
 
 _GN_GROUPS = 32
 _GN_EPS = 1e-5  # PyTorch's GroupNorm default, which the reference keeps
@@ -370,3 +373,45 @@ _ORDER = ("time_embed", "label_emb", "input_blocks", "middle_block", "output_blo
 
 def _group(name: str) -> str:
   return re.sub(r"(_\d+)+$", "", name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry entry: model.architecture 'iddpm'.
+
+SETTINGS = (
+    Setting("num_heads", 1, "int", 1, note="attention heads; each width with attention splits "
+            "evenly"),
+    Setting("num_head_channels", -1, "int", -1, note="-1 = use num_heads"),
+    Setting("num_heads_upsample", -1, "int", -1, note="-1 = num_heads"),
+    Setting("scale_shift_norm", False, "bool",
+            note="the timestep sets each block's norm scale and shift"),
+    Setting("num_classes", 0, "int", 0, note="0 = unconditional"),
+    # Classifier-free guidance's training: each label is replaced by the null class (label
+    # num_classes, whose embedding row exists only when p_uncond > 0) with this probability.
+    Setting("p_uncond", 0.0, "float", 0, 1, high_open=True, note="0 = no null class"),
+)
+
+
+def _build(*, p_uncond: float, **settings) -> IDDPMUNet:
+  return IDDPMUNet(null_class=p_uncond > 0, **settings)
+
+
+def _check(field, *, image_size: int, channels: int, ch: int, ch_mult: Sequence[int],
+           attn_resolutions: Sequence[int], num_heads: int, num_head_channels: int,
+           num_heads_upsample: int, num_classes: int, p_uncond: float, **_) -> None:
+  del channels
+  if p_uncond > 0 and not num_classes:
+    raise ValueError(f"model.p_uncond={p_uncond!r} trains classifier-free guidance's null "
+                     f"class, which needs a class-conditional model: set {field('num_classes')} "
+                     f"to the number of classes, or {field('p_uncond')}=0")
+  check_config(image_size=image_size, ch=ch, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
+               num_heads=num_heads, num_head_channels=num_head_channels,
+               num_heads_upsample=num_heads_upsample, num_classes=num_classes,
+               null_class=p_uncond > 0)
+
+
+ARCHITECTURE = registry.Architecture(
+    name="iddpm", title="Improved DDPM's U-Net", build=_build, settings=SETTINGS, check=_check,
+    summary=summary, name_maps={"torch": "diffusion_jax.models.torch_names"},
+    summary_line="Improved DDPM's U-Net (Nichol and Dhariwal 2021): multi-head attention, "
+    "scale-shift norm, class labels")

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import layers
+from diffusion_jax.models import registry
+from diffusion_jax.utils.settings import Setting
 
 __all__ = [
     "UNet",
@@ -32,6 +34,7 @@ __all__ = [
     "depth_to_space",
     "check_config",
     "summary",
+    "ARCHITECTURE",
 ]
 
 _GN_GROUPS = 32
@@ -413,3 +416,19 @@ def summary(model: UNet, image_size: int, channels: int) -> str:
            + [f"up_{i}" for i in reversed(range(n_levels))] + ["norm_out", "conv_out"])
   assert set(order) == set(params), sorted(set(order) ^ set(params))
   return layers.param_table(params, order)
+
+
+def _check(field, *, image_size: int, channels: int, ch: int, ch_mult: Sequence[int],
+           attn_resolutions: Sequence[int], block_size: int, **_) -> None:
+  del field, channels
+  check_config(image_size=image_size, ch_mult=ch_mult, attn_resolutions=attn_resolutions,
+               block_size=block_size, ch=ch)
+
+
+# model.architecture 'ddpm': the original's U-Net, with its TF checkpoints' names.
+ARCHITECTURE = registry.Architecture(
+    name="ddpm", title="DDPM's U-Net", build=UNet,
+    settings=(Setting("block_size", 1, "int", 1,
+                      note="space-to-depth factor of the input; 1 = none"),),
+    check=_check, summary=summary, name_maps={"tf": "diffusion_jax.models.tf_names"},
+    summary_line="the original's U-Net (Ho et al. 2020), with the LSUN scripts' space-to-depth")

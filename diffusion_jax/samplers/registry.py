@@ -15,81 +15,20 @@ them), read the first time the registry is asked for its names.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import math
-import numbers
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from diffusion_jax.core import schedules
+from diffusion_jax.utils import registry as registry_lib
+from diffusion_jax.utils import settings as settings_lib
+from diffusion_jax.utils.settings import Setting
 
 ENTRY_POINT_GROUP = "diffusion_jax.samplers"
 # The sampler of the original code: over all T steps it needs no name in a result's name.
 REFERENCE = "ancestral"
 # `Setting.high` meaning the schedule's length T.
-T = "T"
-
-_KINDS = {"int": "an integer", "float": "a finite number", "str": "a string",
-          "bool": "True or False"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-  """One field of the config's `sample` section.
-
-  Attributes:
-    name: the field, `sample.<name>`, and the keyword of the sampler's run function.
-    default: its value when not given; a sampler that does not own the setting needs it there.
-    kind: "int" (not bool), "float" (int or float, not bool), "str" or "bool".
-    low, high: inclusive bounds (None = unbounded); `high` may be `T`, the schedule's length.
-    choices: the only allowed values, when not a range.
-    note: what it is, for messages and the config's documentation, e.g. "DDIM's noise scale".
-  """
-  name: str
-  default: Any
-  kind: str
-  low: float | None = None
-  high: float | str | None = None
-  choices: tuple = ()
-  note: str = ""
-
-  def __post_init__(self):
-    if self.kind not in _KINDS:
-      raise ValueError(f"setting {self.name!r}: kind must be one of {', '.join(_KINDS)}")
-
-  def problem(self, value, num_timesteps: int, field: Callable[[str], str]) -> str | None:
-    """What is wrong with `value` for this setting (None: nothing)."""
-    note = f" ({self.note})" if self.note else ""
-    if self.kind == "int":
-      ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    elif self.kind == "float":
-      ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value))
-    elif self.kind == "bool":
-      ok = isinstance(value, (bool, np.bool_))
-    else:
-      ok = isinstance(value, str)
-    example = {"int": "N", "float": f"{self.default!r}", "str": f"{self.default!r}",
-               "bool": "True|False"}[self.kind]
-    if not ok:
-      return (f"sample.{self.name}={value!r} must be {_KINDS[self.kind]}{note}: set "
-              f"{field(self.name)}={example}")
-    if self.choices and value not in self.choices:
-      allowed = "|".join(map(str, self.choices))
-      return (f"sample.{self.name}={value!r} must be one of {allowed}{note}: set "
-              f"{field(self.name)}={allowed}")
-    low, high = self.low, num_timesteps if self.high == T else self.high
-    if (low is not None and value < low) or (high is not None and value > high):
-      if low is not None and high is not None:
-        bounds, wanted = f"in {low:g}..{high:g}", f"one of {low:g}..{high:g}"
-      elif low is not None:
-        bounds, wanted = f">= {low:g}", f"{low:g} or more"
-      else:
-        bounds, wanted = f"<= {high:g}", f"{high:g} or less"
-      return (f"sample.{self.name}={value!r} must be {bounds}{note}: set {field(self.name)} to "
-              f"{wanted}")
-    return None
+T = settings_lib.T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,92 +71,48 @@ COMMON = (
     Setting("clip_denoised", True, "bool", note="clip each x_0 prediction to [-1, 1]"),
 )
 
-_ENTRIES: dict[str, SamplerEntry] = {}
-_plugins_loaded = False
+# The samplers by name (the fields every sampler has and the sample section's other fields
+# reserved).
+REGISTRY = registry_lib.Registry(
+    "sampler", SamplerEntry, section="sample", key="sampler", common=COMMON,
+    entry_point_group=ENTRY_POINT_GROUP, reserved=("guidance_scale", "num_samples"))
 
 
 def register(entry: SamplerEntry) -> SamplerEntry:
-  """Adds `entry` to the samplers by name; returns it (so it can decorate a module constant).
-
-  Raises:
-    ValueError: a sampler of that name exists, or a setting clashes with a common one or with
-      another sampler's setting of the same name (another default, kind or rule).
-  """
-  if not isinstance(entry, SamplerEntry):
-    raise TypeError(f"register takes a SamplerEntry, got {type(entry).__name__}")
-  if entry.name in _ENTRIES:
-    raise ValueError(f"a sampler named {entry.name!r} is registered already")
-  common = {s.name for s in COMMON} | {"sampler", "guidance_scale", "num_samples"}
-  for setting in entry.settings:
-    if setting.name in common:
-      raise ValueError(f"sampler {entry.name!r}: its setting {setting.name!r} is a field every "
-                       "sampler has; name it after the sampler")
-    for other in _ENTRIES.values():
-      for theirs in other.settings:
-        if theirs.name == setting.name and theirs != setting:
-          raise ValueError(f"sampler {entry.name!r}: its setting {setting.name!r} differs from "
-                           f"the one of sampler {other.name!r}: {setting} vs {theirs}; give it "
-                           f"the same default and rules, or another name")
-  _ENTRIES[entry.name] = entry
-  return entry
+  """Adds `entry` to the samplers by name; returns it (`utils.registry.Registry.register`)."""
+  return REGISTRY.register(entry)
 
 
 def unregister(name: str) -> None:
   """Removes a sampler registered with `register` (for tests and interactive use)."""
-  _ENTRIES.pop(name, None)
-
-
-def _load_plugins() -> None:
-  global _plugins_loaded
-  if _plugins_loaded:
-    return
-  _plugins_loaded = True
-  for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-    loaded = point.load()
-    for entry in (loaded if isinstance(loaded, (list, tuple)) else [loaded]):
-      register(entry)
+  REGISTRY.unregister(name)
 
 
 def names() -> tuple[str, ...]:
   """The registered samplers' names, in registration order."""
-  _load_plugins()
-  return tuple(_ENTRIES)
+  return REGISTRY.names()
 
 
 def get(name: str, *, flag_prefix: str = "") -> SamplerEntry:
   """The entry of the sampler `name`; ValueError saying which names exist."""
-  _load_plugins()
-  if name not in _ENTRIES:
-    known = ", ".join(repr(n) for n in _ENTRIES)
-    raise ValueError(f"unknown sampler {name!r}: set {flag_prefix}sample.sampler to one of "
-                     f"{known}")
-  return _ENTRIES[name]
+  return REGISTRY.get(name, flag_prefix=flag_prefix)
 
 
 def settings() -> tuple[Setting, ...]:
   """Every setting of the `sample` section a sampler reads: the common ones, then each
   registered sampler's own (a shared one once)."""
-  out = {s.name: s for s in COMMON}
-  for name in names():
-    for setting in _ENTRIES[name].settings:
-      out.setdefault(setting.name, setting)
-  return tuple(out.values())
+  return REGISTRY.settings()
 
 
 def default_settings() -> dict[str, Any]:
   """The `sample` section's sampler fields with their defaults: `sampler` (the reference
   sampler), then `settings()`."""
-  return {"sampler": REFERENCE, **{s.name: s.default for s in settings()}}
+  return REGISTRY.default_settings(REFERENCE)
 
 
 def owners(setting_name: str) -> list[str]:
   """The samplers that read a setting of their own named `setting_name`."""
-  return [n for n in names() if any(s.name == setting_name for s in _ENTRIES[n].settings)]
-
-
-def _resolved(values: Mapping[str, Any]) -> dict[str, Any]:
-  return {**{s.name: s.default for s in settings()},
-          **{k: v for k, v in values.items() if k in {s.name for s in settings()}}}
+  return REGISTRY.owners(setting_name)
 
 
 def visited_timesteps(num_timesteps: int, num_steps: int = 0, respacing: str = "") -> np.ndarray:
@@ -253,15 +148,14 @@ def check(name: str, values: Mapping[str, Any], num_timesteps: int, *, mean_type
   """
   field = lambda n: f"{flag_prefix}sample.{n}"
   entry = get(name, flag_prefix=flag_prefix)
-  values = _resolved(values)
+  values = REGISTRY.resolved(values)
   own = {s.name for s in entry.settings}
   for setting in COMMON + entry.settings:
-    message = setting.problem(values[setting.name], num_timesteps, field)
+    message = setting.problem(values[setting.name], section="sample", field=field,
+                              num_timesteps=num_timesteps)
     if message:
       raise ValueError(message)
-  for setting in settings():
-    if setting.name in own or setting in COMMON or values[setting.name] == setting.default:
-      continue
+  for setting in REGISTRY.foreign(name, values):
     whose = " or ".join(repr(n) for n in owners(setting.name))
     note = f" ({setting.note})" if setting.note else ""
     raise ValueError(
@@ -316,7 +210,7 @@ def sample(name: str, sched, model_fn, keys, shape, *, mean_type: str, var_type:
     raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(known)}")
   check(name, values, sched.num_timesteps, mean_type=mean_type)
   entry = get(name)
-  values = _resolved(values)
+  values = REGISTRY.resolved(values)
   own = {s.name: values[s.name] for s in entry.settings}
   timesteps = visited_timesteps(sched.num_timesteps, values["num_steps"], values["respacing"])
   steps = (dict(timesteps=timesteps) if entry.visits_timesteps else
@@ -337,7 +231,7 @@ def tag(values: Mapping[str, Any], num_timesteps: int) -> str:
   """
   name = values["sampler"]
   entry = get(name)
-  values = _resolved(values)
+  values = REGISTRY.resolved(values)
   num_steps, respacing = values["num_steps"], values["respacing"]
   steps = ("_respaced" + respacing if respacing else
            str(num_steps) if num_steps not in (0, num_timesteps) else "")

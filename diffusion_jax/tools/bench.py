@@ -23,13 +23,13 @@ per step.
 `--scaling T1,T2,...` compiles, for each T (the config with `diffusion.num_timesteps` = T), the
 ancestral sampler over all T steps and over a schedule respaced to 50 of them, DDIM over 50 of
 them (all T when T < 50) and the full bound in bits/dim as evaluation runs it
-(`build.make_bpd_fn`), and records each program's compile time, XLA's memory analysis and the
+(`programs.make_bpd_fn`), and records each program's compile time, XLA's memory analysis and the
 size of its lowered text. Each is one `lax.scan`, so none of these should grow
 with T beyond the T-long coefficient arrays, which the programs hold as constants. Nothing is
 run there, only compiled (thousands of U-Net calls would take minutes on a CPU).
 
 `--samplers ancestral,ddim50,dpmsolver++20` prices an evaluation: for each sampler as
-`--mode sample` would run it (`build.make_sample_fn`; the config's `sample.solver_order` and
+`--mode sample` would run it (`programs.make_sample_fn`; the config's `sample.solver_order` and
 `solver_grid` for DPM-Solver), its images per second at the batch and the projected time of
 `--eval_samples` (50,000) samples. Every step of a sampler is one network call plus a few
 elementwise updates, so a sampler of more than `--sample_steps` calls is timed over that many
@@ -304,6 +304,7 @@ def _scaling(args, base_config, model, params, images, labels, mesh) -> dict[str
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import programs  # pylint: disable=g-import-not-at-top
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.core import prng  # pylint: disable=g-import-not-at-top
 
@@ -315,23 +316,23 @@ def _scaling(args, base_config, model, params, images, labels, mesh) -> dict[str
     config = _with_timesteps(base_config, num_timesteps)
     sched = build.make_schedule(config)
     ddim_steps = min(50, num_timesteps)
-    programs = {
-        "ancestral": (num_timesteps, build.make_sample_fn(
+    compiled = {
+        "ancestral": (num_timesteps, programs.make_sample_fn(
             config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
             clip_denoised=True), (params, sample_keys, *labels)),
         # Improved DDPM's fewer-step sampling: ancestral over a schedule respaced to 50 steps.
-        "ancestral_respaced50": (ddim_steps, build.make_sample_fn(
+        "ancestral_respaced50": (ddim_steps, programs.make_sample_fn(
             config, model, sched, mesh, sampler="ancestral", num_steps=0, eta=0.0,
             clip_denoised=True, respacing=str(ddim_steps)), (params, sample_keys, *labels)),
-        "ddim50": (ddim_steps, build.make_sample_fn(
+        "ddim50": (ddim_steps, programs.make_sample_fn(
             config, model, sched, mesh, sampler="ddim", num_steps=ddim_steps, eta=0.0,
             clip_denoised=True), (params, sample_keys, *labels)),
-        "bpd": (num_timesteps, build.make_bpd_fn(config, model, sched, mesh,
+        "bpd": (num_timesteps, programs.make_bpd_fn(config, model, sched, mesh,
                                                  clip_denoised=True),
                 (params, images, bpd_keys, *labels)),
     }
     out[str(num_timesteps)] = {}
-    for name, (steps, fn, fn_args) in programs.items():
+    for name, (steps, fn, fn_args) in compiled.items():
       got = dict(steps=steps, **_compile_sizes(fn, *fn_args))
       out[str(num_timesteps)][name] = got
       _log(f"T={num_timesteps} {name} ({steps} steps): compiled in {got['compile_s']:.1f} s, "
@@ -352,7 +353,7 @@ def _sampler_programs(args, config) -> list[tuple[str, int, int, dict]]:
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
 
   num_timesteps = config.diffusion.num_timesteps
-  programs = []
+  out = []
   for name, count in args.samplers:
     tag = f"{name}{count or ''}"
     calls = count or num_timesteps
@@ -375,17 +376,19 @@ def _sampler_programs(args, config) -> list[tuple[str, int, int, dict]]:
     except ValueError as e:
       raise UsageError(f"--samplers {tag} (timed over {timed_calls} calls, --sample_steps): "
                        f"{e}") from None
-    programs.append((tag, calls, timed_calls, kwargs))
-  return programs
+    out.append((tag, calls, timed_calls, kwargs))
+  return out
 
 
-def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> dict[str, dict]:
+def _evaluation_costs(args, sampler_programs, config, model, params, labels,
+                      mesh) -> dict[str, dict]:
   """The 'samplers' part: for each of `_sampler_programs`, the time of one network call in its
   program and what it makes of an evaluation of `--eval_samples` samples at this batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import programs  # pylint: disable=g-import-not-at-top
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.core import prng  # pylint: disable=g-import-not-at-top
   from diffusion_jax.utils.progress import format_duration  # pylint: disable=g-import-not-at-top
@@ -393,8 +396,8 @@ def _evaluation_costs(args, programs, config, model, params, labels, mesh) -> di
   sched = build.make_schedule(config)
   keys = parallel.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)
   out = {}
-  for tag, calls, timed_calls, kwargs in programs:
-    sample_fn = build.make_sample_fn(config, model, sched, mesh, **kwargs)
+  for tag, calls, timed_calls, kwargs in sampler_programs:
+    sample_fn = programs.make_sample_fn(config, model, sched, mesh, **kwargs)
     start = time.perf_counter()
     compiled = sample_fn.lower(params, keys, *labels).compile()
     compile_s = time.perf_counter() - start
@@ -440,6 +443,7 @@ def run(args: flags.FlagValues) -> dict:
   from diffusion_jax import parallel  # pylint: disable=g-import-not-at-top
   from diffusion_jax.core import prng  # pylint: disable=g-import-not-at-top
   from diffusion_jax.config import build  # pylint: disable=g-import-not-at-top
+  from diffusion_jax.config import programs  # pylint: disable=g-import-not-at-top
   from diffusion_jax.training import step as ts  # pylint: disable=g-import-not-at-top
   from diffusion_jax.models import layers
 
@@ -476,7 +480,7 @@ def run(args: flags.FlagValues) -> dict:
       rng.integers(0, 256, (args.batch, size, size, channels), dtype=np.uint8), mesh,
       args.batch)
   # A class-conditional model's labels (sample i of class i mod num_classes), else ().
-  labels = build.sample_labels(config, np.arange(args.batch), mesh)
+  labels = programs.sample_labels(config, np.arange(args.batch), mesh)
   batch = {"image": images, **({"label": labels[0]} if labels else {})}
 
   if "train" not in skip:
@@ -509,7 +513,7 @@ def run(args: flags.FlagValues) -> dict:
   t_shape = (args.batch,)
   if "forward" not in skip:
     forward_fn = parallel.batch_map(
-        lambda params, x, t, *labels_: build.denoiser(model, params, *labels_)(x, t), mesh,
+        lambda params, x, t, *labels_: programs.denoiser(model, params, *labels_)(x, t), mesh,
         num_batched=2 + len(labels))
     x = parallel.global_batch(
         rng.standard_normal((args.batch, size, size, channels), dtype=np.float32), mesh,
@@ -528,7 +532,7 @@ def run(args: flags.FlagValues) -> dict:
     # The same per-step work as a full sampling run (one network call, the posterior, fresh
     # noise), over a schedule only `sample_steps` long so the scan is short to time.
     sample_config = _with_timesteps(config, args.sample_steps)
-    sample_fn = build.make_sample_fn(sample_config, model, build.make_schedule(sample_config),
+    sample_fn = programs.make_sample_fn(sample_config, model, build.make_schedule(sample_config),
                                      mesh, sampler="ancestral", num_steps=0, eta=0.0,
                                      clip_denoised=True)
     keys = parallel.sharded_example_keys(0, prng.RunStream.SAMPLE, np.arange(args.batch), mesh)

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import cli
 from diffusion_jax.config import build
+from diffusion_jax import models
 from diffusion_jax.models import tf_names
 from diffusion_jax.training import checkpoints
 
@@ -62,12 +63,13 @@ def _open_reader(path: str):
   return tf.train.load_checkpoint(prefix), prefix
 
 
-def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
+def map_variables(tf_shapes: dict[str, list[int]], abstract_params, names=tf_names):
   """Pairs every parameter with its TF variable and EMA shadow, checking names and shapes.
 
   Args:
     tf_shapes: TF variable name -> shape, as `CheckpointReader.get_variable_to_shape_map()`.
     abstract_params: our parameter tree (arrays or ShapeDtypeStructs) that the config builds.
+    names: the architecture's TF name map (`models.name_map(architecture, 'tf')`).
 
   Returns:
     (mapping {param path tuple: (tf name, ema tf name or None)}, has_ema).
@@ -80,7 +82,7 @@ def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
   expected = set()
   for path, leaf in flat:
     keys = tuple(k.key for k in path)
-    name = tf_names.tf_variable_name(keys)
+    name = names.tf_variable_name(keys)
     expected.add(name)
     want = tuple(leaf.shape)
     if name not in tf_shapes:
@@ -115,6 +117,10 @@ def map_variables(tf_shapes: dict[str, list[int]], abstract_params):
 def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
   """Converts a TF checkpoint to `out/checkpoints/<step>`; returns (step, had EMA shadows)."""
   out_dir = checkpoints.check_new_workdir(out)
+  try:
+    names = models.name_map(config.model.architecture, "tf")
+  except ValueError as e:
+    raise CheckpointMismatchError(str(e)) from None
   reader, prefix = _open_reader(checkpoint)
   model = build.make_model(config)
   size, channels = config.data.image_size, config.data.channels
@@ -122,7 +128,7 @@ def convert(checkpoint: str, config, out: str) -> tuple[int, bool]:
       lambda: model.init(jax.random.key(0), np.zeros((1, size, size, channels), np.float32),
                          np.zeros((1,), np.int32), train=False))["params"]
   shapes = reader.get_variable_to_shape_map()
-  mapping, has_ema = map_variables(shapes, abstract)
+  mapping, has_ema = map_variables(shapes, abstract, names)
 
   def load(which):
     tree = {}

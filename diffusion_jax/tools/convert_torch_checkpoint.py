@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from diffusion_jax import cli
 from diffusion_jax.config import build
 from diffusion_jax.config import config_lib
-from diffusion_jax.models import torch_names
+from diffusion_jax import models
 from diffusion_jax.training import checkpoints
 
 # The released checkpoints (upsample_cond_500K, a super-resolution model, is not among them):
@@ -89,15 +89,15 @@ def convert_state_dict(state_dict: dict[str, np.ndarray], config):
     CheckpointMismatchError: naming the missing, unexpected and misshapen tensors, and the
       config to use.
   """
-  if config.model.architecture != "iddpm":
-    raise CheckpointMismatchError(
-        "Improved DDPM's checkpoints need its U-Net: use a config with "
-        "model.architecture='iddpm' (configs/*_iddpm.py)")
+  try:
+    names = models.name_map(config.model.architecture, "torch")
+  except ValueError as e:
+    raise CheckpointMismatchError(f"{e} (configs/*_iddpm.py)") from None
   model = build.make_model(config)
   abstract = jax.eval_shape(functools.partial(build.init_params, config, model),
                             jax.random.key(0))
   try:
-    return torch_names.params_from_torch(state_dict, abstract)
+    return names.params_from_torch(state_dict, abstract)
   except ValueError as e:
     releases = ", ".join(f"{spec} for {name}" for name, (spec, _) in RELEASES.items())
     raise CheckpointMismatchError(

@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.core import prng
 from diffusion_jax.data import images as images_lib
@@ -202,7 +203,7 @@ def _train(config, workdir, mesh,
         return state
       sample_fn = _compiled(
           f"the sampler of the training grids ({config.sample.num_samples} samples)",
-          build.make_sample_fn(config, model, sched, mesh, **build.sampler_kwargs(config)),
+          programs.make_sample_fn(config, model, sched, mesh, **build.sampler_kwargs(config)),
           state.ema_params, *_grid_inputs(config, mesh), is_main=is_main)
 
     if stopped_before(None):
@@ -331,7 +332,7 @@ def _grid_inputs(config, mesh) -> tuple:
   whatever the number of devices (the padding rows are dropped)."""
   padded = parallel.round_up_to_devices(config.sample.num_samples, mesh)
   keys = parallel.sharded_example_keys(config.seed, prng.RunStream.GRID, np.arange(padded), mesh)
-  return (keys, *build.sample_labels(config, np.arange(padded), mesh))
+  return (keys, *programs.sample_labels(config, np.arange(padded), mesh))
 
 
 def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) -> np.ndarray:

@@ -281,10 +281,10 @@ def test_bools():
 
 # --- The diffusion types -------------------------------------------------------------------------
 
-LEARNED_NEEDS_KL = (r"diffusion.loss_type='mse' cannot train diffusion.var_type='learned': "
-                    r"set --config.diffusion.loss_type=kl\|rescaled_kl\|hybrid \(or the config "
-                    r"argument :var_type=learned,loss_type=hybrid\), or keep loss_type=mse with "
-                    r"--config.diffusion.var_type=fixedlarge\|fixedsmall")
+# Flags, which apply on top of a config argument, however the variance was chosen.
+LEARNED_NEEDS_KL = (r"^diffusion.loss_type='mse' cannot train diffusion.var_type='learned' \(a "
+                    r"learned variance\): set --config.diffusion.loss_type=kl\|rescaled_kl\|hybrid, "
+                    r"or keep loss_type=mse with --config.diffusion.var_type=fixedlarge\|fixedsmall$")
 
 
 @pytest.mark.parametrize("how", ["config argument", "flag"])
@@ -303,11 +303,9 @@ def test_a_learned_variance_needs_kl_however_it_is_set(how):
 
 def test_hybrid_needs_a_learned_variance():
   config = load_config("test", "loss_type=hybrid")
-  want = (r"^diffusion.loss_type='hybrid' cannot train diffusion.var_type='fixedlarge': set "
-          r"--config.diffusion.loss_type=mse\|kl\|rescaled_kl \(or the config argument "
-          r":var_type=fixedlarge,loss_type=mse\), or keep loss_type=hybrid with "
-          r"--config.diffusion.var_type=learned\|learned_range \(config argument "
-          r":var_type=learned\|learned_range\)$")
+  want = (r"^diffusion.loss_type='hybrid' cannot train diffusion.var_type='fixedlarge' \(a fixed "
+          r"variance\): set --config.diffusion.loss_type=mse\|kl\|rescaled_kl, or keep "
+          r"loss_type=hybrid with --config.diffusion.var_type=learned\|learned_range$")
   with pytest.raises(config_checks.ConfigError, match=want):
     config_checks.check(config, "train")
   for var_type in ("learned", "learned_range"):

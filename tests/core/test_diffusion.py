@@ -187,8 +187,8 @@ def test_vb_terms_and_training_losses(sched, ref, mean_type, var_type):
         sched, model_fn, f32(x0), jnp.asarray(t), f32(noise), mean_type=mean_type,
         var_type=var_type, loss_type=loss_type)
     if (loss_type == "mse") == learned and loss_type in ("mse", "hybrid"):
-      with pytest.raises(ValueError, match="cannot train a learned variance" if learned
-                         else "hybrid' trains a learned variance"):
+      with pytest.raises(ValueError, match=r"cannot train var_type=.* \(a learned variance\)"
+                         if learned else r"^loss_type='hybrid' cannot train .*a fixed variance"):
         losses()
       continue
     got = losses()
@@ -221,13 +221,13 @@ def test_original_256_setting_is_expressible():
 def test_bad_inputs_raise(sched):
   x = jnp.zeros((2, 4, 4, 3))
   t = jnp.zeros((2,), jnp.int32)
-  with pytest.raises(ValueError, match="Unknown mean_type 'noise'; choose one of eps, xstart"):
+  with pytest.raises(ValueError, match="mean_type='noise' must be one of eps, xstart"):
     diffusion.p_mean_variance(sched, x, x, t, mean_type="noise", var_type="fixedlarge",
                               clip_denoised=True)
-  with pytest.raises(ValueError, match="Unknown var_type 'fixed'; choose one of fixedlarge"):
+  with pytest.raises(ValueError, match="var_type='fixed' must be one of fixedlarge"):
     diffusion.p_mean_variance(sched, x, x, t, mean_type="eps", var_type="fixed",
                               clip_denoised=True)
-  with pytest.raises(ValueError, match="Unknown loss_type 'l1'; choose one of mse, kl"):
+  with pytest.raises(ValueError, match="loss_type='l1' must be one of mse, kl"):
     diffusion.training_losses(sched, lambda a, b: a, x, t, x, mean_type="eps",
                               var_type="fixedlarge", loss_type="l1")
   with pytest.raises(ValueError, match=r"must output \(2, 4, 4, 6\)"):

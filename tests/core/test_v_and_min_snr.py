@@ -112,10 +112,10 @@ def test_min_snr_weights_are_finite_where_alpha_bar_is_zero():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mean_type="xprev"), r"not mean_type 'xprev'"),
-    (dict(loss_type="kl", var_type="learned"), r"loss_type 'kl' does not have"),
-    (dict(loss_type="rescaled_kl", var_type="learned"), r"loss_type 'rescaled_kl' does not"),
-    (dict(min_snr_gamma=-1.0), r"min_snr_gamma=-1.0: use a number >= 0"),
-    (dict(min_snr_gamma=float("nan")), r"min_snr_gamma=nan: use a number >= 0"),
+    (dict(loss_type="kl", var_type="learned"), r"with loss_type 'kl': set"),
+    (dict(loss_type="rescaled_kl", var_type="learned"), r"with loss_type 'rescaled_kl': set"),
+    (dict(min_snr_gamma=-1.0), r"min_snr_gamma=-1.0 must be a number >= 0"),
+    (dict(min_snr_gamma=float("nan")), r"min_snr_gamma=nan must be a number >= 0"),
 ])
 def test_min_snr_settings_the_loss_cannot_use_are_refused(sched, kwargs, match):
   settings = dict(mean_type="eps", var_type="fixedlarge", loss_type="mse", min_snr_gamma=5.0)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
@@ -79,7 +80,7 @@ def test_python_sampler_takes_labels_and_refuses_bad_ones(workdir):
   unconditional = config_lib.load_config("configs/test.py")
   with pytest.raises(ValueError, match=r"the model is unconditional \(model.num_classes=0\)"):
     build.check_sample_labels(unconditional, [1])
-  assert build.sample_labels(unconditional, np.arange(4), sampler.mesh) == ()
+  assert programs.sample_labels(unconditional, np.arange(4), sampler.mesh) == ()
 
 
 @pytest.mark.slow
@@ -100,7 +101,7 @@ def test_bits_per_dim_is_of_each_image_given_its_label(workdir):
 
   def direct(labels_):
     return float(diffusion.calc_bpd_loop(
-        sched, build.denoiser(model, ema, labels_), images, keys, mean_type="eps",
+        sched, programs.denoiser(model, ema, labels_), images, keys, mean_type="eps",
         var_type="fixedlarge").total_bpd.mean())
 
   assert got["bpd"] == pytest.approx(direct(labels), rel=1e-5)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
@@ -111,15 +112,15 @@ def test_guided_denoiser_is_one_doubled_call_of_the_conditional_and_null_models(
   x = rng.standard_normal((6, 8, 8, 3)).astype(np.float32)
   t = np.array([0, 3, 7, 11, 15, 19], np.int32)
   labels = np.array([0, 1, 2, 3, 9, 5], np.int32)
-  cond = build.denoiser(model, ema, labels)(x, t)
-  null = build.denoiser(model, ema, np.full(6, 10, np.int32))(x, t)
+  cond = programs.denoiser(model, ema, labels)(x, t)
+  null = programs.denoiser(model, ema, np.full(6, 10, np.int32))(x, t)
   assert float(jnp.abs(cond - null).max()) > 1e-3  # the null class is a class of its own
   for w in (0.0, 1.0, 3.0):
-    got = build.denoiser(model, ema, labels, guidance_scale=w, var_type="fixedlarge")(x, t)
+    got = programs.denoiser(model, ema, labels, guidance_scale=w, var_type="fixedlarge")(x, t)
     np.testing.assert_allclose(got, (1 + w) * cond - w * null, rtol=1e-5, atol=1e-5)
   # w = 0 is the conditional model itself.
   np.testing.assert_array_equal(
-      build.denoiser(model, ema, labels, guidance_scale=0.0)(x, t), cond)
+      programs.denoiser(model, ema, labels, guidance_scale=0.0)(x, t), cond)
 
 
 def test_null_class_row_exists_only_with_p_uncond():
@@ -178,8 +179,8 @@ def test_guided_sampling_by_every_sampler_on_one_and_eight_devices(workdir, samp
   labels = jnp.arange(8, dtype=jnp.int32) % 10
 
   def by_hand(x, t):
-    c = build.denoiser(model, ema, labels)(x, t)
-    u = build.denoiser(model, ema, jnp.full(8, 10, jnp.int32))(x, t)
+    c = programs.denoiser(model, ema, labels)(x, t)
+    u = programs.denoiser(model, ema, jnp.full(8, 10, jnp.int32))(x, t)
     return 3.0 * c - 2.0 * u
 
   keys = prng.example_keys(prng.run_key(2, prng.RunStream.SAMPLE), np.arange(8))
@@ -220,7 +221,7 @@ def test_python_sampler_refuses_guidance_without_a_null_class(workdir):
   config = helpers.conditional_config()  # class-conditional, no null class
   model, sched = build.make_model(config), build.make_schedule(config)
   with pytest.raises(ValueError, match="needs a model trained with a null class"):
-    build.make_sample_fn(config, model, sched, parallel.make_mesh(),
+    programs.make_sample_fn(config, model, sched, parallel.make_mesh(),
                          **build.sampler_kwargs(config, guidance_scale=1.0))
   sampler = inference.Sampler(inference.load(os.fspath(path), guided_config()))
   with pytest.raises(ValueError, match=r"guidance_scale=nan: use a number >= 0"):

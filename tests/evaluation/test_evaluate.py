@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from diffusion_jax.config import build
+from diffusion_jax.config import programs
 from diffusion_jax.config import config_lib
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import prng
@@ -81,7 +82,7 @@ def test_dpm_solver_by_name_in_every_sampling_mode(workdir):
   np.testing.assert_allclose(eight.sample_batch(np.arange(8), seed=3), got, atol=1e-5)
   model, sched = build.make_model(config), build.make_schedule(config)
   keys = prng.example_keys(prng.run_key(3, prng.RunStream.SAMPLE), np.arange(8))
-  direct = dpm_solver.solve(sched, build.denoiser(model, ema), keys, (8, 8, 8, 3), num_steps=4,
+  direct = dpm_solver.solve(sched, programs.denoiser(model, ema), keys, (8, 8, 8, 3), num_steps=4,
                             order=2, clip_denoised=True)
   np.testing.assert_allclose(got, np.asarray(direct), atol=1e-5)
   assert got.std() > 0.05

@@ -43,16 +43,8 @@ ENTRY = samplers.SamplerEntry(
 
 
 def write_plugin(root: pathlib.Path) -> pathlib.Path:
-  """An installed distribution `toy-sampler` under `root`: its module and its dist-info with
-  the entry point `toy` in the group `diffusion_jax.samplers`."""
-  root.mkdir(parents=True, exist_ok=True)
-  (root / "toy_sampler.py").write_text(TOY_MODULE)
-  info = root / "toy_sampler-0.1.dist-info"
-  info.mkdir(exist_ok=True)
-  (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-sampler\nVersion: 0.1\n")
-  (info / "entry_points.txt").write_text(
-      f"[{registry.ENTRY_POINT_GROUP}]\ntoy = toy_sampler:ENTRY\n")
-  return root
+  """The distribution `toy-sampler` under `root`, its entry point in `diffusion_jax.samplers`."""
+  return helpers.write_plugin(root, "toy_sampler", TOY_MODULE, registry.ENTRY_POINT_GROUP)
 
 
 @pytest.fixture
@@ -60,7 +52,7 @@ def toy_plugin(tmp_path, monkeypatch):
   """The toy distribution on sys.path, read by the registry as on its first use."""
   root = write_plugin(tmp_path / "site")
   monkeypatch.syspath_prepend(str(root))
-  monkeypatch.setattr(registry, "_plugins_loaded", False)
+  monkeypatch.setattr(registry.REGISTRY, "plugins_loaded", False)
   try:
     yield root
   finally:

@@ -334,7 +334,7 @@ def test_sampler_errors(sched):
   with pytest.raises(ValueError, match=r"num_steps must be in \[1, T=40\]"):
     samplers.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=41,
                               mean_type="eps", var_type="fixedlarge")
-  with pytest.raises(ValueError, match="Unknown mean_type"):
+  with pytest.raises(ValueError, match="mean_type='velocity' must be one of"):
     samplers.ddim_sample_loop(sched, model_fn, keys, (4, 2, 2, 1), num_steps=4,
                               mean_type="velocity", var_type="fixedlarge")
   with pytest.raises(ValueError, match=r"keys must be a key array \[B\]"):
