@@ -179,6 +179,26 @@ def kill_second_process(procs, prefix: str, committed: pathlib.Path,
   return "".join(lines) + out, killed
 
 
+def google_ddpm_cifar10_unet_config():
+  """The config.json of diffusers' google/ddpm-cifar10-32 U-Net (the authors' CIFAR-10 model as a
+  UNet2DModel), as diffusers writes it today."""
+  return {
+      "_class_name": "UNet2DModel", "act_fn": "silu", "add_attention": True,
+      "attention_head_dim": None, "attn_norm_num_groups": None,
+      "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+      "class_embed_type": None,
+      "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+      "downsample_padding": 0, "downsample_type": "conv", "dropout": 0.0,
+      "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+      "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+      "num_class_embeds": None, "num_train_timesteps": None, "out_channels": 3,
+      "resnet_time_scale_shift": "default", "sample_size": 32,
+      "time_embedding_type": "positional",
+      "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+      "upsample_type": "conv",
+  }
+
+
 def write_plugin(root: pathlib.Path, module: str, source: str, group: str) -> pathlib.Path:
   """An installed distribution under `root` as another package would ship a component: the
   module `module` with `source`, and a dist-info whose entry point `toy` in the entry-point

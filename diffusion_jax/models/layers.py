@@ -1,4 +1,5 @@
-"""What the U-Nets share: per-example dropout and the parameter table."""
+"""What the U-Nets share: per-example dropout, the parameter table and PyTorch's layout of a
+parameter (for the name maps of PyTorch-format checkpoints)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from diffusion_jax.core import prng
@@ -44,3 +46,30 @@ def param_table(params, order: Sequence[str]) -> str:
     lines.append(f"{name:<{width}}  {count_params(params[name]):>12,}")
   lines.append(f"total params: {count_params(params):,}")
   return "\n".join(lines)
+
+
+def to_torch_layout(value, path: Sequence[str], *, conv1d: Sequence[str] = (),
+                    conv1x1: Sequence[str] = ()) -> np.ndarray:
+  """One of our parameters in PyTorch's layout: a convolution's kernel [kh, kw, I, O] ->
+  [O, I, kh, kw]; a Dense kernel [I, O] -> a linear layer's [O, I], or a 1-wide conv1d's
+  [O, I, 1] for the modules named in `conv1d`, or a 1x1 conv2d's [O, I, 1, 1] for those in
+  `conv1x1`; biases, norms and embeddings as they are.
+
+  Args:
+    value: the array.
+    path: its path in our parameter tree (module names, then the leaf's).
+    conv1d, conv1x1: the module names whose Dense kernels the format stores as convolutions.
+  """
+  value = np.asarray(value)
+  if path[-1] != "kernel":
+    return value
+  if value.ndim == 4:
+    return np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+  if value.ndim != 2:
+    return value
+  if path[-2] in conv1d:
+    return np.ascontiguousarray(value.T[:, :, None])
+  if path[-2] in conv1x1:
+    return np.ascontiguousarray(value.T[:, :, None, None])
+  return np.ascontiguousarray(value.T)
+

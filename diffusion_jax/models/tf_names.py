@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+import numpy as np
+
+from diffusion_jax.models import layers
+
 
 _LEAF_TO_TF = {"kernel": "W", "bias": "b"}
 _NORM_LEAF_TO_TF = {"scale": "gamma", "bias": "beta"}
@@ -65,3 +70,14 @@ def flax_param_path(tf_name: str) -> tuple[str, ...]:
   if leaf not in table:
     raise ValueError(f"unknown variable {leaf!r} in {tf_name!r}")
   return (*modules, table[leaf])
+
+
+def state_dict_from_params(params) -> dict[str, np.ndarray]:
+  """Our parameter tree as {TF variable name: float32 array in PyTorch's layout}
+  (`layers.to_torch_layout`), for exports that keep the authors' names."""
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(k.key for k in path)
+    out[tf_variable_name(keys)] = layers.to_torch_layout(np.asarray(value, np.float32), keys)
+  return out
+

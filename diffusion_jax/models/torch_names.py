@@ -14,6 +14,8 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from diffusion_jax.models import layers
+
 
 # Our leaf -> PyTorch's, by module kind; GroupNorms are the modules named norm, in_layers_0,
 # out_layers_0 and out_0.
@@ -101,6 +103,19 @@ def _our_shape(shape: Sequence[int], leaf: str) -> tuple[int, ...]:
   return shape[::-1] if len(shape) == 2 else shape
 
 
+def mismatch_summary(missing: Sequence[str], unexpected: Sequence[str],
+                     misshapen: Sequence[str]) -> str:
+  """One line counting and naming (the first 6 of each) the missing, unexpected and misshapen
+  tensors of a state dict; '' when all three are empty."""
+  problems = []
+  for what, names in (("missing", missing), ("unexpected", unexpected),
+                      ("with another shape", misshapen)):
+    if names:
+      shown = ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
+      problems.append(f"{len(names)} {what}: {shown}")
+  return "; ".join(problems)
+
+
 def match_state_dict(shapes: Mapping[str, Sequence[int]], abstract_params
                      ) -> dict[str, tuple[str, ...]]:
   """Pairs every tensor of a reference state dict with one of our parameters, by name and shape.
@@ -126,14 +141,8 @@ def match_state_dict(shapes: Mapping[str, Sequence[int]], abstract_params
   misshapen = [f"{name} {tuple(shapes[name])} for our {'/'.join(path)} {flat[path]}"
                for name, path in sorted(expected.items())
                if name in shapes and _our_shape(shapes[name], path[-1]) != flat[path]]
-  problems = []
-  for what, names in (("missing", missing), ("unexpected", unexpected),
-                      ("with another shape", misshapen)):
-    if names:
-      shown = ", ".join(names[:6]) + (f" (and {len(names) - 6} more)" if len(names) > 6 else "")
-      problems.append(f"{len(names)} {what}: {shown}")
-  if problems:
-    text = "; ".join(problems)
+  text = mismatch_summary(missing, unexpected, misshapen)
+  if text:
     hints = [hint for key, hint in _HINTS if key in text]
     raise ValueError(text + (f". Settings that may differ: {', '.join(hints)}" if hints else ""))
   return expected
@@ -160,3 +169,25 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], abstract_params) -> 
     value = np.asarray(state_dict[name], np.float32)
     node[path[-1]] = np.ascontiguousarray(_to_ours(value, path[-1]))
   return tree
+
+
+# Our Dense kernels that the reference stores as 1-wide conv1d kernels [O, I, 1].
+_CONV1D = ("qkv", "proj_out")
+
+
+def to_torch_layout(value: np.ndarray, path: Sequence[str]) -> np.ndarray:
+  """One of our arrays in the reference's layout (the inverse of the layout change
+  `params_from_torch` makes; `layers.to_torch_layout`, the attention's `qkv` and `proj_out` as
+  1-wide conv1d kernels)."""
+  return layers.to_torch_layout(value, path, conv1d=_CONV1D)
+
+
+def state_dict_from_params(params) -> dict[str, np.ndarray]:
+  """The reference UNetModel's state dict (float32, its names and layout) from our parameter
+  tree: what `params_from_torch` reads back unchanged."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  out = {}
+  for path, value in flat:
+    keys = tuple(k.key for k in path)
+    out[torch_name(keys)] = to_torch_layout(np.asarray(value, np.float32), keys)
+  return out

@@ -430,5 +430,6 @@ ARCHITECTURE = registry.Architecture(
     name="ddpm", title="DDPM's U-Net", build=UNet,
     settings=(Setting("block_size", 1, "int", 1,
                       note="space-to-depth factor of the input; 1 = none"),),
-    check=_check, summary=summary, name_maps={"tf": "diffusion_jax.models.tf_names"},
+    check=_check, summary=summary, name_maps={"diffusers": "diffusion_jax.models.diffusers_names",
+                                             "tf": "diffusion_jax.models.tf_names"},
     summary_line="the original's U-Net (Ho et al. 2020), with the LSUN scripts' space-to-depth")

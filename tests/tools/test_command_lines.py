@@ -7,9 +7,11 @@ import sys
 import pytest
 
 from diffusion_jax.tools import bench
+from diffusion_jax.tools import convert_diffusers
 from diffusion_jax.tools import convert_inception
 from diffusion_jax.tools import convert_tf_checkpoint
 from diffusion_jax.tools import convert_torch_checkpoint
+from diffusion_jax.tools import export_safetensors
 from diffusion_jax.tools import input_bench
 from tests import helpers
 
@@ -23,8 +25,12 @@ TOOLS = {
                                  ["--checkpoint=model.pt", "--out=unused"]),
     "convert_inception": (convert_inception, "--torch_weights",
                           ["--torch_weights=model.pth", "--out=unused.npz"]),
+    "convert_diffusers": (convert_diffusers, "--from_diffusers",
+                          ["--from_diffusers=unused", "--out=unused"]),
+    "export_safetensors": (export_safetensors, "--names",
+                           ["--workdir=unused", "--out=unused.safetensors"]),
 }
-WITH_CONFIG = ("bench", "convert_tf_checkpoint", "convert_torch_checkpoint")
+WITH_CONFIG = ("bench", "convert_tf_checkpoint", "convert_torch_checkpoint", "convert_diffusers")
 
 
 def _exit_code(tool, argv) -> int:
