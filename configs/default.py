@@ -114,6 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #   respacing      or Improved DDPM's respacing spec (num_steps 0): 'ddim50', '50',
   #                  '10,20,30'; '' = none
   #   clip_denoised  clip each x_0 prediction to [-1, 1] while sampling
+  #   dynamic_threshold   or clip it by Imagen's dynamic thresholding at this percentile of
+  #                  each prediction's |x_0| (e.g. 99.5; 0 = to [-1, 1]; not dpmsolver, which
+  #                  steps with noise predictions)
   #   eta            ddim: the noise scale (0 = deterministic)
   #   solver_order, solver_grid   dpmsolver++ / dpmsolver: order 1, 2 or 3; 'time_uniform' or
   #                  'logSNR'

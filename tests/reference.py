@@ -94,7 +94,15 @@ def x0_from_xprev(c, xt, t, xprev):
   return (xprev - bcast(c["coef2"], t, xt.ndim) * xt) / bcast(c["coef1"], t, xt.ndim)
 
 
-def p_mean_variance(c, out, xt, t, mean_type, var_type, clip):
+def dynamic_threshold(x0, p):
+  """Imagen's dynamic thresholding of x_0 predictions [B, ...]: s = max(1, the p-th percentile
+  of each example's |x_0|), then clip to [-s, s] and divide by s."""
+  s = np.maximum(np.percentile(np.abs(x0.reshape(len(x0), -1)), p, axis=1), 1.0)
+  s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+  return np.clip(x0, -s, s) / s
+
+
+def p_mean_variance(c, out, xt, t, mean_type, var_type, clip, threshold=0.0):
   if var_type == "learned":
     out, logvar = np.split(out, 2, axis=-1)
   elif var_type == "learned_range":
@@ -117,7 +125,7 @@ def p_mean_variance(c, out, xt, t, mean_type, var_type, clip):
   else:
     x0 = x0_from_xprev(c, xt, t, out)
   if clip:
-    x0 = np.clip(x0, -1, 1)
+    x0 = dynamic_threshold(x0, threshold) if threshold else np.clip(x0, -1, 1)
   mean = out if mean_type == "xprev" else q_posterior(c, x0, xt, t)[0]
   return mean, logvar, x0
 

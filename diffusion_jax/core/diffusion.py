@@ -135,7 +135,7 @@ def q_mean_variance(sched: Schedule, x_start, t):
     (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]).
   """
   mean = extract(sched.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-  variance = 1.0 - extract(sched.alphas_cumprod, t, x_start.shape)
+  variance = extract(sched.one_minus_alphas_cumprod, t, x_start.shape)
   log_variance = extract(sched.log_one_minus_alphas_cumprod, t, x_start.shape)
   return mean, variance, log_variance
 
@@ -255,8 +255,34 @@ def pred_xstart_from_output(sched: Schedule, mean_output, x_t, t, *, mean_type: 
   raise AssertionError(f"mean_type {mean_type!r} is known but has no x_0")
 
 
+def clip_xstart(pred_xstart, *, clip_denoised: bool, dynamic_threshold: float = 0.0):
+  """An x_0 prediction [B, ...] as a sampler uses it: as it is (clip_denoised False), clipped to
+  [-1, 1], or with dynamic thresholding (Saharia et al. 2022, Imagen; dynamic_threshold = p in
+  (0, 100]): each example's s = max(1, the p-th percentile of its |x_0|), and x_0 clipped to
+  [-s, s] and divided by s, so a prediction beyond [-1, 1] is pulled back whole rather than
+  saturated pixel by pixel. The percentile interpolates linearly (NumPy's default).
+
+  Raises:
+    ValueError: dynamic_threshold outside [0, 100], or > 0 without clip_denoised.
+  """
+  if not 0 <= dynamic_threshold <= 100:
+    raise ValueError(f"dynamic_threshold={dynamic_threshold!r} must be a percentile in (0, 100], "
+                     f"or 0 for none")
+  if dynamic_threshold and not clip_denoised:
+    raise ValueError(f"dynamic_threshold={dynamic_threshold!r} is a way to clip the x_0 "
+                     f"predictions: it needs clip_denoised=True")
+  if not clip_denoised:
+    return pred_xstart
+  if not dynamic_threshold:
+    return jnp.clip(pred_xstart, -1.0, 1.0)
+  flat = jnp.abs(pred_xstart.reshape(pred_xstart.shape[0], -1)).astype(jnp.float32)
+  s = jnp.maximum(jnp.percentile(flat, dynamic_threshold, axis=1), 1.0)
+  s = s.reshape((-1,) + (1,) * (pred_xstart.ndim - 1)).astype(pred_xstart.dtype)
+  return jnp.clip(pred_xstart, -s, s) / s
+
+
 def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, var_type: str,
-                    clip_denoised: bool) -> MeanVar:
+                    clip_denoised: bool, dynamic_threshold: float = 0.0) -> MeanVar:
   """The model's Gaussian p(x_{t-1} | x_t) from the network's output.
 
   Args:
@@ -272,6 +298,8 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
       schedule's posterior).
     clip_denoised: clip the x_0 prediction to [-1, 1] (the posterior mean is computed from the
       clipped value, except for 'xprev', whose mean is the output itself).
+    dynamic_threshold: with clip_denoised, clip by dynamic thresholding at this percentile
+      instead (`clip_xstart`); 0 = to [-1, 1].
 
   Returns:
     MeanVar(mean, variance, log_variance, pred_xstart), each of x_t's shape.
@@ -295,9 +323,9 @@ def p_mean_variance(sched: Schedule, model_output, x_t, t, *, mean_type: str, va
     variance = jnp.broadcast_to(extract(variance_coef, t, x_t.shape), x_t.shape)
     log_variance = jnp.broadcast_to(extract(log_variance_coef, t, x_t.shape), x_t.shape)
 
-  pred_xstart = pred_xstart_from_output(sched, mean_output, x_t, t, mean_type=mean_type)
-  if clip_denoised:
-    pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+  pred_xstart = clip_xstart(
+      pred_xstart_from_output(sched, mean_output, x_t, t, mean_type=mean_type),
+      clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
   if mean_type == "xprev":
     mean = mean_output
   else:
@@ -433,9 +461,9 @@ def min_snr_weight(sched: Schedule, t, min_snr_gamma: float, *, mean_type: str) 
     float [B].
   """
   abar = sched.alphas_cumprod[t]
-  # 1 - alpha_bar_t from its float64-computed square root: 1 - alpha_bar_t in float32 would
-  # lose most of its digits near t = 0, where alpha_bar_t ~ 1.
-  one_minus_abar = jnp.square(sched.sqrt_one_minus_alphas_cumprod[t])
+  # 1 - alpha_bar_t computed in float64: in float32 it would lose most of its digits near t = 0,
+  # where alpha_bar_t ~ 1.
+  one_minus_abar = sched.one_minus_alphas_cumprod[t]
   snr = abar / one_minus_abar
   clipped = jnp.minimum(snr, min_snr_gamma)
   if mean_type == "eps":

@@ -117,6 +117,9 @@ def _coefficients(betas: np.ndarray, posterior_logvar: str) -> dict[str, np.ndar
       alphas_cumprod=alphas_cumprod,
       alphas_cumprod_prev=alphas_cumprod_prev,
       sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+      # 1 - alpha_bar from float64: formed from float32 alpha_bar it cancels near t = 0 (5e-4
+      # relative at t = 0 on the cosine schedule).
+      one_minus_alphas_cumprod=1.0 - alphas_cumprod,
       sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
       log_one_minus_alphas_cumprod=log_one_minus_alphas_cumprod,
       sqrt_recip_alphas_cumprod=sqrt_recip_alphas_cumprod,
@@ -155,6 +158,7 @@ class Schedule:
   alphas_cumprod: jax.Array
   alphas_cumprod_prev: jax.Array
   sqrt_alphas_cumprod: jax.Array
+  one_minus_alphas_cumprod: jax.Array
   sqrt_one_minus_alphas_cumprod: jax.Array
   log_one_minus_alphas_cumprod: jax.Array
   sqrt_recip_alphas_cumprod: jax.Array

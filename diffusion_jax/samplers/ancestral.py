@@ -16,7 +16,7 @@ from diffusion_jax.samplers import registry
 
 
 def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str, var_type: str,
-             clip_denoised: bool = True):
+             clip_denoised: bool = True, dynamic_threshold: float = 0.0):
   """One step of ancestral sampling, x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0.
 
   Args:
@@ -27,13 +27,16 @@ def p_sample(sched: Schedule, model_fn: ModelFn, x, t, noise, *, mean_type: str,
     noise: standard normal noise, shape of x.
     mean_type, var_type: as in `diffusion.p_mean_variance`.
     clip_denoised: clip the x_0 prediction to [-1, 1].
+    dynamic_threshold: or clip it by dynamic thresholding at this percentile
+      (`diffusion.clip_xstart`); 0 = to [-1, 1].
 
   Returns:
     (x_{t-1} [B, ...], pred_xstart [B, ...]).
   """
   out = diffusion.p_mean_variance(sched, diffusion.call_model(sched, model_fn, x, t), x, t,
                                   mean_type=mean_type, var_type=var_type,
-                                  clip_denoised=clip_denoised)
+                                  clip_denoised=clip_denoised,
+                                  dynamic_threshold=dynamic_threshold)
   nonzero = (t != 0).astype(x.dtype).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
   return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
 
@@ -70,7 +73,8 @@ def _ancestral_scan(sched, model_fn, keys, x_init, timesteps, sampler_kwargs, *,
 
 
 def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type: str,
-                  var_type: str, clip_denoised: bool = True) -> jax.Array:
+                  var_type: str, clip_denoised: bool = True,
+                  dynamic_threshold: float = 0.0) -> jax.Array:
   """Generates samples by ancestral sampling from t = T-1 down to 0.
 
   Args:
@@ -80,6 +84,8 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type:
     shape: the batch shape (B, H, W, C).
     mean_type, var_type: as in `diffusion.p_mean_variance`.
     clip_denoised: clip the x_0 prediction to [-1, 1] at every step (the original does).
+    dynamic_threshold: or clip it by dynamic thresholding at this percentile
+      (`diffusion.clip_xstart`); 0 = to [-1, 1].
 
   Returns:
     Samples [B, H, W, C], nominally in [-1, 1].
@@ -87,7 +93,8 @@ def p_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *, mean_type:
   shape = common.check_keys(keys, shape)
   num_timesteps = sched.num_timesteps
   x_init = common.initial_noise(keys, shape, sched)
-  kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+  kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+                dynamic_threshold=dynamic_threshold)
   (x0, _), _ = _ancestral_scan(sched, model_fn, keys, x_init, np.arange(num_timesteps)[::-1],
                                kwargs)
   return x0
@@ -204,12 +211,14 @@ def interpolate(sched: Schedule, model_fn: ModelFn, x1, x2, lam, t: int, keys, *
 
 
 def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps,
-                     clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+                     clip_denoised: bool, mean_type: str, var_type: str,
+                     dynamic_threshold: float = 0.0) -> jax.Array:
   """Ancestral sampling as a registry entry runs it: over all T steps, or over the schedule
   respaced to `timesteps`.
 
   Args:
-    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `p_sample_loop`.
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type, dynamic_threshold: as in
+      `p_sample_loop`.
     timesteps: the timesteps to visit, ascending; unless that is all T, the chain runs over
       `schedules.respace(sched, timesteps)` (at least 2 of them; `sched` must be concrete).
 
@@ -220,7 +229,7 @@ def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timeste
   if timesteps.size != sched.num_timesteps:
     sched = schedules.respace(sched, timesteps)
   return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
-                       clip_denoised=clip_denoised)
+                       clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
 
 
 # Its noise is set by the variance type, so it has no settings of its own. Over fewer than T

@@ -21,7 +21,8 @@ ddim_timesteps = registry.evenly_spaced
 
 def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
                      num_steps: int | None = None, timesteps=None, eta: float = 0.0,
-                     mean_type: str, var_type: str, clip_denoised: bool = True) -> jax.Array:
+                     mean_type: str, var_type: str, clip_denoised: bool = True,
+                     dynamic_threshold: float = 0.0) -> jax.Array:
   """DDIM sampling over a subset of the timesteps.
 
   Each step goes from timestep t to the previous visited timestep s (alpha_bar_s = 1 after the
@@ -32,7 +33,8 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
   recomputed from the (clipped) x0_pred.
 
   Args:
-    sched, model_fn, keys, shape, mean_type, clip_denoised: as in `p_sample_loop`.
+    sched, model_fn, keys, shape, mean_type, clip_denoised, dynamic_threshold: as in
+      `p_sample_loop`.
     num_steps: how many timesteps to visit (1..T), spaced by `ddim_timesteps`; or
     timesteps: the timesteps to visit, ascending (e.g. `schedules.space_timesteps(T, 'ddim50')`).
       Give one of the two.
@@ -59,18 +61,20 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     t_b = jnp.full((batch,), t, dtype=jnp.int32)
     mean_output, _ = diffusion.split_model_output(diffusion.call_model(sched, model_fn, x, t_b),
                                                   x.shape, var_type=var_type)
-    pred_xstart = diffusion.pred_xstart_from_output(sched, mean_output, x, t_b,
-                                                    mean_type=mean_type)
-    if clip_denoised:
-      pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
+    pred_xstart = diffusion.clip_xstart(
+        diffusion.pred_xstart_from_output(sched, mean_output, x, t_b, mean_type=mean_type),
+        clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
     eps = diffusion.predict_eps_from_xstart(sched, x, t_b, pred_xstart)
     alpha_bar = sched.alphas_cumprod[t]
     alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
-    sigma = (eta * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+    # 1 - alpha_bar of both steps as the schedule holds it (from float64), 0 after the last.
+    one_minus_prev = jnp.where(t_prev >= 0,
+                               sched.one_minus_alphas_cumprod[jnp.maximum(t_prev, 0)], 0.0)
+    sigma = (eta * jnp.sqrt(one_minus_prev / sched.one_minus_alphas_cumprod[t])
              * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
     noise = common.step_noise(keys, sched, t, x)
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
-              + jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+              + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
               + sigma * noise)
     return x_prev, None
 
@@ -80,11 +84,13 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
 
 
 def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
-                clip_denoised: bool, mean_type: str, var_type: str) -> jax.Array:
+                clip_denoised: bool, mean_type: str, var_type: str,
+                dynamic_threshold: float = 0.0) -> jax.Array:
   """`ddim_sample_loop` as a registry entry runs it.
 
   Args:
-    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type: as in `ddim_sample_loop`.
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type, dynamic_threshold: as in
+      `ddim_sample_loop`.
     timesteps: the timesteps to visit, ascending.
     eta: the noise scale, >= 0 (0 = deterministic).
 
@@ -92,7 +98,8 @@ def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, e
     Samples [B, H, W, C].
   """
   return ddim_sample_loop(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
-                          mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised)
+                          mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+                          dynamic_threshold=dynamic_threshold)
 
 
 # 1 gives DDPM's posterior variance on the visited steps.

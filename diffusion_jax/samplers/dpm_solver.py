@@ -187,7 +187,8 @@ def check_solver(algorithm: str, order: int, grid: str, num_steps: int, num_time
 def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, order: int = 2,
           algorithm: str = "dpmsolver++", grid: str = "time_uniform", mean_type: str = "eps",
           var_type: str = "fixedlarge", clip_denoised: bool = False,
-          lower_order_final: bool = True, dtype=jnp.float32) -> jax.Array:
+          dynamic_threshold: float = 0.0, lower_order_final: bool = True,
+          dtype=jnp.float32) -> jax.Array:
   """Samples by multistep DPM-Solver(++) from x_T (drawn per example as every sampler does).
 
   Args:
@@ -201,6 +202,8 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
     grid: 'time_uniform' or 'logSNR'.
     mean_type, var_type: what the network predicts (a learned variance's channels are unused).
     clip_denoised: dpmsolver++ only: clip each x_0 prediction to [-1, 1].
+    dynamic_threshold: dpmsolver++ only: or clip it by dynamic thresholding at this percentile
+      (`diffusion.clip_xstart`); 0 = to [-1, 1].
     lower_order_final: lower the order of the last steps when num_steps < 10.
     dtype: the solver's arithmetic (float64 for reference runs under jax.enable_x64); x_T is
       the float32 draw of every sampler, cast.
@@ -230,8 +233,8 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
     if data_prediction:
       m = {"eps": lambda: (x - sigma_i * out) / alpha_i, "xstart": lambda: out,
            "v": lambda: alpha_i * x - sigma_i * out}[mean_type]()
-      if clip_denoised:
-        m = jnp.clip(m, -1.0, 1.0)
+      m = diffusion.clip_xstart(m, clip_denoised=clip_denoised,
+                                dynamic_threshold=dynamic_threshold)
     else:
       m = {"eps": lambda: out, "xstart": lambda: (x - alpha_i * out) / sigma_i,
            "v": lambda: sigma_i * x + alpha_i * out}[mean_type]()
@@ -256,11 +259,11 @@ def _entry(algorithm: str) -> registry.SamplerEntry:
   """DPM-Solver with one algorithm as a sampler: num_steps network calls of `solver_order` on
   `solver_grid`, on its own continuous-time grid (so no respacing)."""
 
-  def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, mean_type, var_type,
-          solver_order, solver_grid):
+  def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
+          mean_type, var_type, solver_order, solver_grid):
     return solve(sched, model_fn, keys, shape, num_steps=num_steps, order=solver_order,
                  algorithm=algorithm, grid=solver_grid, mean_type=mean_type, var_type=var_type,
-                 clip_denoised=clip_denoised)
+                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
 
   def check(field, *, count, num_timesteps, mean_type, solver_order, solver_grid):
     try:
@@ -273,7 +276,7 @@ def _entry(algorithm: str) -> registry.SamplerEntry:
   return registry.SamplerEntry(
       name=algorithm, run=run, settings=(ORDER, GRID), check=check,
       tag=lambda solver_order, solver_grid: [f"order{solver_order}_{solver_grid}"],
-      visits_timesteps=False,
+      visits_timesteps=False, clips=algorithm == "dpmsolver++",
       summary=f"Lu et al.'s {algorithm}, multistep on the {what} predictions")
 
 

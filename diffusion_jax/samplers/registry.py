@@ -37,8 +37,10 @@ class SamplerEntry:
 
   Attributes:
     name: how configs and commands name it (`sample.sampler`).
-    run: run(sched, model_fn, keys, shape, *, clip_denoised, mean_type, var_type, **settings)
-      -> samples [B, H, W, C], where settings are its own (`settings`), and it gets either
+    run: run(sched, model_fn, keys, shape, *, clip_denoised, dynamic_threshold, mean_type,
+      var_type, **settings) -> samples [B, H, W, C], where settings are its own (`settings`),
+      the x_0 predictions it makes are clipped by `diffusion.clip_xstart(x_0,
+      clip_denoised=..., dynamic_threshold=...)`, and it gets either
       `timesteps` (the steps to visit, ascending, from num_steps or the respacing) or, with
       `visits_timesteps` False, `num_steps` (its count of network calls, >= 1).
     settings: its own fields of the `sample` section. Two samplers may share one (the same
@@ -50,6 +52,8 @@ class SamplerEntry:
     summary: one line for help texts.
     min_steps: the fewest steps it runs.
     visits_timesteps: it visits a subset of the trained timesteps (and so takes a respacing).
+    clips: it steps with x_0 predictions, and so can clip them (`clip_denoised`,
+      `dynamic_threshold`); False: it ignores both.
   """
   name: str
   run: Callable[..., Any]
@@ -59,6 +63,7 @@ class SamplerEntry:
   summary: str = ""
   min_steps: int = 1
   visits_timesteps: bool = True
+  clips: bool = True
 
 
 # The settings of every sampler.
@@ -69,6 +74,10 @@ COMMON = (
     # from 0), '50' (50 evenly spaced, rounded), '10,20,30' (counts in equal sections of T).
     Setting("respacing", "", "str", note="'' = none, or e.g. 'ddim50', '50', '10,20,30'"),
     Setting("clip_denoised", True, "bool", note="clip each x_0 prediction to [-1, 1]"),
+    # Imagen's dynamic thresholding (`diffusion.clip_xstart`) instead of the clip to [-1, 1].
+    Setting("dynamic_threshold", 0.0, "float", 0, 100,
+            note="clip each x_0 prediction by dynamic thresholding at this percentile; 0 = to "
+            "[-1, 1]"),
 )
 
 # The samplers by name (the fields every sampler has and the sample section's other fields
@@ -162,6 +171,15 @@ def check(name: str, values: Mapping[str, Any], num_timesteps: int, *, mean_type
         f"sample.{setting.name}={values[setting.name]!r} is a setting of sampler {whose}{note}, "
         f"which {name!r} does not use: set {field(setting.name)}={setting.default!r}, or "
         f"{field('sampler')}={owners(setting.name)[0]!r}")
+  threshold = values["dynamic_threshold"]
+  if threshold and not entry.clips:
+    raise ValueError(f"sample.dynamic_threshold={threshold!r}: sampler {name!r} steps with noise "
+                     f"predictions and clips no x_0 prediction; set "
+                     f"{field('dynamic_threshold')}=0, or another {field('sampler')}")
+  if threshold and not values["clip_denoised"]:
+    raise ValueError(f"sample.dynamic_threshold={threshold!r} is a way to clip the x_0 "
+                     f"predictions, and sample.clip_denoised=False clips none: set "
+                     f"{field('clip_denoised')}=True, or {field('dynamic_threshold')}=0")
   num_steps, respacing = values["num_steps"], values["respacing"]
   if respacing:
     if not entry.visits_timesteps:
@@ -216,14 +234,15 @@ def sample(name: str, sched, model_fn, keys, shape, *, mean_type: str, var_type:
   steps = (dict(timesteps=timesteps) if entry.visits_timesteps else
            dict(num_steps=len(timesteps)))
   return entry.run(sched, model_fn, keys, shape, clip_denoised=values["clip_denoised"],
-                   mean_type=mean_type, var_type=var_type, **steps, **own)
+                   dynamic_threshold=values["dynamic_threshold"], mean_type=mean_type,
+                   var_type=var_type, **steps, **own)
 
 
 def tag(values: Mapping[str, Any], num_timesteps: int) -> str:
   """A file-name suffix for these sampler settings, so that results of one checkpoint under
   different samplers sit side by side: '' for the reference sampler over all T steps with
   clipping (the original's), else e.g. '_ddim50', '_ancestral_respaced25', '_ddim_eta1',
-  '_ancestral_noclip', '_dpmsolver++20_order2_logSNR'.
+  '_ancestral_noclip', '_ddim50_dynthresh99.5', '_dpmsolver++20_order2_logSNR'.
 
   Args:
     values: a `sample` section (its `sampler` and settings; missing settings take defaults).
@@ -240,4 +259,6 @@ def tag(values: Mapping[str, Any], num_timesteps: int) -> str:
     parts += entry.tag(**{s.name: values[s.name] for s in entry.settings})
   if not values["clip_denoised"]:
     parts.append("noclip")
+  if values["dynamic_threshold"]:
+    parts.append(f"dynthresh{values['dynamic_threshold']:g}")
   return "".join("_" + part for part in parts)

@@ -242,6 +242,18 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
      r"^respacing 'ddim200' asks for 200 steps; T=100 has 1..100: set "
      r"--config.sample.respacing to a spec such as 'ddim50', '50' or '10,20,30' \(steps of "
      r"T=100\), or '' for none$"),
+    ({"sample.sampler": "dpmsolver", "sample.dynamic_threshold": 99.5},
+     r"^sample.dynamic_threshold=99.5: sampler 'dpmsolver' steps with noise predictions and "
+     r"clips no x_0 prediction; set --config.sample.dynamic_threshold=0, or another "
+     r"--config.sample.sampler$"),
+    ({"sample.dynamic_threshold": 99.5, "sample.clip_denoised": False},
+     r"^sample.dynamic_threshold=99.5 is a way to clip the x_0 predictions, and "
+     r"sample.clip_denoised=False clips none: set --config.sample.clip_denoised=True, or "
+     r"--config.sample.dynamic_threshold=0$"),
+    ({"sample.dynamic_threshold": 101.0},
+     r"^sample.dynamic_threshold=101.0 must be a finite number in \[0, 100\] \(clip each x_0 "
+     r"prediction by dynamic thresholding at this percentile; 0 = to \[-1, 1\]\): set "
+     r"--config.sample.dynamic_threshold=X$"),
     ({"sample.respacing": "10"},
      r"^sample.respacing='10' and sample.num_steps=5 both choose the timesteps: set "
      r"--config.sample.num_steps=0 to use the respacing, or --config.sample.respacing=''"),

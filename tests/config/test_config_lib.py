@@ -163,7 +163,8 @@ def test_upgrade_of_a_saved_test_config():
       "eval.bpd_clip_denoised=True, "
       "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
       "model.num_heads=1, model.num_heads_upsample=-1, model.p_uncond=0.0, "
-      "model.scale_shift_norm=False, sample.guidance_scale=0.0, sample.respacing='', "
+      "model.scale_shift_norm=False, sample.dynamic_threshold=0.0, "
+      "sample.guidance_scale=0.0, sample.respacing='', "
       "sample.solver_grid='time_uniform', sample.solver_order=2")
   # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
   # DDPM's U-Net, no labels.
@@ -235,6 +236,7 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
                           "model.num_head_channels=-1, model.num_heads=1, "
                           "model.num_heads_upsample=-1, model.p_uncond=0.0, "
                           "model.scale_shift_norm=False, optim.lr=0.0002, "
+                          "sample.dynamic_threshold=0.0, "
                           "sample.guidance_scale=0.0, sample.respacing='', "
                           "sample.solver_grid='time_uniform', sample.solver_order=2; "
                           "dropped fields no longer in the layout: eval.colour='blue', "

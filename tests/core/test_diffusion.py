@@ -412,3 +412,43 @@ def test_model_sees_original_and_rescaled_timesteps(ref):
   diffusion.training_losses(schedules.Schedule.from_betas(betas), model_fn, x, t, x,
                             mean_type="eps", var_type="fixedlarge", loss_type="mse")
   assert seen[0] is t
+
+
+@pytest.mark.parametrize("p", [50.0, 90.0, 99.5, 100.0])
+def test_dynamic_thresholding_matches_numpy(p):
+  rng = np.random.default_rng(3)
+  # One example within [-1, 1] (s = 1: a plain clip), the others beyond it.
+  x0 = rng.normal(size=(4, 5, 5, 3)) * np.array([0.3, 1.5, 3.0, 8.0]).reshape(4, 1, 1, 1)
+  got = diffusion.clip_xstart(jnp.asarray(x0, jnp.float32), clip_denoised=True,
+                              dynamic_threshold=p)
+  want = reference.dynamic_threshold(x0, p)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(got)).max() <= 1.0 + 1e-6
+  np.testing.assert_allclose(np.asarray(got)[0], np.clip(x0[0], -1, 1), atol=1e-6)
+  plain = diffusion.clip_xstart(jnp.asarray(x0), clip_denoised=True)
+  np.testing.assert_array_equal(np.asarray(plain), np.clip(np.asarray(jnp.asarray(x0)), -1, 1))
+
+
+def test_dynamic_thresholding_refuses_what_it_cannot_do():
+  x0 = jnp.zeros((2, 3))
+  with pytest.raises(ValueError, match=r"dynamic_threshold=101 must be a percentile in \(0, 100\]"):
+    diffusion.clip_xstart(x0, clip_denoised=True, dynamic_threshold=101)
+  with pytest.raises(ValueError, match="it needs clip_denoised=True"):
+    diffusion.clip_xstart(x0, clip_denoised=False, dynamic_threshold=99.5)
+  np.testing.assert_array_equal(diffusion.clip_xstart(x0 + 5, clip_denoised=False), x0 + 5)
+
+
+def test_one_minus_alpha_bar_keeps_its_digits_near_t_0():
+  """1 - alpha_bar_t from float64, not from float32 alpha_bar_t: on the cosine schedule at t = 0
+  the latter is off by ~5e-4 of the value."""
+  betas = schedules.get_beta_schedule("cosine", beta_start=0, beta_end=0,
+                                      num_diffusion_timesteps=1000)
+  sched = schedules.Schedule.from_betas(betas)
+  want = 1.0 - np.cumprod(1.0 - np.asarray(betas, np.float64))
+  t = jnp.array([0, 1, 10, 999])
+  _, variance, log_variance = diffusion.q_mean_variance(sched, jnp.zeros((4, 1)), t)
+  np.testing.assert_allclose(np.asarray(variance)[:, 0], want[[0, 1, 10, 999]], rtol=1e-6)
+  np.testing.assert_allclose(np.exp(np.asarray(log_variance, np.float64))[:, 0],
+                             want[[0, 1, 10, 999]], rtol=1e-5)
+  float32_way = 1.0 - np.float32(np.cumprod(1.0 - np.asarray(betas, np.float64))[0])
+  assert abs(float32_way / want[0] - 1) > 1e-4  # what the schedule's field avoids

@@ -504,6 +504,8 @@ def test_results_are_named_for_the_sampler():
            ({"sample.sampler": "ddim", "sample.respacing": "10,20", "sample.eta": 0.5},
             "_ddim_respaced10,20_eta0.5"),
            ({"sample.clip_denoised": False}, "_noclip"),
+           ({"sample.sampler": "ddim", "sample.num_steps": 50, "sample.dynamic_threshold": 99.5},
+            "_ddim50_dynthresh99.5"),
            ({"sample.sampler": "dpmsolver++", "sample.num_steps": 20},
             "_dpmsolver++20_order2_time_uniform"),
            ({"sample.sampler": "dpmsolver", "sample.num_steps": 10, "sample.solver_order": 3,

@@ -27,10 +27,11 @@ from diffusion_jax import samplers
 from diffusion_jax.samplers import ddim
 
 
-def run(sched, model_fn, keys, shape, *, timesteps, clip_denoised, mean_type, var_type,
-        toy_scale):
+def run(sched, model_fn, keys, shape, *, timesteps, clip_denoised, dynamic_threshold,
+        mean_type, var_type, toy_scale):
   return toy_scale * ddim.sample_ddim(sched, model_fn, keys, shape, timesteps=timesteps,
                                       eta=0.0, clip_denoised=clip_denoised,
+                                      dynamic_threshold=dynamic_threshold,
                                       mean_type=mean_type, var_type=var_type)
 
 
@@ -69,7 +70,7 @@ def test_the_package_registers_its_samplers_explicitly():
   assert samplers.names()[:4] == ("ancestral", "ddim", "dpmsolver++", "dpmsolver")
   assert samplers.default_settings() == {
       "sampler": "ancestral", "num_steps": 0, "respacing": "", "clip_denoised": True,
-      "eta": 0.0, "solver_order": 2, "solver_grid": "time_uniform"}
+      "dynamic_threshold": 0.0, "eta": 0.0, "solver_order": 2, "solver_grid": "time_uniform"}
   assert registry.owners("solver_order") == ["dpmsolver++", "dpmsolver"]
   # The config's sample section is the registry's, with guidance and the grids' count.
   section = config_lib.load_config("configs/default.py").sample.to_dict()

@@ -53,11 +53,11 @@ def noise_np(keys, data, shape):
 
 
 def ancestral_np(ref, model_fn, x, timesteps, keys, mean_type, var_type, clip=True,
-                 on_step=None):
+                 on_step=None, threshold=0.0):
   for t_int in timesteps:
     t = np.full(x.shape[0], t_int)
     mean, logvar, x0_pred = reference.p_mean_variance(ref, model_fn(x, t), x, t, mean_type,
-                                                      var_type, clip)
+                                                      var_type, clip, threshold)
     if on_step is not None:
       on_step(t_int, x0_pred)
     z = noise_np(keys, t_int, x.shape[1:])
@@ -210,7 +210,7 @@ def test_interpolate_matches_numpy(sched, ref):
                          mean_type="eps", var_type="fixedlarge")
 
 
-def ddim_np(ref, model_fn, keys, shape, visited, eta, mean_type, var_type):
+def ddim_np(ref, model_fn, keys, shape, visited, eta, mean_type, var_type, threshold=0.0):
   x = noise_np(keys, STEPS, shape[1:])
   for i, t_int in enumerate(visited):
     s_int = visited[i + 1] if i + 1 < len(visited) else -1
@@ -218,7 +218,8 @@ def ddim_np(ref, model_fn, keys, shape, visited, eta, mean_type, var_type):
     out = model_fn(x, t)
     if var_type in diffusion.LEARNED_VAR_TYPES:
       out = out[..., :shape[-1]]
-    _, _, x0 = reference.p_mean_variance(ref, out, x, t, mean_type, "fixedsmall", True)
+    _, _, x0 = reference.p_mean_variance(ref, out, x, t, mean_type, "fixedsmall", True,
+                                         threshold)
     a_t = ref["abar"][t_int]
     a_s = ref["abar"][s_int] if s_int >= 0 else 1.0
     eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
@@ -240,6 +241,34 @@ def test_ddim_matches_numpy(sched, ref, eta, mean_type, var_type):
                                   mean_type=mean_type, var_type=var_type)
   want = ddim_np(ref, model_fn, keys, SHAPE, list(visited[::-1]), eta, mean_type, var_type)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+
+
+def _wide_model(x, t):
+  """A network whose x_0 predictions reach well beyond [-1, 1] (eps = -2 x)."""
+  del t
+  return -2.0 * x
+
+
+@pytest.mark.parametrize("sampler, threshold", [("ddim", 90.0), ("ancestral", 99.5),
+                                                ("ddim", 100.0)])
+def test_dynamic_thresholding_matches_numpy(sched, ref, sampler, threshold):
+  keys = keys_for(SHAPE[0], seed=8)
+  got = samplers.sample(sampler, sched, _wide_model, keys, SHAPE, mean_type="eps",
+                        var_type="fixedlarge", dynamic_threshold=threshold,
+                        num_steps=0 if sampler == "ancestral" else 9)
+  x_init = noise_np(keys, STEPS, SHAPE[1:])
+  if sampler == "ddim":
+    visited = list(samplers.visited_timesteps(STEPS, 9)[::-1])
+    want = ddim_np(ref, _wide_model, keys, SHAPE, visited, 0.0, "eps", "fixedlarge", threshold)
+    plain = ddim_np(ref, _wide_model, keys, SHAPE, visited, 0.0, "eps", "fixedlarge")
+  else:
+    want = ancestral_np(ref, _wide_model, x_init, range(STEPS - 1, -1, -1), keys, "eps",
+                        "fixedlarge", threshold=threshold)
+    plain = ancestral_np(ref, _wide_model, x_init, range(STEPS - 1, -1, -1), keys, "eps",
+                         "fixedlarge")
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
+  # Thresholding is not the plain clip here: these predictions go beyond [-1, 1].
+  assert np.abs(want - plain).max() > 1e-2
 
 
 def test_ddim_with_eta_one_and_every_step_is_ancestral_sampling(sched):
@@ -372,7 +401,7 @@ def test_every_registered_sampler_runs_on_one_contract():
     steps = "timesteps" if entry.visits_timesteps else "num_steps"
     assert list(params)[:4] == ["sched", "model_fn", "keys", "shape"], name
     keywords = {p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY}
-    assert keywords == ({steps, "clip_denoised", "mean_type", "var_type"}
+    assert keywords == ({steps, "clip_denoised", "dynamic_threshold", "mean_type", "var_type"}
                         | {s.name for s in entry.settings}), name
 
 
