@@ -158,4 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.interp_t = 500       # --mode interpolate: the timestep the two images are mixed at,
   config.eval.interp_pairs = 4     # for this many pairs of test images (one grid row each),
   config.eval.interp_steps = 9     # at this many mixing weights from 0 to 1 (images per row).
+  # --mode encode: DDIM latents of eval.bpd_split's first this many images (0 = the whole split),
+  # with the reconstruction error of decoding them (sample.sampler 'ddim', eta 0).
+  config.eval.encode_max_examples = 0
   return config

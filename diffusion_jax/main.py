@@ -30,11 +30,13 @@ _DEFAULT_CONFIG = config_lib.shipped_dir() / "digits.py"
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "summary", "sample", "eval", "progressive", "interpolate"],
+    "mode", "train",
+    ["train", "summary", "sample", "eval", "progressive", "interpolate", "encode"],
     "train; summary (parameter table); sample (eval.num_samples samples to .npz); eval (FID, "
-    "Inception Score, bits/dim); progressive / interpolate (image grids).")
+    "Inception Score, bits/dim); progressive / interpolate (image grids); encode (DDIM latents "
+    "of eval.bpd_split's images, with their reconstruction error).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval/progressive/"
-                             "interpolate (default: the latest).")
+                             "interpolate/encode (default: the latest).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs without TPU "
     "metadata (with --num_processes and --process_id).")
@@ -42,7 +44,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 
 
-_EVALUATION_MODES = ("sample", "eval", "progressive", "interpolate")
+_EVALUATION_MODES = ("sample", "eval", "progressive", "interpolate", "encode")
 
 
 def _overrides() -> dict:
@@ -93,6 +95,8 @@ def _dispatch(mode: str, config, workdir: str | None) -> None:
     evaluate.run_progressive(config, workdir, step=_STEP.value)
   elif mode == "interpolate":
     evaluate.run_interpolate(config, workdir, step=_STEP.value)
+  elif mode == "encode":
+    evaluate.run_encode(config, workdir, step=_STEP.value)
   else:
     raise app.UsageError(f"unknown --mode {mode}")
 
@@ -106,8 +110,8 @@ def _define_config_flag(flag_values: flags.FlagValues, argv) -> None:
   config_flags.DEFINE_config_file(
       "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]) or a shipped "
       "config's name (digits, cifar10, ...[:argument]); default: digits, or for sample/eval/"
-      "progressive/interpolate the config saved with the checkpoint.", flag_values=flag_values,
-      lock_config=True, sys_argv=argv)
+      "progressive/interpolate/encode the config saved with the checkpoint.",
+      flag_values=flag_values, lock_config=True, sys_argv=argv)
 
 
 # Mistakes in the flags: one `error:` line, exit 2; --help: exit 0.

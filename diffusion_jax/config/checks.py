@@ -30,11 +30,11 @@ from diffusion_jax import parallel
 from diffusion_jax import samplers
 from diffusion_jax.utils import settings as settings_lib
 
-MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate")
+MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate", "encode")
 _SAMPLING = ("sample", "eval")
 # Modes that draw samples with the `sample` section's sampler (train: its grids, when
-# train.sample_every > 0).
-_SAMPLER_MODES = ("train",) + _SAMPLING
+# train.sample_every > 0; encode: DDIM's timesteps, clipping and guidance).
+_SAMPLER_MODES = ("train",) + _SAMPLING + ("encode",)
 
 
 class ConfigError(ValueError):
@@ -136,6 +136,7 @@ RULES = (
     Rule("eval.interp_t", "int", 0, _T, high_open=True, modes=("interpolate",)),
     Rule("eval.interp_pairs", "int", 1),
     Rule("eval.interp_steps", "int", 2),
+    Rule("eval.encode_max_examples", "int", 0, note="0 = the whole split"),
 )
 
 _MISSING = object()
@@ -335,7 +336,7 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
 
 def _reads_labels(config, mode: str) -> bool:
   # The modes that read the dataset's examples with a class-conditional model's labels.
-  return mode in ("train", "interpolate") or (mode == "eval" and bool(
+  return mode in ("train", "interpolate", "encode") or (mode == "eval" and bool(
       _get(config, "eval.bpd_split")))
 
 

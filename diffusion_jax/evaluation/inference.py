@@ -7,6 +7,8 @@ build on it).
   images = sampler.sample(16, sampler="ddim", num_steps=50)       # DDIM over 50 timesteps
   images = sampler.sample(16, respacing="50")                     # ancestral over 50 (respaced)
   images = sampler.sample(16, labels=[3] * 16)                    # class-conditional: class 3
+  latents = sampler.encode(images, num_steps=50)                  # DDIM inversion: x_T
+  again = sampler.decode(latents, num_steps=50)                   # DDIM (eta 0) from them
 
 A class-conditional model's sample i is of class i mod num_classes unless `labels` says.
 
@@ -29,6 +31,8 @@ from diffusion_jax.config import config_lib
 from diffusion_jax.core import prng
 from diffusion_jax.data import images as images_lib
 from diffusion_jax import parallel
+from diffusion_jax import samplers
+from diffusion_jax.samplers import inversion
 from diffusion_jax.training import checkpoints
 from diffusion_jax.utils import outputs
 
@@ -97,12 +101,56 @@ def local_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate(parts)
 
 
+# What DDIM inversion and its decoding take from the `sample` section (each may be given by name).
+DDIM_SETTINGS = ("num_steps", "respacing", "clip_denoised", "dynamic_threshold", "guidance_scale")
+
+
+def make_ddim_fn(config: ml_collections.ConfigDict, model, sched, mesh, direction: str, *,
+                 timesteps, clip_denoised: bool, dynamic_threshold: float = 0.0,
+                 guidance_scale: float = 0.0) -> Callable:
+  """DDIM inversion or deterministic DDIM from given latents, as one compiled program over the
+  mesh.
+
+  Args:
+    config: the diffusion types, the model's classes.
+    model, sched: the U-Net and its (full) schedule.
+    mesh: the devices; the images or latents (and labels) are split over its `data` axis.
+    direction: 'encode' (images -> latents, `inversion.ddim_reverse_sample_loop`) or 'decode'
+      (latents -> images, `samplers.ddim_sample_loop` with eta 0 from them).
+    timesteps: the visited timesteps, ascending (the same for both directions).
+    clip_denoised, dynamic_threshold: how each x_0 prediction is clipped.
+    guidance_scale: classifier-free guidance's w (`programs.denoiser`); 0 = none.
+
+  Returns:
+    f(params, x [n, H, W, C]) -> float32 [n, H, W, C], x float in [-1, 1] (uint8 images are
+    mapped there) or latents; for a class-conditional model f(params, x, labels int32 [n]).
+  """
+  if direction not in ("encode", "decode"):
+    raise ValueError(f"direction must be 'encode' or 'decode', got {direction!r}")
+  d = config.diffusion
+  build.check_guidance(config.model, guidance_scale)
+  timesteps = np.asarray(timesteps)
+  kwargs = dict(timesteps=timesteps, mean_type=d.mean_type, var_type=d.var_type,
+                clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+
+  def run(params, x, labels=None):
+    model_fn = programs.denoiser(model, params, labels, guidance_scale=guidance_scale,
+                                 var_type=d.var_type)
+    x = images_lib.to_float(x) if x.dtype == np.uint8 else x.astype(np.float32)
+    if direction == "encode":
+      return inversion.ddim_reverse_sample_loop(sched, model_fn, x, **kwargs)
+    return samplers.ddim_sample_loop(sched, model_fn, None, x.shape, x_init=x, eta=0.0, **kwargs)
+
+  return parallel.batch_map(run, mesh, num_batched=2 if build.num_classes(config) else 1)
+
+
 class Sampler:
   """Draws samples from a loaded model over every device.
 
   The sampler settings default to the config's `sample` section; `sample`, `sample_batch` and
   `sample_fn` take any of them (sampler, num_steps, eta, clip_denoised, guidance_scale, ...) as
-  keywords.
+  keywords. `encode` and `decode` are DDIM with eta 0 whatever the config's sampler, over the
+  timesteps of its num_steps or respacing (or those given).
   """
 
   def __init__(self, loaded: Loaded, mesh=None):
@@ -187,3 +235,118 @@ class Sampler:
         batch_labels = labels[np.minimum(indices, num - 1)]
       out.append(self.sample_batch(indices, seed=seed, labels=batch_labels, **settings))
     return images_lib.to_uint8(np.concatenate(out)[:num])
+
+  def ddim_settings(self, **settings) -> dict:
+    """The settings `encode` and `decode` use (`DDIM_SETTINGS`): the config's, replaced by those
+    given (None: the config's), checked as DDIM's before anything compiles."""
+    unknown = set(settings) - set(DDIM_SETTINGS)
+    if unknown:
+      raise TypeError(f"unknown settings {sorted(unknown)} for DDIM inversion; allowed: "
+                      f"{', '.join(DDIM_SETTINGS)}")
+    values = {k: v for k, v in build.sampler_kwargs(self.config).items() if k in DDIM_SETTINGS}
+    values.update({k: v for k, v in settings.items() if v is not None})
+    # One of the two given replaces the config's choice of timesteps made with the other.
+    if settings.get("num_steps") is not None and settings.get("respacing") is None:
+      values["respacing"] = ""
+    if settings.get("respacing") and settings.get("num_steps") is None:
+      values["num_steps"] = 0
+    samplers.check("ddim", {k: v for k, v in values.items() if k != "guidance_scale"},
+                   self.sched.num_timesteps, mean_type=self.config.diffusion.mean_type)
+    build.check_guidance(self.config.model, values["guidance_scale"])
+    return values
+
+  def ddim_fn(self, direction: str, **settings) -> Callable:
+    """The compiled `make_ddim_fn` for `ddim_settings(**settings)` (built once, then reused)."""
+    values = self.ddim_settings(**settings)
+    key = (direction,) + tuple(sorted(values.items()))
+    if key not in self._fns:
+      timesteps = samplers.visited_timesteps(self.sched.num_timesteps, values["num_steps"],
+                                             values["respacing"])
+      self._fns[key] = make_ddim_fn(
+          self.config, self.model, self.sched, self.mesh, direction, timesteps=timesteps,
+          clip_denoised=values["clip_denoised"], dynamic_threshold=values["dynamic_threshold"],
+          guidance_scale=values["guidance_scale"])
+    return self._fns[key]
+
+  def _check_rows(self, x: np.ndarray, what: str, labels) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` and the labels as `encode` / `decode` take them, or ValueError saying what to give."""
+    size, channels = self.config.data.image_size, self.config.data.channels
+    want = (size, size, channels)
+    if x.ndim != 4 or x.shape[1:] != want or len(x) < 1:
+      raise ValueError(f"{what} of shape {x.shape}: give [n, {size}, {size}, {channels}] (the "
+                       f"model's data.image_size and data.channels), n >= 1")
+    if what == "images" and x.dtype != np.uint8:
+      if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images of dtype {x.dtype}: give uint8 (0..255) or floats in [-1, 1]")
+      if not np.all(np.abs(x) <= 1.0 + 1e-6):
+        raise ValueError("images are floats outside [-1, 1]: scale them there (x / 127.5 - 1 "
+                         "for 0..255), or give uint8")
+    if what == "latents" and not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"latents of dtype {x.dtype}: give the floats `encode` returned")
+    if labels is None:
+      if self.num_classes:
+        raise ValueError(f"the model is class-conditional ({self.num_classes} classes): give "
+                         f"labels, the class of each of the {len(x)} rows")
+      return x, None
+    labels = np.asarray(labels)
+    labels = build.check_sample_labels(
+        self.config, np.broadcast_to(labels, (len(x),)) if labels.ndim == 0 else labels)
+    if labels.shape != (len(x),):
+      raise ValueError(f"{len(x)} {what} and {len(labels)} labels: give one label, or one per "
+                       f"row")
+    return x, labels
+
+  def _ddim_rows(self, direction: str, x, labels, batch_size: int | None, settings) -> np.ndarray:
+    what = "images" if direction == "encode" else "latents"
+    x, labels = self._check_rows(np.asarray(x), what, labels)
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"{direction}: batch_size={batch_size}; give a positive batch size, or "
+                       f"None for the default")
+    fn = self.ddim_fn(direction, **settings)
+    num = len(x)
+    batch = parallel.round_up_to_devices(min(batch_size or 256, num), self.mesh)
+    out = []
+    for start in range(0, num, batch):
+      rows = np.minimum(np.arange(start, start + batch), num - 1)  # padding repeats the last row
+      args = [parallel.shard_rows(x[rows], self.mesh)]
+      if labels is not None:
+        args.append(parallel.shard_rows(labels[rows].astype(np.int32), self.mesh))
+      out.append(parallel.fetch(fn(self.params, *args)))
+    return np.concatenate(out)[:num].astype(np.float32)
+
+  def encode(self, images, labels=None, *, num_steps: int | None = None,
+             respacing: str | None = None, batch_size: int | None = None,
+             **settings) -> np.ndarray:
+    """DDIM inversion: the latents x_T of images, which `decode` turns back into them.
+
+    Args:
+      images: uint8 [n, H, W, C] (0..255), or floats in [-1, 1], of the model's size and
+        channels.
+      labels: a class-conditional model's classes of the images: one int for all, or n of them
+        (needed by such a model; refused for an unconditional one).
+      num_steps, respacing: the visited timesteps, as the `sample` section's fields (None: the
+        config's; either one given replaces the config's choice). Decode with the same.
+      batch_size: rows per compiled call, at most (default 256), rounded up to the devices.
+      **settings: clip_denoised, dynamic_threshold, guidance_scale (default: the config's).
+
+    Returns:
+      float32 [n, H, W, C], every process all of them.
+    """
+    return self._ddim_rows("encode", images, labels, batch_size,
+                           dict(settings, num_steps=num_steps, respacing=respacing))
+
+  def decode(self, latents, labels=None, *, num_steps: int | None = None,
+             respacing: str | None = None, batch_size: int | None = None,
+             **settings) -> np.ndarray:
+    """Deterministic DDIM (eta 0) from given latents x_T (e.g. `encode`'s), over the same
+    timesteps as `encode` for the same arguments.
+
+    Args:
+      latents: floats [n, H, W, C].
+      labels, num_steps, respacing, batch_size, **settings: as `encode`'s.
+
+    Returns:
+      float32 [n, H, W, C] in [-1, 1] (`images_lib.to_uint8` for 8-bit images).
+    """
+    return self._ddim_rows("decode", latents, labels, batch_size,
+                           dict(settings, num_steps=num_steps, respacing=respacing))

@@ -16,6 +16,9 @@
                progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
   interpolate  a grid of interpolations between pairs of dataset images, WORKDIR/samples/<step>/
                interpolate_<split>_t<t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+  encode       DDIM inversion of a split's images (`eval.bpd_split`, the first
+               `eval.encode_max_examples`) into their latents x_T, decoded again to measure the
+               reconstruction error: WORKDIR/latents/`encode_name`.npz and .json.
 
 <name> is `run_name`: <step><tag>_n<num_samples>[_seed<seed>], e.g. 400_n1000, 400_ddim50_n100,
 400_n1000_seed1, where <tag> names the sampler settings (`build.sampler_tag`: '' for the
@@ -532,3 +535,102 @@ def run_eval(config, workdir: str, *, step: int | None = None) -> dict[int, dict
     if finished or time.time() - last_new > settings.watch_timeout_s:
       return done
     time.sleep(settings.watch_poll_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode encode: DDIM inversion of a split, and its reconstruction error
+
+def encode_name(config, step: int) -> str:
+  """The name of `step`'s latents under the config's settings: <step><tag>_<split>, then
+  _n<eval.encode_max_examples> unless the whole split is encoded; <tag> is `build.sampler_tag`
+  (e.g. '_ddim50', '_ddim_respacedddim25', '_ddim_noclip'), naming the visited timesteps."""
+  settings = config.eval
+  count = f"_n{settings.encode_max_examples}" if settings.encode_max_examples > 0 else ""
+  return f"{step}{build.sampler_tag(config)}_{settings.bpd_split}{count}"
+
+
+def latents_path(config, workdir: str, step: int) -> epath.Path:
+  """WORKDIR/latents/`encode_name`.npz: where `--mode encode` writes `step`'s latents (the
+  reconstruction error beside it, with the suffix .json)."""
+  return outputs.resolve(workdir) / "latents" / f"{encode_name(config, step)}.npz"
+
+
+def check_encode(config) -> None:
+  """Raises ConfigError, saying what to set, unless `--mode encode` can run `config`: it inverts
+  DDIM's deterministic sampler, so sample.sampler must be 'ddim' with sample.eta 0 (its
+  timesteps come from sample.num_steps or sample.respacing), and eval.bpd_split must name the
+  split to encode."""
+  problems = []
+  sample = config.sample
+  if sample.sampler != "ddim" or sample.get("eta", 0.0):
+    eta = f" with sample.eta={sample.get('eta')!r}" if sample.sampler == "ddim" else ""
+    problems.append(
+        f"--mode encode inverts deterministic DDIM, not sample.sampler={sample.sampler!r}{eta}: "
+        f"set --config.sample.sampler=ddim --config.sample.eta=0 (the timesteps come from "
+        f"--config.sample.num_steps or --config.sample.respacing)")
+  if not config.eval.bpd_split:
+    problems.append("--mode encode encodes the images of eval.bpd_split='': set "
+                    "--config.eval.bpd_split to a split, e.g. test")
+  config_checks.raise_if_any(problems)
+
+
+def run_encode(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """`--mode encode`: the DDIM latents of a split's first `eval.encode_max_examples` images (0:
+  all), over the timesteps of sample.num_steps or sample.respacing, with sample.clip_denoised,
+  sample.dynamic_threshold and sample.guidance_scale (a class-conditional model: each image's
+  label); then DDIM (eta 0) from them back to images, to measure the reconstruction.
+
+  Writes `latents_path`: `images` uint8 [n, H, W, C], `latents` float32 [n, H, W, C], `indices`
+  int64 [n] (each image's index in the split), for a class-conditional model `labels` int64
+  [n]; and beside it <name>.json: the reconstruction's mean squared error and largest absolute
+  error per pixel in [-1, 1] units (`mse`, `max_abs`), with the step, split, example count and
+  visited timesteps. Process 0 writes both.
+
+  Returns:
+    the .npz's path.
+  """
+  config_checks.check(config, mode="encode")
+  check_encode(config)
+  settings = config.eval
+  split = settings.bpd_split
+  workdir = outputs.resolve(workdir)
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
+  mesh = sampler.mesh
+  encode_fn = sampler.ddim_fn("encode")
+  decode_fn = sampler.ddim_fn("decode")
+  ddim = sampler.ddim_settings()
+  timesteps = samplers.visited_timesteps(sampler.sched.num_timesteps, ddim["num_steps"],
+                                         ddim["respacing"])
+  columns = {"images": [], "latents": [], "decoded": [], "indices": [], "labels": []}
+  for indices, valid, images, labels in split_batches(
+      config, split, mesh, settings.batch_size, settings.encode_max_examples,
+      label=f"encode ({split})", num_classes=sampler.num_classes):
+    args = [] if labels is None else [labels]
+    latents = encode_fn(sampler.params, images, *args)
+    decoded = decode_fn(sampler.params, latents, *args)
+    got = parallel.fetch(dict(images=images, latents=latents, decoded=decoded,
+                              labels=labels if labels is not None else np.zeros(0)))
+    for name in ("images", "latents", "decoded"):
+      columns[name].append(got[name][valid])
+    columns["indices"].append(indices[valid])
+    if labels is not None:
+      columns["labels"].append(got["labels"][valid])
+  arrays = {name: np.concatenate(parts) for name, parts in columns.items() if parts}
+  decoded = arrays.pop("decoded").astype(np.float64)
+  error = decoded - images_lib.to_float(arrays["images"]).astype(np.float64)
+  arrays["latents"] = arrays["latents"].astype(np.float32)
+  arrays["indices"] = arrays["indices"].astype(np.int64)
+  if "labels" in arrays:
+    arrays["labels"] = arrays["labels"].astype(np.int64)
+  results = {"step": sampler.step, "split": split, "num_examples": int(len(error)),
+             "num_steps": int(len(timesteps)), "mse": float(np.mean(error**2)),
+             "max_abs": float(np.abs(error).max()),
+             "settings": dict(ddim)}
+  path = latents_path(config, workdir, sampler.step)
+  if _is_main():
+    outputs.write_npz(path, **arrays)
+    outputs.write_json(path.with_suffix(".json"), results)
+    print(f"encode step {sampler.step}: {results['num_examples']} images of {split} over "
+          f"{results['num_steps']} timesteps; reconstruction mse={results['mse']:.4g}, "
+          f"max_abs={results['max_abs']:.4g} ([-1, 1] units); wrote {path}", flush=True)
+  return path

@@ -13,8 +13,10 @@ its settings (defaults and rules), its checks, its part of a result's name and i
 `sample(name, ...)` checks the settings (`check`), turns a step count or a respacing spec into
 the timesteps to visit and runs the entry; `tag` names a result's settings; `default_settings` is
 the config's `sample` section. Each family is a module with its entries: `ancestral` (with the
-progressive and interpolation chains), `ddim`, `dpm_solver`; `common` holds the keys and noise
-they share. Adding a sampler is one module with its entry, one `register` call below (or, from
+progressive and interpolation chains), `ddim`, `dpm_solver`, `karras` (Heun, Euler and the
+stochastic sampler of Karras et al.); `continuous` is the continuous-time view of a discrete
+schedule that DPM-Solver and the Karras samplers share, `inversion` DDIM's reverse chain (an
+image to its x_T), and `common` holds the keys and noise they share. Adding a sampler is one module with its entry, one `register` call below (or, from
 another package, `register` or the entry-point group `diffusion_jax.samplers`), and its tests
 under tests/samplers/ (against a NumPy reference, and through `sample`).
 """
@@ -30,6 +32,7 @@ from diffusion_jax.samplers.ddim import ddim_sample_loop
 from diffusion_jax.samplers.ddim import ddim_timesteps
 from diffusion_jax.samplers.ddim import sample_ddim
 from diffusion_jax.samplers import dpm_solver
+from diffusion_jax.samplers import karras
 from diffusion_jax.samplers import registry
 from diffusion_jax.samplers.registry import check
 from diffusion_jax.samplers.registry import default_settings
@@ -48,6 +51,8 @@ from diffusion_jax.samplers.registry import visited_timesteps
 register(ancestral.ENTRY)
 register(ddim.ENTRY)
 for _entry in dpm_solver.ENTRIES:
+  register(_entry)
+for _entry in karras.ENTRIES:
   register(_entry)
 del _entry
 

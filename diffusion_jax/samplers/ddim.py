@@ -22,7 +22,7 @@ ddim_timesteps = registry.evenly_spaced
 def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
                      num_steps: int | None = None, timesteps=None, eta: float = 0.0,
                      mean_type: str, var_type: str, clip_denoised: bool = True,
-                     dynamic_threshold: float = 0.0) -> jax.Array:
+                     dynamic_threshold: float = 0.0, x_init=None) -> jax.Array:
   """DDIM sampling over a subset of the timesteps.
 
   Each step goes from timestep t to the previous visited timestep s (alpha_bar_s = 1 after the
@@ -40,12 +40,20 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
       Give one of the two.
     eta: the amount of noise, 0 <= eta.
     var_type: the network's variance type (only a learned one matters here: its output is split).
+    x_init: x at the last visited timestep [B, H, W, C] to start from, e.g. latents from
+      `inversion.ddim_reverse_sample_loop`; default: each example's x_T drawn from its key.
+      With x_init and eta = 0, keys may be None (nothing is drawn).
 
   Returns:
     Samples [B, H, W, C].
   """
   diffusion.check_types(mean_type=mean_type, var_type=var_type)
-  shape = common.check_keys(keys, shape)
+  if keys is None and x_init is not None:
+    if eta:
+      raise ValueError(f"ddim_sample_loop with eta={eta} draws noise: give one key per example")
+    shape = tuple(int(d) for d in shape)
+  else:
+    shape = common.check_keys(keys, shape)
   num_timesteps = sched.num_timesteps
   if (num_steps is None) == (timesteps is None):
     raise ValueError("give ddim_sample_loop one of num_steps and timesteps")
@@ -53,18 +61,17 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     timesteps = ddim_timesteps(num_timesteps, num_steps)
   visited = schedules.check_timesteps(timesteps, num_timesteps)[::-1]
   previous = np.append(visited[1:], -1)
-  x_init = common.initial_noise(keys, shape, sched)
+  if x_init is None:
+    x_init = common.initial_noise(keys, shape, sched)
+  elif tuple(x_init.shape) != shape:
+    raise ValueError(f"x_init has shape {tuple(x_init.shape)}; give it the samples' shape {shape}")
   batch = shape[0]
 
   def body(x, ts):
     t, t_prev = ts
-    t_b = jnp.full((batch,), t, dtype=jnp.int32)
-    mean_output, _ = diffusion.split_model_output(diffusion.call_model(sched, model_fn, x, t_b),
-                                                  x.shape, var_type=var_type)
-    pred_xstart = diffusion.clip_xstart(
-        diffusion.pred_xstart_from_output(sched, mean_output, x, t_b, mean_type=mean_type),
-        clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
-    eps = diffusion.predict_eps_from_xstart(sched, x, t_b, pred_xstart)
+    pred_xstart, eps = predict_xstart_and_eps(
+        sched, model_fn, x, jnp.full((batch,), t, dtype=jnp.int32), mean_type=mean_type,
+        var_type=var_type, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
     alpha_bar = sched.alphas_cumprod[t]
     alpha_bar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     # 1 - alpha_bar of both steps as the schedule holds it (from float64), 0 after the last.
@@ -72,7 +79,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
                                sched.one_minus_alphas_cumprod[jnp.maximum(t_prev, 0)], 0.0)
     sigma = (eta * jnp.sqrt(one_minus_prev / sched.one_minus_alphas_cumprod[t])
              * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev))
-    noise = common.step_noise(keys, sched, t, x)
+    noise = common.step_noise(keys, sched, t, x) if keys is not None else 0.0
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
               + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
               + sigma * noise)
@@ -81,6 +88,29 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
   x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
                                       jnp.asarray(previous, jnp.int32)))
   return x0
+
+
+def predict_xstart_and_eps(sched: Schedule, model_fn: ModelFn, x, t_b, *, mean_type: str,
+                           var_type: str, clip_denoised: bool,
+                           dynamic_threshold: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """What a DDIM step takes from the network at (x, t): its x_0 prediction, clipped
+  (`diffusion.clip_xstart`), and the noise that x_0 implies at t (a learned variance is ignored).
+
+  Args:
+    sched, model_fn, mean_type, var_type, clip_denoised, dynamic_threshold: as in
+      `ddim_sample_loop`.
+    x: x at entries t_b of `sched` [B, H, W, C].
+    t_b: int32 [B].
+
+  Returns:
+    (x0_pred, eps), each the shape of x.
+  """
+  mean_output, _ = diffusion.split_model_output(diffusion.call_model(sched, model_fn, x, t_b),
+                                                x.shape, var_type=var_type)
+  pred_xstart = diffusion.clip_xstart(
+      diffusion.pred_xstart_from_output(sched, mean_output, x, t_b, mean_type=mean_type),
+      clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+  return pred_xstart, diffusion.predict_eps_from_xstart(sched, x, t_b, pred_xstart)
 
 
 def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,

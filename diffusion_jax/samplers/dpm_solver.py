@@ -3,13 +3,15 @@ solvers of the diffusion ODE for our discrete-time schedules, as the reference
 (LuChengTHU/dpm-solver, `NoiseScheduleVP('discrete')` and `DPM_Solver.sample(method=
 'multistep')`) defines them.
 
-The discrete schedule becomes a continuous one: log alpha_t (alpha_t = sqrt(alpha_bar)) is
-interpolated linearly between t_n = (n + 1) / N, n = 0 .. N - 1; steps at the end whose half
-log-SNR lambda = log alpha - log sigma falls below -5.1 are dropped first (the reference's guard
-for schedules such as the cosine one, whose last alpha_bar are ~0), N counting the steps kept.
-The ODE is solved from t = 1 to t = 1/N on a grid uniform in t (`time_uniform`) or in lambda
-(`logSNR`); the network sees the continuous time as the timestep (t - 1/N) * N (a float; times
-1000 / T for a model trained with rescaled timesteps, as every model call).
+The discrete schedule becomes a continuous one (`continuous.discrete_vp`): log alpha_t (alpha_t =
+sqrt(alpha_bar)) is interpolated linearly between t_n = (n + 1) / N, n = 0 .. N - 1; steps at the
+end whose half log-SNR lambda = log alpha - log sigma falls below -5.1 are dropped first (the
+reference's guard for schedules such as the cosine one, whose last alpha_bar are ~0), N counting
+the steps kept. The ODE is solved from t = 1 to t = 1/N on a grid uniform in t (`time_uniform`)
+or in lambda (`logSNR`); the network sees the continuous time as the timestep (t - 1/N) T, T the
+trained schedule's length (a float; the reference's (t - 1/N) 1000 for T = 1000, so labels run to
+T (1 - 1/N) when steps are dropped), then rescaled as every model call is
+(`Schedule.model_timesteps`).
 
 Every coefficient depends only on the schedule and the grid, so they are computed once in float64
 on the host: each step is x <- a x + b0 m_i + b1 m_{i-1} + b2 m_{i-2}, with m the data
@@ -19,7 +21,6 @@ allows; with fewer than 10 steps the last ones lower the order again (`lower_ord
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import prng
 from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.samplers import continuous
 from diffusion_jax.samplers import registry
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
@@ -39,48 +41,13 @@ CLIPPED_LAMBDA = -5.1  # the reference's floor on the half log-SNR of the steps 
 LOWER_ORDER_FINAL_BELOW = 10
 
 
-@dataclasses.dataclass(frozen=True)
-class DiscreteVP:
-  """A discrete schedule as a continuous-time VP process (float64, host arrays).
-
-  Attributes:
-    log_alpha: log sqrt(alpha_bar_n) of the steps kept, [N].
-    t: their continuous times (n + 1) / N, [N].
-  """
-  log_alpha: np.ndarray
-  t: np.ndarray
-
-  @property
-  def num_steps(self) -> int:
-    return len(self.t)
-
-  def log_alpha_at(self, t) -> np.ndarray:
-    return np.interp(t, self.t, self.log_alpha)
-
-  def sigma_at(self, t) -> np.ndarray:
-    return np.sqrt(-np.expm1(2.0 * self.log_alpha_at(t)))
-
-  def lambda_at(self, t) -> np.ndarray:
-    log_alpha = self.log_alpha_at(t)
-    return log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
-
-  def time_of_lambda(self, lam) -> np.ndarray:
-    """The inverse of `lambda_at`."""
-    log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, np.float64))
-    return np.interp(log_alpha, self.log_alpha[::-1], self.t[::-1])
+def discrete_vp(sched: Schedule) -> continuous.DiscreteVP:
+  """The solver's continuous-time view of a (not respaced) schedule: the last steps of half
+  log-SNR below `CLIPPED_LAMBDA` dropped, as the reference does."""
+  return continuous.discrete_vp(sched, min_lambda=CLIPPED_LAMBDA)
 
 
-def discrete_vp(sched: Schedule) -> DiscreteVP:
-  """The continuous-time view of a (not respaced) schedule, its last steps of half log-SNR below
-  `CLIPPED_LAMBDA` dropped."""
-  log_alpha = 0.5 * np.cumsum(np.asarray(sched.log_alphas, np.float64))
-  lam = log_alpha - 0.5 * np.log(-np.expm1(2.0 * log_alpha))
-  keep = len(lam) - int(np.sum(lam < CLIPPED_LAMBDA))
-  log_alpha = log_alpha[:keep]
-  return DiscreteVP(log_alpha=log_alpha, t=np.arange(1, keep + 1, dtype=np.float64) / keep)
-
-
-def time_grid(vp: DiscreteVP, num_steps: int, grid: str) -> np.ndarray:
+def time_grid(vp: continuous.DiscreteVP, num_steps: int, grid: str) -> np.ndarray:
   """The num_steps + 1 times from t = 1 down to t = 1/N, uniform in t or in lambda."""
   t_end, t_start = 1.0 / vp.num_steps, 1.0
   if grid == "time_uniform":
@@ -105,7 +72,7 @@ def step_orders(num_steps: int, order: int, lower_order_final: bool = True) -> n
   return np.asarray(orders)
 
 
-def update_coefficients(vp: DiscreteVP, times: np.ndarray, orders: np.ndarray,
+def update_coefficients(vp: continuous.DiscreteVP, times: np.ndarray, orders: np.ndarray,
                         algorithm: str) -> tuple[np.ndarray, np.ndarray]:
   """The multistep updates x_{i+1} = a_i x_i + sum_j b_ij m_{i-j} from times[i] to times[i+1].
 
@@ -179,9 +146,7 @@ def check_solver(algorithm: str, order: int, grid: str, num_steps: int, num_time
   if num_steps < order:
     raise ValueError(f"DPM-Solver of order {order} needs at least {order} steps, got "
                      f"{num_steps}")
-  if mean_type not in ("eps", "xstart", "v"):
-    raise ValueError(f"DPM-Solver needs a model of the noise, of x_0 or of v (mean_type 'eps', "
-                     f"'xstart' or 'v'), got mean_type {mean_type!r}")
+  continuous.check_mean_type(mean_type, "DPM-Solver")
 
 
 def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, order: int = 2,
@@ -216,7 +181,7 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
   times = time_grid(vp, num_steps, grid)
   a, b = update_coefficients(vp, times, step_orders(num_steps, order, lower_order_final),
                              algorithm)
-  labels = (times[:-1] - 1.0 / vp.num_steps) * vp.num_steps
+  labels = vp.labels(times[:-1])
   alpha, sigma = np.exp(vp.log_alpha_at(times[:-1])), vp.sigma_at(times[:-1])
   x_init = prng.normal_each(prng.fold_in_each(keys, sched.base_num_timesteps),
                             shape[1:]).astype(dtype)
@@ -229,15 +194,12 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
     t_model = sched.model_timesteps(jnp.full((batch,), label, dtype))
     out, _ = diffusion.split_model_output(model_fn(x, t_model), x.shape, var_type=var_type)
     out = out.astype(x.dtype)
-    # v = alpha eps - sigma x_0 with x = alpha x_0 + sigma eps, alpha^2 + sigma^2 = 1.
     if data_prediction:
-      m = {"eps": lambda: (x - sigma_i * out) / alpha_i, "xstart": lambda: out,
-           "v": lambda: alpha_i * x - sigma_i * out}[mean_type]()
+      m = continuous.xstart_from_output(out, x, alpha_i, sigma_i, mean_type=mean_type)
       m = diffusion.clip_xstart(m, clip_denoised=clip_denoised,
                                 dynamic_threshold=dynamic_threshold)
     else:
-      m = {"eps": lambda: out, "xstart": lambda: (x - alpha_i * out) / sigma_i,
-           "v": lambda: sigma_i * x + alpha_i * out}[mean_type]()
+      m = continuous.eps_from_output(out, x, alpha_i, sigma_i, mean_type=mean_type)
     x = a_i * x + b_i[0] * m + b_i[1] * m_prev1 + b_i[2] * m_prev2
     return (x, m, m_prev1), None
 

@@ -215,8 +215,9 @@ def test_the_sampler_is_checked_in_the_modes_that_sample():
      r"deterministic\), which 'ancestral' does not use: set --config.sample.eta=0.0, or "
      r"--config.sample.sampler='ddim'"),
     ({"sample.sampler": "plms"},
-     r"^sample.sampler='plms' must be one of ancestral, ddim, dpmsolver\+\+, dpmsolver: "
-     r"set --config.sample.sampler=ancestral\|ddim\|dpmsolver\+\+\|dpmsolver$"),
+     r"^sample.sampler='plms' must be one of ancestral, ddim, dpmsolver\+\+, dpmsolver, heun, "
+     r"euler, karras_stochastic: set --config.sample.sampler=ancestral\|ddim\|dpmsolver\+\+\|"
+     r"dpmsolver\|heun\|euler\|karras_stochastic$"),
     ({"sample.sampler": "dpmsolver++", "sample.solver_order": 4},
      r"^sample.solver_order=4 must be an integer one of 1, 2, 3 \(DPM-Solver's order\): set "
      r"--config.sample.solver_order=N$"),

@@ -145,6 +145,12 @@ def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch, spec, m
 
 # --- Upgrading saved configs --------------------------------------------------------------------
 
+# The Karras samplers' settings, which a config saved before them gains with their defaults.
+KARRAS_ADDED = ("sample.karras_rho=7.0, sample.karras_s_churn=40.0, sample.karras_s_noise=1.003, "
+                "sample.karras_s_tmax=50.0, sample.karras_s_tmin=0.05, "
+                "sample.karras_sigma_labels='round', sample.karras_sigma_max=0.0, "
+                "sample.karras_sigma_min=0.0, ")
+
 def test_upgrade_of_a_saved_test_config():
   config, message = config_lib.upgrade(saved())
   # Evaluation modes used eval.ddim_steps=0 (ancestral); the grids' DDIM 5 steps are dropped.
@@ -160,11 +166,11 @@ def test_upgrade_of_a_saved_test_config():
       "sample.sampler too); added diffusion.min_snr_gamma=0.0, "
       "diffusion.rescale_learned_sigmas=True, "
       "diffusion.rescale_timesteps=False, diffusion.timestep_sampler='uniform', "
-      "eval.bpd_clip_denoised=True, "
+      "eval.bpd_clip_denoised=True, eval.encode_max_examples=0, "
       "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
       "model.num_heads=1, model.num_heads_upsample=-1, model.p_uncond=0.0, "
       "model.scale_shift_norm=False, sample.dynamic_threshold=0.0, "
-      "sample.guidance_scale=0.0, sample.respacing='', "
+      "sample.guidance_scale=0.0, " + KARRAS_ADDED + "sample.respacing='', "
       "sample.solver_grid='time_uniform', sample.solver_order=2")
   # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
   # DDPM's U-Net, no labels.
@@ -231,13 +237,14 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
   assert message.endswith("added diffusion.min_snr_gamma=0.0, "
                           "diffusion.rescale_learned_sigmas=True, "
                           "diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
-                          "'uniform', eval.bpd_clip_denoised=True, eval.watch=False, "
+                          "'uniform', eval.bpd_clip_denoised=True, "
+                          "eval.encode_max_examples=0, eval.watch=False, "
                           "model.architecture='ddpm', model.num_classes=0, "
                           "model.num_head_channels=-1, model.num_heads=1, "
                           "model.num_heads_upsample=-1, model.p_uncond=0.0, "
                           "model.scale_shift_norm=False, optim.lr=0.0002, "
                           "sample.dynamic_threshold=0.0, "
-                          "sample.guidance_scale=0.0, sample.respacing='', "
+                          "sample.guidance_scale=0.0, " + KARRAS_ADDED + "sample.respacing='', "
                           "sample.solver_grid='time_uniform', sample.solver_order=2; "
                           "dropped fields no longer in the layout: eval.colour='blue', "
                           "extra.a.b=2, optim.lr.peak=0.001")

@@ -7,6 +7,7 @@ ODE is the linear map x_t - alpha_t mu = sqrt(v_t / v_T) (x_T - alpha_T mu), v =
 sigma^2, which the solvers should approach at their order as the steps double.
 """
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -218,3 +219,70 @@ def test_bad_settings_are_refused(kwargs, match):
   settings.update(kwargs)
   with pytest.raises(ValueError, match=match):
     dpm_solver.check_solver(**settings)
+
+
+# The reference's values on the cosine schedule: tests/golden/make_dpm_solver_golden.py writes
+# them, running LuChengTHU/dpm-solver's dpm_solver_pytorch.py on `toy_eps` for each case.
+GOLDEN_PATH = pathlib.Path(__file__).resolve().parents[1] / "golden" / "dpm_solver_cosine.npz"
+# (algorithm, order, grid, steps): fewer than 10 steps, so the last steps lower the order.
+GOLDEN_CASES = [("dpmsolver++", 2, "time_uniform", 6), ("dpmsolver++", 2, "logSNR", 6),
+                ("dpmsolver", 2, "time_uniform", 6), ("dpmsolver", 2, "logSNR", 6),
+                ("dpmsolver", 3, "time_uniform", 7), ("dpmsolver", 3, "logSNR", 7)]
+
+
+def golden_name(algorithm, order, grid, steps):
+  return f"{algorithm.replace('++', 'pp')}_order{order}_{grid}_{steps}"
+
+
+def toy_eps(x, label):
+  """A toy noise model linear in x and in its label s = label / 1000, for NumPy, torch and JAX
+  arrays: eps(x, s) = (0.6 + 0.3 s) x + 0.2 s - 0.1."""
+  s = (label / 1000.0).reshape((-1,) + (1,) * (len(x.shape) - 1))
+  return (0.6 + 0.3 * s) * x + 0.2 * s - 0.1
+
+
+@pytest.mark.parametrize("algorithm,order,grid,steps", GOLDEN_CASES)
+def test_the_reference_solver_on_the_cosine_schedule(keys, algorithm, order, grid, steps):
+  """LuChengTHU/dpm-solver's PyTorch solver (float64, a toy noise model linear in x and in its
+  label; tests/golden/make_dpm_solver_golden.py) on the cosine schedule, which drops 4 of its
+  1000 steps (N = 996): the network sees the reference's labels (t - 1/N) 1000, the first
+  998.996 (not (t - 1/N) N = 995), and the samples agree. Tolerances: the reference builds its
+  time_uniform grid in float32 (torch.linspace), so its labels there are off by up to 1e-4 of
+  1000, and our schedule keeps log(1 - beta) in float32 (relative 1e-7 per step, summed)."""
+  golden = np.load(GOLDEN_PATH)
+  sched = schedules.make_schedule("cosine", num_diffusion_timesteps=1000)
+  vp = dpm_solver.discrete_vp(sched)
+  assert vp.num_steps == 996
+  name = golden_name(algorithm, order, grid, steps)
+  labels = vp.labels(dpm_solver.time_grid(vp, steps, grid)[:-1])
+  np.testing.assert_allclose(labels, golden[name + "_labels"], rtol=0, atol=2e-3)
+  np.testing.assert_allclose(labels[0], 1000 * (1 - 1 / 996), rtol=1e-12)
+  np.testing.assert_allclose(_x_T(sched, keys), golden["x_T"], rtol=0, atol=0)
+  with jax.enable_x64(True):
+    got = np.asarray(dpm_solver.solve(
+        sched, toy_eps, keys, SHAPE, num_steps=steps, order=order,
+        algorithm=algorithm, grid=grid, dtype=jnp.float64))
+  np.testing.assert_allclose(got, golden[name], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_run_to_t_times_one_minus_one_over_n_and_are_rescaled_as_every_call(keys):
+  """A schedule of T = 200 that drops 2 steps (the digits' linear 1e-4..0.1): the labels run from
+  200 (1 - 1/198) down, the last of a time-uniform grid's is 0; with rescale_timesteps the model
+  sees them times 1000 / 200 (the scan run eagerly to record them)."""
+  for rescale in (False, True):
+    sched = schedules.make_schedule("linear", beta_end=0.1, num_diffusion_timesteps=200,
+                                    rescale_timesteps=rescale)
+    vp = dpm_solver.discrete_vp(sched)
+    assert (vp.num_steps, vp.num_timesteps) == (198, 200)
+    labels = vp.labels(dpm_solver.time_grid(vp, 4, "time_uniform"))
+    np.testing.assert_allclose(labels[[0, -1]], [200 * (1 - 1 / 198), 0.0], atol=1e-12)
+    seen = []
+
+    def model_fn(x, t):
+      seen.append(np.asarray(t))
+      return jnp.zeros_like(x)
+
+    with jax.disable_jit():
+      dpm_solver.solve(sched, model_fn, keys, SHAPE, num_steps=4, grid="time_uniform")
+    np.testing.assert_allclose(np.array(seen), np.repeat(labels[:-1, None], SHAPE[0], 1) *
+                               (5.0 if rescale else 1.0), rtol=1e-6)

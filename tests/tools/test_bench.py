@@ -141,7 +141,7 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
     ("--scaling", "1000,abc", "'abc' is not a whole number"),
     ("--scaling", "1000,1", "T must be at least 2"),
     ("--samplers", "ddim", "needs its number of calls, e.g. ddim20"),
-    ("--samplers", "euler20", "'euler20' is not a sampler with its calls"),
+    ("--samplers", "plms20", "'plms20' is not a sampler with its calls"),
     ("--samplers", "ddim0", "'ddim0' is not a sampler with its calls"),
     ("--samplers", "ddim5,ddim5", "'ddim5' is given twice")])
 def test_bench_refuses_a_bad_list_before_starting_jax(flag, value, message):
