@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from diffusion_jax import cli
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
+from diffusion_jax.config import modes as modes_lib
 
 # The installed package's, never the current directory's configs/digits.py, which may belong
 # to another version or be missing.
@@ -29,22 +30,15 @@ _DEFAULT_CONFIG = config_lib.shipped_dir() / "digits.py"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
                                "(local or gs://).")
-_MODE = flags.DEFINE_enum(
-    "mode", "train",
-    ["train", "summary", "sample", "eval", "progressive", "interpolate", "encode"],
-    "train; summary (parameter table); sample (eval.num_samples samples to .npz); eval (FID, "
-    "Inception Score, bits/dim); progressive / interpolate (image grids); encode (DDIM latents "
-    "of eval.bpd_split's images, with their reconstruction error).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval/progressive/"
-                             "interpolate/encode (default: the latest).")
+_MODE = flags.DEFINE_enum("mode", "train", list(modes_lib.NAMES), modes_lib.help_text())
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step for the modes that read a training "
+                             "run's checkpoint (default: the latest).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs without TPU "
     "metadata (with --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
 
-
-_EVALUATION_MODES = ("sample", "eval", "progressive", "interpolate", "encode")
 
 
 def _overrides() -> dict:
@@ -78,27 +72,15 @@ def _dispatch(mode: str, config, workdir: str | None) -> None:
       raise config_checks.ConfigError(str(e)) from e
     print(build.model_summary(config))
     return
+  spec = modes_lib.get(mode)
   if not workdir:
-    what = "" if mode == "train" else " (the training workdir)"
+    what = " (the training workdir)" if spec.evaluates else ""
     raise app.UsageError(f"--mode {mode} needs --workdir{what}")
-  if mode == "train":
-    from diffusion_jax.training import loop as train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, workdir)
+  if not spec.evaluates:
+    spec.runner()(config, workdir)
     return
-  from diffusion_jax.evaluation import modes as evaluate  # pylint: disable=g-import-not-at-top
   config = _evaluation_config(mode, workdir)
-  if mode == "sample":
-    evaluate.run_sample(config, workdir, step=_STEP.value)
-  elif mode == "eval":
-    evaluate.run_eval(config, workdir, step=_STEP.value)
-  elif mode == "progressive":
-    evaluate.run_progressive(config, workdir, step=_STEP.value)
-  elif mode == "interpolate":
-    evaluate.run_interpolate(config, workdir, step=_STEP.value)
-  elif mode == "encode":
-    evaluate.run_encode(config, workdir, step=_STEP.value)
-  else:
-    raise app.UsageError(f"unknown --mode {mode}")
+  spec.runner()(config, workdir, step=_STEP.value)
 
 
 def _define_config_flag(flag_values: flags.FlagValues, argv) -> None:
@@ -109,8 +91,8 @@ def _define_config_flag(flag_values: flags.FlagValues, argv) -> None:
     return
   config_flags.DEFINE_config_file(
       "config", str(_DEFAULT_CONFIG), "Config file (configs/*.py[:argument]) or a shipped "
-      "config's name (digits, cifar10, ...[:argument]); default: digits, or for sample/eval/"
-      "progressive/interpolate/encode the config saved with the checkpoint.",
+      "config's name (digits, cifar10, ...[:argument]); default: digits, or for the modes "
+      "that read a training run's checkpoint the config saved with it.",
       flag_values=flag_values, lock_config=True, sys_argv=argv)
 
 
@@ -135,7 +117,7 @@ def main(argv):
   config = flags.FLAGS["config"].value
   # Before waiting for other processes. An evaluation mode without --config checks the config
   # saved with the checkpoint instead, once it is read.
-  if mode not in _EVALUATION_MODES or flags.FLAGS["config"].present:
+  if not modes_lib.get(mode).evaluates or flags.FLAGS["config"].present:
     config_checks.check(config, mode=mode)
   if mode != "summary":
     parallel.initialize_distributed(

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import ml_collections
 
 from diffusion_jax.config import build
+from diffusion_jax.config import modes as modes_lib
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import timestep_sampling
 from diffusion_jax.data import input_pipeline
@@ -30,11 +31,10 @@ from diffusion_jax import parallel
 from diffusion_jax import samplers
 from diffusion_jax.utils import settings as settings_lib
 
-MODES = ("train", "summary", "sample", "eval", "progressive", "interpolate", "encode")
-_SAMPLING = ("sample", "eval")
+MODES = modes_lib.NAMES
 # Modes that draw samples with the `sample` section's sampler (train: its grids, when
 # train.sample_every > 0; encode: DDIM's timesteps, clipping and guidance).
-_SAMPLER_MODES = ("train",) + _SAMPLING + ("encode",)
+_SAMPLER_MODES = tuple(mode.name for mode in modes_lib.MODES.values() if mode.samples)
 
 
 class ConfigError(ValueError):
@@ -336,8 +336,9 @@ def sampler_problems(config, mode: str = "sample") -> list[str]:
 
 def _reads_labels(config, mode: str) -> bool:
   # The modes that read the dataset's examples with a class-conditional model's labels.
-  return mode in ("train", "interpolate", "encode") or (mode == "eval" and bool(
-      _get(config, "eval.bpd_split")))
+  if mode == "eval":
+    return bool(_get(config, "eval.bpd_split"))
+  return modes_lib.get(mode).reads_labels
 
 
 def model_problems(config, mode: str = "train") -> list[str]:
@@ -374,8 +375,7 @@ def problems(config, mode: str = "train") -> list[str]:
     one message per bad field, in `rules()` order, then the diffusion types', the model's and the
     sampler's.
   """
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+  modes_lib.get(mode)  # ValueError for an unknown one
   out, bad = [], set()
   for rule in rules():
     value = _get(config, rule.path)
