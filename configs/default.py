@@ -129,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --mode sample and eval).
   config.sample.num_samples = 64
 
-  # --mode sample / eval / progressive / interpolate.
+  # --mode sample / eval / progressive / interpolate / encode / edit / inpaint.
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256     # images per sampling batch at most, global (never more than the
   #                                  samples asked for; rounded up to the devices).
@@ -161,4 +161,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --mode encode: DDIM latents of eval.bpd_split's first this many images (0 = the whole split),
   # with the reconstruction error of decoding them (sample.sampler 'ddim', eta 0).
   config.eval.encode_max_examples = 0
+  # --mode progressive / interpolate: False = the original's chains (ancestral over all T; the
+  # interpolation mixes at eval.interp_t); True = the `sample` section's sampler (progressive: its
+  # x_0 prediction at every eval.progressive_freq-th network call; interpolate: a deterministic
+  # sampler through DDIM latents, interpolated spherically; a stochastic one mixes at interp_t and
+  # runs from there). docs/editing.md.
+  config.eval.grids_follow_sample = False
+  # --mode edit / inpaint: PNG files, or folders of them, comma-separated ('' = the first
+  # eval.edit_num images of eval.bpd_split), at the model's size and channels.
+  config.eval.edit_images = ""
+  config.eval.edit_num = 8         # images of eval.bpd_split when eval.edit_images is ''.
+  config.eval.edit_t = (300, 500, 700)  # --mode edit: SDEdit's timesteps, one grid column each.
+  # --mode inpaint: the known pixels: 'bottom_half', 'top_half', 'left_half', 'right_half',
+  # 'center' (the unknown square in the middle), or PNG files, comma-separated (one for every
+  # image, or one per image), white (>= 128) = known, black = to be made.
+  config.eval.inpaint_mask = "bottom_half"
+  config.eval.inpaint_jump_length = 10   # RePaint's resampling: jumps this many steps up,
+  config.eval.inpaint_jump_n_sample = 10  # running the steps below each jump point this many times.
+
+  # --mode distill: progressive distillation (Salimans & Ho 2022) of a trained model into a
+  # student that samples in distill.end_steps steps of sample.sampler 'ddim_continuous'
+  # (docs/distillation.md). Round r trains the student for steps_per_round steps to take one
+  # step where the previous round's model (the teacher's, in round 0) took two, on grids of
+  # start_steps / 2^r steps; the data, batch, optimizer's betas, eps and gradient clipping and
+  # the train section's logging, checkpoints and time limit are training's.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ""      # the teacher's workdir (ours, or a converted checkpoint's).
+  config.distill.teacher_step = 0  # its checkpoint; 0 = the latest.
+  config.distill.start_steps = 256  # the first student's steps (the teacher takes twice as many,
+  #                                   at most T).
+  config.distill.end_steps = 4     # the last student's: start_steps halved 0 or more times.
+  config.distill.steps_per_round = 50_000
+  config.distill.lr = 5e-5         # each round's, decayed linearly to 0 over the round.
+  config.distill.ema_decay = 0.0   # the students' EMA (0 = none, as the reference).
   return config

@@ -49,4 +49,5 @@ def get_config(arg=None):
   config.eval.batch_size = 500
   config.eval.progressive_freq = 20
   config.eval.interp_t = 100      # halfway, as the original's 500 of 1000.
+  config.eval.edit_t = (40, 80, 120, 160)  # SDEdit's t, as default.py's 300 .. 700 of 1000.
   return config

@@ -28,4 +28,5 @@ def get_config(arg=None):
   config.sample.num_steps = 5
   config.sample.num_samples = 8   # images in each training grid.
   config.eval.interp_t = 50
+  config.eval.edit_t = (30, 50, 70)
   return config

@@ -246,6 +246,8 @@ def test_command_line_reports_config_errors(tmp_path):
     (["--config=configs/test.py", "--workdir=/dev/null/run"], "error: cannot write to --workdir"),
     (["--config=configs/digits.py", "--config.data.channels=3", "--config.data.split=val"],
      "error: dataset 'digits' is grayscale: set --config.data.channels=1"),
+    (["--mode=distill", "--config=configs/digits_distill.py"],
+     "error: distill.teacher is not set: give the workdir of the model to distil"),
 ])
 def test_command_line_user_errors_exit_2_without_a_traceback(tmp_path, args, message):
   if not any(a.startswith("--workdir") for a in args):

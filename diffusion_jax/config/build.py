@@ -109,10 +109,13 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.linear_schedule(0.0, o.lr, o.warmup_steps)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with warmup, after clipping the mean gradient's global norm."""
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """Adam with the learning rate `schedule` (default: the config's, with warmup), after
+  clipping the mean gradient's global norm."""
   o = config.optim
-  adam = optax.adam(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps)
+  adam = optax.adam(learning_rate_schedule(config) if schedule is None else schedule,
+                    b1=o.b1, b2=o.b2, eps=o.eps)
   if o.grad_clip and o.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam)
   return adam

@@ -137,6 +137,19 @@ RULES = (
     Rule("eval.interp_pairs", "int", 1),
     Rule("eval.interp_steps", "int", 2),
     Rule("eval.encode_max_examples", "int", 0, note="0 = the whole split"),
+    Rule("eval.grids_follow_sample", "bool"),
+    Rule("eval.edit_images", "str"),
+    Rule("eval.edit_num", "int", 1),
+    Rule("eval.edit_t", "ints", 1, _T, high_open=True, modes=("edit",)),
+    Rule("eval.inpaint_mask", "str"),
+    Rule("eval.inpaint_jump_length", "int", 1),
+    Rule("eval.inpaint_jump_n_sample", "int", 1, note="1 = no resampling"),
+    Rule("distill.teacher_step", "int", 0, note="0 = the latest"),
+    Rule("distill.start_steps", "int", 1, modes=("distill",)),
+    Rule("distill.end_steps", "int", 1, "distill.start_steps", modes=("distill",)),
+    Rule("distill.steps_per_round", "int", 1),
+    Rule("distill.lr", "float", 0, low_open=True),
+    Rule("distill.ema_decay", "float", 0, 1, high_open=True),
 )
 
 _MISSING = object()
@@ -409,12 +422,13 @@ def check(config, mode: str = "train") -> None:
   raise_if_any(problems(config, mode))
 
 
-def check_training(config, num_devices: int) -> None:
-  """Raises ConfigError, before anything compiles, with what to change for a training run on
-  `num_devices` devices: every problem of `check(config, 'train')` (the U-Net included), then
-  the dataset and the split of the batch over devices and micro-batches, all reported at once
+def check_training(config, num_devices: int, mode: str = "train", more=()) -> None:
+  """Raises ConfigError, before anything compiles, with what to change for a training run
+  (--mode `mode`, train or distill) on `num_devices` devices: every problem of `check(config,
+  mode)` (the U-Net included), then the dataset and the split of the batch over devices and
+  micro-batches, then those of each `more(config)` (a list of messages), all reported at once
   (the latter only once every value is in its range)."""
-  value_problems = problems(config, "train")
+  value_problems = problems(config, mode)
   messages = list(value_problems)
   checks = [(input_pipeline.check_data_config, (config.data,))]
   if not value_problems:
@@ -425,4 +439,7 @@ def check_training(config, num_devices: int) -> None:
       check_one(*args)
     except ValueError as e:
       messages.append(str(e))
+  if not value_problems:
+    for problems_of in more:
+      messages += problems_of(config)
   raise_if_any(messages)

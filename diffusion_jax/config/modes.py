@@ -47,6 +47,9 @@ MODES = {mode.name: mode for mode in (
     Mode("train", "train (or resume) in --workdir", "diffusion_jax.training.loop:"
          "train_and_evaluate", samples=True, reads_labels=True),
     Mode("summary", "the network's parameter table"),
+    Mode("distill", "progressive distillation of distill.teacher's model into a student of "
+         "distill.end_steps steps, in --workdir", "diffusion_jax.training.distill:run",
+         reads_labels=True),
     Mode("sample", "eval.num_samples samples to .npz", _EVALUATION + "run_sample", samples=True,
          evaluates=True),
     Mode("eval", "FID, Inception Score, bits/dim", _EVALUATION + "run_eval", samples=True,
@@ -57,6 +60,10 @@ MODES = {mode.name: mode for mode in (
          reads_labels=True, evaluates=True),
     Mode("encode", "DDIM latents of eval.bpd_split's images, with their reconstruction error",
          _EVALUATION + "run_encode", samples=True, reads_labels=True, evaluates=True),
+    Mode("edit", "SDEdit of eval.edit_images (or eval.bpd_split's) at each of eval.edit_t",
+         _EVALUATION + "run_edit", samples=True, reads_labels=True, evaluates=True),
+    Mode("inpaint", "RePaint: eval.edit_images completed outside eval.inpaint_mask",
+         _EVALUATION + "run_inpaint", samples=True, reads_labels=True, evaluates=True),
 )}
 
 NAMES = tuple(MODES)

@@ -6,7 +6,8 @@ Every random number of a run comes from `key(seed)`, folded with a named stream 
 the batch it is in or on how many devices or hosts share that batch. Inside one example's key,
 a training step draws its timestep, noise and dropout masks from `ExampleStream`s; a sampler
 draws x_T from `fold_in(key, T)` and the noise leaving timestep t from `fold_in(key, t)` (and
-interpolation its two forward noises from T + 1 and T + 2); a dropout site folds in a hash of
+interpolation and SDEdit their forward noises from T + 1 and T + 2, RePaint the noise of its
+transitions from T + 1 folded with each transition's index); a dropout site folds in a hash of
 its block's name. All keys are typed (`jax.random.key`); raw uint32 key data appears only where
 a key array is assembled from each host's rows.
 
@@ -25,10 +26,13 @@ class RunStream(enum.IntEnum):
   INIT = 1         # the initial parameters
   TRAIN = 2        # the training steps (then folded with the step and each example's row)
   GRID = 3         # the sample grids written during training
+  DISTILL = 4      # progressive distillation's steps (then the step and each example's row)
   SAMPLE = 11      # --mode sample, the samples of --mode eval, the notebook Sampler
   BPD = 12         # the bound's noise in bits/dim
   PROGRESSIVE = 13
   INTERPOLATE = 14
+  EDIT = 15        # --mode edit and Sampler.edit (SDEdit)
+  INPAINT = 16     # --mode inpaint and Sampler.inpaint (RePaint)
 
 
 class ExampleStream(enum.IntEnum):

@@ -9,6 +9,10 @@ build on it).
   images = sampler.sample(16, labels=[3] * 16)                    # class-conditional: class 3
   latents = sampler.encode(images, num_steps=50)                  # DDIM inversion: x_T
   again = sampler.decode(latents, num_steps=50)                   # DDIM (eta 0) from them
+  edited = sampler.edit(images, t=500)                            # SDEdit from t = 500
+  filled = sampler.inpaint(images, masks)                         # RePaint: masks 1 = known
+  mixed = sampler.interpolate(images, others, [0.5] * n)          # through latents, or mixed
+  x0_preds = sampler.progressive(4, every=50)                     # x_0 predictions of a run
 
 A class-conditional model's sample i is of class i mod num_classes unless `labels` says.
 
@@ -33,6 +37,8 @@ from diffusion_jax.data import images as images_lib
 from diffusion_jax import parallel
 from diffusion_jax import samplers
 from diffusion_jax.samplers import inversion
+from diffusion_jax.samplers import repaint
+from diffusion_jax.samplers import sdedit
 from diffusion_jax.training import checkpoints
 from diffusion_jax.utils import outputs
 
@@ -142,6 +148,38 @@ def make_ddim_fn(config: ml_collections.ConfigDict, model, sched, mesh, directio
     return samplers.ddim_sample_loop(sched, model_fn, None, x.shape, x_init=x, eta=0.0, **kwargs)
 
   return parallel.batch_map(run, mesh, num_batched=2 if build.num_classes(config) else 1)
+
+
+def make_rows_fn(config: ml_collections.ConfigDict, model, mesh, run: Callable, *,
+                 num_arrays: int, guidance_scale: float = 0.0) -> Callable:
+  """A program over the mesh that runs `run(model_fn, *arrays, keys)` on rows split over the
+  mesh (the edits: SDEdit, RePaint, interpolation, progressive runs).
+
+  Args:
+    config: the diffusion types, the model's classes.
+    model: the U-Net.
+    mesh: the devices.
+    run: run(model_fn, *arrays, keys) -> an array or a tuple of them, per row.
+    num_arrays: how many row arrays come before the keys (uint8 images are mapped to [-1, 1]).
+    guidance_scale: classifier-free guidance's w (`programs.denoiser`); 0 = none.
+
+  Returns:
+    f(params, *arrays, keys [n]) (and labels int32 [n] for a class-conditional model).
+  """
+  build.check_guidance(config.model, guidance_scale)
+  d = config.diffusion
+
+  def program(params, *args):
+    conditional = len(args) > num_arrays + 1
+    labels = args[-1] if conditional else None
+    arrays = [images_lib.to_float(a) if a.dtype == np.uint8 else a
+              for a in args[:num_arrays]]
+    model_fn = programs.denoiser(model, params, labels, guidance_scale=guidance_scale,
+                                 var_type=d.var_type)
+    return run(model_fn, *arrays, args[num_arrays])
+
+  return parallel.batch_map(program, mesh, num_batched=num_arrays + 1 + (
+      1 if build.num_classes(config) else 0))
 
 
 class Sampler:
@@ -350,3 +388,232 @@ class Sampler:
     """
     return self._ddim_rows("decode", latents, labels, batch_size,
                            dict(settings, num_steps=num_steps, respacing=respacing))
+
+  # --------------------------------------------------------------------------------------------
+  # Edits: SDEdit, RePaint, interpolation, progressive runs
+
+  def run_settings(self, **settings) -> dict:
+    """The `sample` section's settings (`build.sampler_kwargs`) with those given replacing
+    them (None: the config's); one of num_steps and respacing given replaces the config's
+    choice of steps made with the other."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    values = build.sampler_kwargs(self.config, **given)
+    if given.get("num_steps") is not None and "respacing" not in given:
+      values["respacing"] = ""
+    if given.get("respacing") and "num_steps" not in given:
+      values["num_steps"] = 0
+    return values
+
+  def _checked_run(self, values: dict, capability: str = "", start: int | None = None,
+                   start_field: str = "t") -> tuple[str, dict, float]:
+    """(sampler, its settings, guidance_scale) of `values`, checked before anything compiles."""
+    values = dict(values)
+    name, guidance = values.pop("sampler"), values.pop("guidance_scale")
+    mean_type = self.config.diffusion.mean_type
+    samplers.check(name, values, self.sched.num_timesteps, mean_type=mean_type)
+    if capability:
+      samplers.registry.require(name, capability)
+    if start is not None:
+      samplers.registry.check_start(name, values, self.sched.num_timesteps, start,
+                                    mean_type=mean_type, start_field=start_field)
+    build.check_guidance(self.config.model, guidance)
+    return name, values, guidance
+
+  def _rows_fn(self, key: tuple, run: Callable, num_arrays: int, guidance: float) -> Callable:
+    if key not in self._fns:
+      self._fns[key] = make_rows_fn(self.config, self.model, self.mesh, run,
+                                    num_arrays=num_arrays, guidance_scale=guidance)
+    return self._fns[key]
+
+  def _map_rows(self, fn: Callable, arrays: list[np.ndarray], labels, *, seed: int,
+                stream: prng.RunStream, batch_size: int | None, what: str,
+                num: int | None = None, key_indices=None):
+    """fn over the rows of `arrays` (`num` rows when there are none; and labels) in batches; row
+    i's key is example key_indices[i] (default i) of (seed, stream). Returns what fn returns, as
+    host arrays of the rows."""
+    if batch_size is not None and batch_size < 1:
+      raise ValueError(f"{what}: batch_size={batch_size}; give a positive batch size, or None "
+                       f"for the default")
+    num = len(arrays[0]) if arrays else num
+    batch = parallel.round_up_to_devices(min(batch_size or 256, num), self.mesh)
+    out = []
+    for start in range(0, num, batch):
+      indices = np.arange(start, start + batch)
+      rows = np.minimum(indices, num - 1)  # padding repeats the last row
+      args = [parallel.shard_rows(a[rows], self.mesh) for a in arrays]
+      if key_indices is not None:
+        indices = np.where(indices < num, np.asarray(key_indices)[rows], indices)
+      args.append(parallel.sharded_example_keys(seed, stream, indices, self.mesh))
+      if labels is not None:
+        args.append(parallel.shard_rows(labels[rows].astype(np.int32), self.mesh))
+      out.append(parallel.fetch(fn(self.params, *args)))
+    return jax.tree_util.tree_map(lambda *parts: np.concatenate(parts)[:num], *out)
+
+  def edit(self, images, t: int, labels=None, *, seed: int = 0, batch_size: int | None = None,
+           **settings) -> np.ndarray:
+    """SDEdit: images diffused to timestep t by q(x_t | x_0), then denoised from t by the
+    sampler (`samplers.sdedit`), its steps spread over timesteps 0..t.
+
+    Args:
+      images: uint8 [n, H, W, C] or floats in [-1, 1], of the model's size and channels.
+      t: the timestep, in 1..T-1 (larger: less of the input kept).
+      labels: a class-conditional model's classes (one int, or n); needed by such a model.
+      seed: row i's noise comes from example i of (seed, `prng.RunStream.EDIT`).
+      batch_size: rows per compiled call, at most (default 256), rounded up to the devices.
+      **settings: sampler settings replacing the config's (sampler, num_steps, eta, ...).
+
+    Returns:
+      float32 [n, H, W, C] in [-1, 1].
+    """
+    images, labels = self._check_rows(np.asarray(images), "images", labels)
+    name, values, guidance = self._checked_run(self.run_settings(**settings), "run_from",
+                                               start=int(t))
+    d = self.config.diffusion
+    run = lambda model_fn, x, keys: sdedit.sdedit(
+        self.sched, model_fn, keys, x, t=int(t), sampler=name, mean_type=d.mean_type,
+        var_type=d.var_type, **values)
+    fn = self._rows_fn(("edit", int(t), name, guidance, *sorted(values.items())), run, 1,
+                       guidance)
+    return self._map_rows(fn, [images], labels, seed=seed, stream=prng.RunStream.EDIT,
+                          batch_size=batch_size, what="edit").astype(np.float32)
+
+  def check_masks(self, masks, num: int) -> np.ndarray:
+    """Masks as `inpaint` takes them (1 = known) for `num` images, float32 [num, H, W, 1 or C],
+    or ValueError saying what to give."""
+    size, channels = self.config.data.image_size, self.config.data.channels
+    masks = np.asarray(masks)
+    if masks.ndim == 3:
+      masks = masks[..., None]
+    if masks.ndim == 4 and len(masks) == 1:
+      masks = np.broadcast_to(masks, (num,) + masks.shape[1:])
+    if (masks.ndim != 4 or masks.shape[:3] != (num, size, size)
+        or masks.shape[3] not in (1, channels)):
+      raise ValueError(f"masks of shape {masks.shape} for {num} images of {size}x{size}x"
+                       f"{channels}: give [{num} or 1, {size}, {size}] or [.., 1] or [.., "
+                       f"{channels}], 1 (or True) where a pixel is known")
+    if not np.all((masks == 0) | (masks == 1)):
+      raise ValueError("masks hold values other than 0 and 1: give 1 (or True) where a pixel is "
+                       "known, 0 where it is to be made")
+    return masks.astype(np.float32)
+
+  def inpaint(self, images, masks, labels=None, *, seed: int = 0, jump_length: int = 10,
+              jump_n_sample: int = 10, batch_size: int | None = None,
+              **settings) -> np.ndarray:
+    """RePaint: the pixels of `images` where `masks` is 0 made by the model, those where it is 1
+    kept (`samplers.repaint`), over the timesteps of num_steps or respacing.
+
+    Args:
+      images: uint8 [n, H, W, C] or floats in [-1, 1], of the model's size and channels.
+      masks: [n or 1, H, W] (or [.., 1], or [.., C]) of 0 / 1 (or bool), 1 = known.
+      labels: a class-conditional model's classes (one int, or n); needed by such a model.
+      seed: row i's noise comes from example i of (seed, `prng.RunStream.INPAINT`).
+      jump_length, jump_n_sample: RePaint's resampling (`repaint.jump_schedule`).
+      batch_size: rows per compiled call, at most (default 256), rounded up to the devices.
+      **settings: num_steps, respacing, clip_denoised, dynamic_threshold, guidance_scale
+        (default: the config's); the steps are ancestral, so the sampler must be 'ancestral'.
+
+    Returns:
+      float32 [n, H, W, C] in [-1, 1].
+    """
+    images, labels = self._check_rows(np.asarray(images), "images", labels)
+    masks = self.check_masks(masks, len(images))
+    for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+      if not (isinstance(value, (int, np.integer)) and value >= 1):
+        raise ValueError(f"{name}={value!r}: give an integer >= 1")
+    name, values, guidance = self._checked_run(self.run_settings(**settings))
+    if name != "ancestral":
+      raise ValueError(f"RePaint takes ancestral steps, not sampler {name!r}: use "
+                       f"sampler='ancestral' (its steps: num_steps or respacing)")
+    timesteps = samplers.visited_timesteps(self.sched.num_timesteps, values["num_steps"],
+                                           values["respacing"])
+    d = self.config.diffusion
+    run = lambda model_fn, x, m, keys: repaint.repaint(
+        self.sched, model_fn, keys, x, m, jump_length=int(jump_length),
+        jump_n_sample=int(jump_n_sample), mean_type=d.mean_type, var_type=d.var_type,
+        timesteps=timesteps, clip_denoised=values["clip_denoised"],
+        dynamic_threshold=values["dynamic_threshold"])
+    fn = self._rows_fn(("inpaint", int(jump_length), int(jump_n_sample), guidance,
+                        *sorted(values.items())), run, 2, guidance)
+    return self._map_rows(fn, [images, masks], labels, seed=seed, stream=prng.RunStream.INPAINT,
+                          batch_size=batch_size, what="inpaint").astype(np.float32)
+
+  def interpolate(self, images1, images2, lams, labels=None, *, t: int | None = None,
+                  seed: int = 0, batch_size: int | None = None, key_indices=None,
+                  **settings) -> np.ndarray:
+    """Interpolations between pairs of images: with a deterministic sampler (e.g. 'ddim', eta
+    0) through their DDIM latents, interpolated spherically (`inversion.interpolate_latents`);
+    with a stochastic one as Ho et al.: both diffused to timestep t, mixed, denoised from t
+    (`sdedit.mix_and_denoise`).
+
+    Args:
+      images1, images2: uint8 [n, H, W, C] or floats in [-1, 1].
+      lams: [n] mixing weights in [0, 1] (0: images1).
+      labels: a class-conditional model's classes (one int, or n).
+      t: the stochastic samplers' mixing timestep (needed by them; ignored otherwise).
+      seed: row i's noise comes from example i of (seed, `prng.RunStream.INTERPOLATE`).
+      key_indices: the example whose key each row takes (default: its own row); rows of one
+        pair given the same one differ by their lam alone.
+      batch_size, **settings: as `edit`'s.
+
+    Returns:
+      float32 [n, H, W, C].
+    """
+    images1, labels = self._check_rows(np.asarray(images1), "images", labels)
+    images2, _ = self._check_rows(np.asarray(images2), "images", labels)
+    lams = np.asarray(lams, np.float32)
+    if lams.shape != (len(images1),) or images2.shape != images1.shape:
+      raise ValueError(f"{len(images1)} first images, {len(images2)} second ones and lams of "
+                       f"shape {lams.shape}: give as many of each")
+    values = self.run_settings(**settings)
+    name = values["sampler"]
+    d = self.config.diffusion
+    kwargs = dict(mean_type=d.mean_type, var_type=d.var_type)
+    if samplers.registry.is_deterministic(name, values):
+      name, values, guidance = self._checked_run(values, "run_from")
+      run = lambda model_fn, x1, x2, lam, keys: inversion.interpolate_latents(
+          self.sched, model_fn, keys, x1, x2, lam, sampler=name, **kwargs, **values)
+      key = ("interpolate", name, guidance, *sorted(values.items()))
+    else:
+      if t is None:
+        raise ValueError(f"sampler {name!r} draws noise: interpolate mixes at a timestep t; "
+                         f"give t, or a deterministic sampler (e.g. sampler='ddim', eta=0)")
+      name, values, guidance = self._checked_run(values, "run_from", start=int(t))
+      run = lambda model_fn, x1, x2, lam, keys: sdedit.mix_and_denoise(
+          self.sched, model_fn, keys, x1, x2, lam, t=int(t), sampler=name, **kwargs, **values)
+      key = ("interpolate", int(t), name, guidance, *sorted(values.items()))
+    fn = self._rows_fn(key, run, 3, guidance)
+    return self._map_rows(fn, [images1, images2, lams], labels, seed=seed,
+                          stream=prng.RunStream.INTERPOLATE, batch_size=batch_size,
+                          what="interpolate", key_indices=key_indices).astype(np.float32)
+
+  def progressive(self, num: int, every: int, *, seed: int = 0, labels=None,
+                  **settings) -> tuple[np.ndarray, np.ndarray]:
+    """`num` samples with the x_0 predictions of every `every`-th network call of their run
+    (`samplers.registry.progressive`), from the keys of `prng.RunStream.PROGRESSIVE`.
+
+    Returns:
+      (samples float32 [num, H, W, C], x0_preds float32 [num, calls // every, H, W, C],
+      noisiest first).
+    """
+    if num < 1:
+      raise ValueError(f"progressive: num={num}; ask for at least one sample")
+    name, values, guidance = self._checked_run(self.run_settings(**settings), "progressive")
+    calls = samplers.registry.num_calls(name, values, self.sched.num_timesteps)
+    if not 1 <= every <= calls:
+      raise ValueError(f"every={every}: sampler {name!r} makes {calls} network calls with these "
+                       f"settings; keep every in 1..{calls}")
+    size, channels = self.config.data.image_size, self.config.data.channels
+    d = self.config.diffusion
+    run = lambda model_fn, keys: samplers.registry.progressive(
+        name, self.sched, model_fn, keys, (keys.shape[0], size, size, channels),
+        every=int(every), mean_type=d.mean_type, var_type=d.var_type, **values)
+    fn = self._rows_fn(("progressive", int(every), name, guidance, *sorted(values.items())),
+                       run, 0, guidance)
+    if labels is None:
+      labels = self.labels(np.arange(num))
+    elif labels is not None:
+      labels = build.check_sample_labels(self.config, np.broadcast_to(np.asarray(labels), (num,)))
+    samples, preds = self._map_rows(fn, [], labels, seed=seed, num=num,
+                                    stream=prng.RunStream.PROGRESSIVE, batch_size=None,
+                                    what="progressive")
+    return samples.astype(np.float32), preds.astype(np.float32)

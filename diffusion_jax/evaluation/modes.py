@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import time
@@ -285,55 +286,88 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
   return path
 
 
-def _chain_setup(config, workdir: str, step: int | None, mode: str):
-  """What a grid mode starts from: (loaded checkpoint, mesh, model, schedule)."""
-  config_checks.check(config, mode=mode)
-  loaded = inference.load(workdir, config, step=step)
-  return loaded, parallel.make_mesh(), build.make_model(config), build.make_schedule(config)
+def _grid_settings(config, mode: str, capability: str) -> dict:
+  """The sampler settings of --mode progressive / interpolate (`build.sampler_kwargs`' keys):
+  with eval.grids_follow_sample the `sample` section's, checked for `mode` (a sampler without
+  `capability` refused) before anything compiles; else the original's chain, ancestral over all
+  T with sample.clip_denoised and no guidance."""
+  if not config.eval.grids_follow_sample:
+    return {**samplers.default_settings(), "clip_denoised": config.sample.clip_denoised,
+            "guidance_scale": 0.0}
+  values = build.sampler_kwargs(config)
+  name = values["sampler"]
+  try:
+    samplers.check(name, values, config.diffusion.num_timesteps,
+                   mean_type=config.diffusion.mean_type, flag_prefix="--config.")
+    if capability:
+      samplers.registry.require(name, capability, flag_prefix="--config.")
+    build.check_guidance(config.model, values["guidance_scale"])
+  except ValueError as e:
+    raise config_checks.ConfigError(
+        f"{e} (--mode {mode} with --config.eval.grids_follow_sample=True; False draws the "
+        f"original's ancestral chain)") from None
+  return values
+
+
+def _grid_name(config, prefix: str, rest: str) -> str:
+  """<prefix>[<sampler tag>]<rest>[_seed<S>]: the original's chain keeps the names grids had
+  before they followed the sampler ([_noclip] after the seed), the `sample` section's sampler
+  adds its tag (`build.sampler_tag`, with its _noclip)."""
+  if config.eval.grids_follow_sample:
+    return f"{prefix}{build.sampler_tag(config)}{rest}{_seed_suffix(config.eval.seed)}.png"
+  return f"{prefix}{rest}{_grid_suffix(config)}.png"
 
 
 def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
-  """A grid: one row per sample, its x_0 predictions every `progressive_freq` steps (from
-  t = T - freq down to 0), then the sample.
+  """A grid: one row per sample, the x_0 predictions of every `progressive_freq`-th network call
+  counted back from the last (noisiest first), then the sample. The original's chain (ancestral
+  over all T: the predictions at t = T - freq .. 0, every freq), or with eval.grids_follow_sample
+  the `sample` section's sampler (`samplers.registry.progressive`).
 
   Returns:
-    its path, WORKDIR/samples/<step>/progressive_n<rows>_every<freq>[_seed<seed>][_noclip].png.
+    its path, WORKDIR/samples/<step>/progressive[<tag>]_n<rows>_every<freq>[_seed<seed>]
+    [_noclip].png.
   """
-  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "progressive")
-  settings, d = config.eval, config.diffusion
-  size, channels = config.data.image_size, config.data.channels
-  num = parallel.round_up_to_devices(settings.progressive_num, mesh)
-
-  def fn(params, keys, labels=None):
-    return samplers.p_sample_loop_progressive(
-        sched, programs.denoiser(model, params, labels), keys,
-        (keys.shape[0], size, size, channels),
-        mean_type=d.mean_type, var_type=d.var_type,
-        include_xstartpred_freq=settings.progressive_freq,
-        clip_denoised=config.sample.clip_denoised)
-
-  keys = parallel.sharded_example_keys(settings.seed, prng.RunStream.PROGRESSIVE, np.arange(num),
-                                   mesh)
-  labels = programs.sample_labels(config, np.arange(num), mesh)  # sample i: class i mod classes
-  samples, preds = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=1 + len(labels))(
-      parallel.replicate(loaded.params, mesh), keys, *labels))
-  # preds[:, i] was predicted at t = i * freq: show them from noisy to clean.
-  rows = np.concatenate([preds[:, ::-1], samples[:, None]], axis=1)[:settings.progressive_num]
-  name = (f"progressive_n{settings.progressive_num}_every{settings.progressive_freq}"
-          f"{_grid_suffix(config)}.png")
-  return _write_rows_grid(rows, workdir, loaded.step, name, config)
+  config_checks.check(config, mode="progressive")
+  settings = config.eval
+  values = _grid_settings(config, "progressive", "progressive")
+  calls = samplers.registry.num_calls(values["sampler"], values, config.diffusion.num_timesteps)
+  if settings.progressive_freq > calls:
+    raise config_checks.ConfigError(
+        f"eval.progressive_freq={settings.progressive_freq}: sampler {values['sampler']!r} makes "
+        f"{calls} network calls here; set --config.eval.progressive_freq to at most {calls}")
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
+  samples, preds = sampler.progressive(settings.progressive_num, settings.progressive_freq,
+                                       seed=settings.seed, **values)
+  rows = np.concatenate([preds, samples[:, None]], axis=1)
+  name = _grid_name(config, "progressive",
+                    f"_n{settings.progressive_num}_every{settings.progressive_freq}")
+  return _write_rows_grid(rows, workdir, sampler.step, name, config)
 
 
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
-  """A grid: one row per pair of test images, interpolated at `interp_steps` values of lam (a
-  class-conditional model denoises each row with the label of the pair's first image).
+  """A grid: one row per pair of images of eval.bpd_split (2i and 2i + 1), framed by the two, at
+  `interp_steps` values of lam from 0 to 1 (a class-conditional model: the label of the pair's
+  first image). The original's (and a stochastic sampler's, with eval.grids_follow_sample): both
+  diffused to eval.interp_t, mixed, denoised from there; a deterministic sampler's (with
+  eval.grids_follow_sample): through their DDIM latents, interpolated spherically.
 
   Returns:
-    its path, WORKDIR/samples/<step>/
-    interpolate_<bpd_split>_t<interp_t>_<pairs>x<steps>[_seed<seed>][_noclip].png.
+    its path, WORKDIR/samples/<step>/interpolate[<tag>]_<bpd_split>_t<interp_t>_<pairs>x<steps>
+    [_seed<seed>][_noclip].png; through latents interpolate_latent<tag>_<bpd_split>_<pairs>x
+    <steps>[_seed<seed>].png.
   """
-  loaded, mesh, model, sched = _chain_setup(config, workdir, step, "interpolate")
-  settings, d = config.eval, config.diffusion
+  config_checks.check(config, mode="interpolate")
+  settings = config.eval
+  values = _grid_settings(config, "interpolate", "run_from")
+  latent = samplers.registry.is_deterministic(values["sampler"], values)
+  if not latent:
+    try:
+      samplers.registry.check_start(values["sampler"], values, config.diffusion.num_timesteps,
+                                    settings.interp_t, mean_type=config.diffusion.mean_type,
+                                    flag_prefix="--config.", start_field="--config.eval.interp_t")
+    except ValueError as e:
+      raise config_checks.ConfigError(str(e)) from None
   source = split_source(config, settings.bpd_split)
   lams = np.linspace(0.0, 1.0, settings.interp_steps)
   pairs = settings.interp_pairs
@@ -341,41 +375,24 @@ def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.P
                                        num_classes=build.num_classes(config))
   firsts = first["image"]
   seconds = input_pipeline.read_examples(source, 2 * np.arange(pairs) + 1)["image"]
-  conditional = "label" in first
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
   # One row per (pair, lam); every row of a pair shares its keys, so the rows differ by lam only.
-  columns = dict(x1=np.repeat(firsts, len(lams), axis=0),
-                 x2=np.repeat(seconds, len(lams), axis=0),
-                 lam=np.tile(lams, pairs).astype(np.float32),
-                 pair=np.repeat(np.arange(pairs), len(lams)))
-  if conditional:
-    columns["label"] = np.repeat(first["label"], len(lams))
-  n = len(columns["lam"])
-  batch = parallel.round_up_to_devices(n, mesh)
-  # Padding rows repeat the first ones; they are dropped below.
-  columns = {k: np.concatenate([v, v[:batch - n]]) for k, v in columns.items()}
-
-  def fn(params, x1, x2, lam, keys, labels=None):
-    return samplers.interpolate(sched, programs.denoiser(model, params, labels),
-                                images_lib.to_float(x1),
-                                images_lib.to_float(x2), lam, settings.interp_t, keys,
-                                mean_type=d.mean_type, var_type=d.var_type,
-                                clip_denoised=config.sample.clip_denoised)
-
-  rows = parallel.host_rows(mesh, batch)
-  put = lambda a: parallel.global_batch(a[rows], mesh, batch)
-  keys = parallel.sharded_example_keys(settings.seed, prng.RunStream.INTERPOLATE, columns["pair"],
-                                   mesh)
-  labels = [put(columns["label"])] if conditional else []
-  out = parallel.fetch(parallel.batch_map(fn, mesh, num_batched=4 + len(labels))(
-      parallel.replicate(loaded.params, mesh), put(columns["x1"]), put(columns["x2"]),
-      put(columns["lam"]), keys, *labels))[:n]
+  out = sampler.interpolate(
+      np.repeat(firsts, len(lams), axis=0), np.repeat(seconds, len(lams), axis=0),
+      np.tile(lams, pairs), None if "label" not in first else np.repeat(first["label"], len(lams)),
+      t=settings.interp_t, seed=settings.seed, key_indices=np.repeat(np.arange(pairs), len(lams)),
+      **values)
   grid_rows = out.reshape(pairs, len(lams), *out.shape[1:])
   # Frame each row with the two originals.
   grid_rows = np.concatenate([images_lib.to_float(firsts)[:, None], grid_rows,
                               images_lib.to_float(seconds)[:, None]], axis=1)
-  name = (f"interpolate_{settings.bpd_split}_t{settings.interp_t}_{pairs}x"
-          f"{settings.interp_steps}{_grid_suffix(config)}.png")
-  return _write_rows_grid(grid_rows, workdir, loaded.step, name, config)
+  if latent:
+    name = _grid_name(config, "interpolate_latent",
+                      f"_{settings.bpd_split}_{pairs}x{settings.interp_steps}")
+  else:
+    name = _grid_name(config, "interpolate", f"_{settings.bpd_split}_t{settings.interp_t}_"
+                      f"{pairs}x{settings.interp_steps}")
+  return _write_rows_grid(grid_rows, workdir, sampler.step, name, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,3 +651,256 @@ def run_encode(config, workdir: str, *, step: int | None = None) -> epath.Path:
           f"{results['num_steps']} timesteps; reconstruction mse={results['mse']:.4g}, "
           f"max_abs={results['max_abs']:.4g} ([-1, 1] units); wrote {path}", flush=True)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode edit / inpaint: SDEdit and RePaint of given images
+
+# Built-in masks of --mode inpaint: (rows, columns) of an image of size s that are known.
+BUILTIN_MASKS = {
+    "bottom_half": lambda s: (slice(s // 2, s), slice(0, s)),
+    "top_half": lambda s: (slice(0, s - s // 2), slice(0, s)),
+    "left_half": lambda s: (slice(0, s), slice(0, s - s // 2)),
+    "right_half": lambda s: (slice(0, s), slice(s // 2, s)),
+}
+
+
+def _png_files(spec: str, field: str) -> list[epath.Path]:
+  """The PNG files a comma-separated list of files and folders names (a folder: its *.png,
+  sorted); FileNotFoundError naming a missing one and the field to set."""
+  files = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    path = outputs.resolve(part)
+    if path.is_dir():
+      found = sorted(path.glob("*.png"))
+      if not found:
+        raise FileNotFoundError(f"{field}: the folder {path} holds no .png file; set "
+                                f"--config.{field} to PNG files or folders of them")
+      files += found
+    elif path.exists():
+      files.append(path)
+    else:
+      raise FileNotFoundError(f"{field}: {path} does not exist; set --config.{field} to PNG "
+                              f"files or folders of them, comma-separated")
+  return files
+
+
+def _read_png(path: epath.Path) -> np.ndarray:
+  """A PNG as uint8 [H, W, C] (C = 1 for grey, 3 for colour; alpha dropped)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  image = Image.open(io.BytesIO(path.read_bytes()))
+  grey = image.mode in ("1", "L", "LA", "I", "I;16")
+  array = np.asarray(image.convert("L" if grey else "RGB"))
+  return array[..., None] if grey else array
+
+
+def edit_inputs(config, num_classes: int = 0):
+  """The images of --mode edit / inpaint, checked before anything compiles.
+
+  Returns:
+    (uint8 [n, H, W, C], labels int [n] or None, a name for the source: the split, or
+    'files' and a hash of the files' paths).
+
+  Raises:
+    FileNotFoundError: a named file or folder that does not exist.
+    ConfigError: an image of another size or channel count than the model's.
+  """
+  settings = config.eval
+  size, channels = config.data.image_size, config.data.channels
+  if not settings.edit_images:
+    if not settings.bpd_split:
+      raise config_checks.ConfigError(
+          "eval.edit_images='' takes the images of eval.bpd_split='': set "
+          "--config.eval.edit_images to PNG files, or --config.eval.bpd_split to a split")
+    source = split_source(config, settings.bpd_split)
+    count = min(settings.edit_num, len(source))
+    read = input_pipeline.read_examples(source, np.arange(count), num_classes=num_classes)
+    return read["image"], read.get("label"), settings.bpd_split
+  files = _png_files(settings.edit_images, "eval.edit_images")
+  if not files:
+    raise config_checks.ConfigError("eval.edit_images names no file: set "
+                                    "--config.eval.edit_images to PNG files or folders")
+  images = []
+  for path in files:
+    image = _read_png(path)
+    if image.shape != (size, size, channels):
+      raise config_checks.ConfigError(
+          f"{path} is {image.shape[1]}x{image.shape[0]} with {image.shape[2]} channel(s); the "
+          f"model takes {size}x{size} with {channels} (data.image_size, data.channels): resize "
+          f"or convert it, or set --config.eval.edit_images to other files")
+    images.append(image)
+  digest = hashlib.sha1("\n".join(os.fspath(f) for f in files).encode()).hexdigest()[:8]
+  labels = build.default_labels(config, np.arange(len(images)))
+  return np.stack(images), labels, f"files{digest}"
+
+
+def inpaint_masks(config, num: int) -> tuple[np.ndarray, str]:
+  """The masks of --mode inpaint (1 = known) for `num` images, float32 [num, H, W, 1], and a
+  name for them (the built-in's, or 'files' and a hash of the paths); checked before anything
+  compiles (ConfigError, or FileNotFoundError for a missing file)."""
+  spec, size = config.eval.inpaint_mask, config.data.image_size
+  if spec in BUILTIN_MASKS or spec == "center":
+    mask = np.zeros((size, size), np.float32)
+    if spec == "center":
+      mask[:] = 1.0
+      low, high = size // 4, size - size // 4
+      mask[low:high, low:high] = 0.0
+    else:
+      mask[BUILTIN_MASKS[spec](size)] = 1.0
+    return np.broadcast_to(mask[None, :, :, None], (num, size, size, 1)).copy(), spec
+  if not spec.strip().lower().endswith(".png") and "," not in spec:
+    raise config_checks.ConfigError(
+        f"eval.inpaint_mask={spec!r} is neither a built-in mask ("
+        f"{', '.join(list(BUILTIN_MASKS) + ['center'])}) nor PNG files: set "
+        f"--config.eval.inpaint_mask to one of them")
+  files = _png_files(spec, "eval.inpaint_mask")
+  if len(files) not in (1, num):
+    raise config_checks.ConfigError(
+        f"eval.inpaint_mask names {len(files)} PNG files for {num} images: give one for all, or "
+        f"one per image (--config.eval.inpaint_mask)")
+  masks = []
+  for path in files:
+    image = _read_png(path)
+    if image.shape[:2] != (size, size):
+      raise config_checks.ConfigError(
+          f"mask {path} is {image.shape[1]}x{image.shape[0]}; the images are {size}x{size} "
+          f"(data.image_size): give masks of their size (--config.eval.inpaint_mask)")
+    masks.append((image.mean(axis=-1) >= 128).astype(np.float32)[:, :, None])
+  masks = np.stack(masks)
+  digest = hashlib.sha1("\n".join(os.fspath(f) for f in files).encode()).hexdigest()[:8]
+  return np.broadcast_to(masks, (num,) + masks.shape[1:]).copy(), f"files{digest}"
+
+
+def check_edit(config) -> None:
+  """Raises ConfigError, saying what to set, unless --mode edit can run the `sample` section's
+  sampler from each of eval.edit_t (before anything compiles)."""
+  name = config.sample.sampler
+  values = build.sampler_kwargs(config)
+  problems = []
+  try:
+    samplers.registry.require(name, "run_from", flag_prefix="--config.",
+                              purpose="start from given images at a timestep (SDEdit)")
+  except ValueError as e:
+    config_checks.raise_if_any([str(e)])
+  for t in config.eval.edit_t:
+    try:
+      samplers.registry.check_start(name, values, config.diffusion.num_timesteps, int(t),
+                                    mean_type=config.diffusion.mean_type,
+                                    flag_prefix="--config.", start_field="--config.eval.edit_t")
+    except ValueError as e:
+      problems.append(str(e))
+  config_checks.raise_if_any(problems)
+
+
+def run_edit(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """`--mode edit`: SDEdit of eval.edit_images (or the first eval.edit_num images of
+  eval.bpd_split) at each timestep of eval.edit_t, with the `sample` section's sampler from
+  there (`Sampler.edit`; noise from `prng.RunStream.EDIT` and each image's row).
+
+  Writes WORKDIR/samples/<step>/edit_<source>_t<t1>-<t2>..<tag>_n<n>[_seed<seed>].png (one row
+  per image: the input, then its edit at each t) and the .npz beside it (`images` uint8 [n, H,
+  W, C], `edits` uint8 [n, len(edit_t), H, W, C], `t`, and a class-conditional model's
+  `labels`).
+
+  Returns:
+    the grid's path.
+  """
+  config_checks.check(config, mode="edit")
+  check_edit(config)
+  images, labels, source = edit_inputs(config, build.num_classes(config))
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
+  settings = config.eval
+  edits = np.stack([sampler.edit(images, int(t), labels, seed=settings.seed,
+                                 batch_size=settings.batch_size)
+                    for t in settings.edit_t], axis=1)
+  rows = np.concatenate([images_lib.to_float(images)[:, None], edits], axis=1)
+  name = (f"edit_{source}_t{'-'.join(str(int(t)) for t in settings.edit_t)}"
+          f"{build.sampler_tag(config)}_n{len(images)}{_seed_suffix(settings.seed)}")
+  arrays = dict(images=images, edits=images_lib.to_uint8(edits),
+                t=np.asarray(settings.edit_t, np.int64))
+  return _write_edit(rows, arrays, labels, workdir, sampler.step, name, config)
+
+
+def _write_edit(rows, arrays: dict, labels, workdir: str, step: int, name: str,
+                config) -> epath.Path:
+  """The grid `name`.png of an edit mode and the .npz of its arrays beside it (process 0)."""
+  path = _write_rows_grid(rows, workdir, step, f"{name}.png", config)
+  if labels is not None:
+    arrays["labels"] = np.asarray(labels, np.int64)
+  if _is_main():
+    outputs.write_npz(path.with_suffix(".npz"), **arrays)
+  return path
+
+
+def check_inpaint(config) -> None:
+  """Raises ConfigError unless --mode inpaint can run: RePaint takes ancestral steps, so
+  sample.sampler must be 'ancestral' (its steps: sample.num_steps or sample.respacing)."""
+  if config.sample.sampler != "ancestral":
+    config_checks.raise_if_any([
+        f"--mode inpaint (RePaint) takes ancestral steps, not sample.sampler="
+        f"{config.sample.sampler!r}: set --config.sample.sampler=ancestral (the steps come "
+        f"from --config.sample.num_steps or --config.sample.respacing)"])
+
+
+def run_inpaint(config, workdir: str, *, step: int | None = None) -> epath.Path:
+  """`--mode inpaint`: RePaint of eval.edit_images (or the first eval.edit_num images of
+  eval.bpd_split) outside eval.inpaint_mask, with eval.inpaint_jump_length and
+  eval.inpaint_jump_n_sample, on the ancestral steps of the `sample` section (`Sampler.inpaint`;
+  noise from `prng.RunStream.INPAINT` and each image's row).
+
+  Writes WORKDIR/samples/<step>/inpaint_<source>_<mask>_jump<j>x<r><tag>_n<n>[_seed<seed>].png
+  (one row per image: the input, the masked input with its unknown pixels grey, the completion)
+  and the .npz beside it (`images`, `masks` uint8 1 = known, `completed`, and `labels`); for the
+  digits, the .json beside it with the digits classifier's share of confident and correct labels
+  (`recognised_*`) of the originals, the masked inputs and the completions.
+
+  Returns:
+    the grid's path.
+  """
+  config_checks.check(config, mode="inpaint")
+  check_inpaint(config)
+  settings = config.eval
+  images, labels, source = edit_inputs(config, build.num_classes(config))
+  masks, mask_name = inpaint_masks(config, len(images))
+  sampler = inference.Sampler(inference.load(workdir, config, step=step))
+  completed = sampler.inpaint(images, masks, labels, seed=settings.seed,
+                              jump_length=settings.inpaint_jump_length,
+                              jump_n_sample=settings.inpaint_jump_n_sample,
+                              batch_size=settings.batch_size)
+  originals = images_lib.to_float(images)
+  masked = originals * masks  # the unknown pixels at 0, mid grey
+  rows = np.stack([originals, masked, completed], axis=1)
+  name = (f"inpaint_{source}_{mask_name}_jump{settings.inpaint_jump_length}x"
+          f"{settings.inpaint_jump_n_sample}{build.sampler_tag(config)}_n{len(images)}"
+          f"{_seed_suffix(settings.seed)}")
+  arrays = dict(images=images, masks=masks.astype(np.uint8),
+                completed=images_lib.to_uint8(completed))
+  path = _write_edit(rows, arrays, labels, workdir, sampler.step, name, config)
+  if config.data.dataset == "digits" and not settings.edit_images and _is_main():
+    true = input_pipeline.read_examples(split_source(config, settings.bpd_split),
+                                        np.arange(len(images)), num_classes=10)["label"]
+    results = {"step": sampler.step, "num_images": len(images), **{
+        f"recognised_{what}": digits_recognised(config, workdir, x, true)
+        for what, x in (("originals", images), ("masked", images_lib.to_uint8(masked)),
+                        ("completed", arrays["completed"]))}}
+    outputs.write_json(path.with_suffix(".json"), results)
+    print("inpaint: the digits classifier recognises (confident and correct) "
+          + ", ".join(f"{k[len('recognised_'):]} {v:.3f}" for k, v in results.items()
+                      if k.startswith("recognised_")), flush=True)
+  return path
+
+
+def digits_recognised(config, workdir: str, images: np.ndarray, labels: np.ndarray) -> float:
+  """The share of uint8 digit images the digits classifier labels as their true label with
+  probability >= eval.digits_confidence (metrics/digits.py, cached as `digits_metrics` caches
+  it)."""
+  from diffusion_jax.evaluation.metrics import digits  # pylint: disable=g-import-not-at-top
+  cache_dir = config.eval.digits_classifier_dir or os.fspath(epath.Path(workdir) / "eval")
+  classifier = digits.load_classifier(
+      cache_dir, digits.ClassifierSettings(image_size=config.data.image_size))
+  probs = classifier.probabilities(digits.to_native(images))[:, :digits.NUM_CLASSES]
+  return float(np.mean((probs.max(axis=1) >= config.eval.digits_confidence)
+                       & (probs.argmax(axis=1) == np.asarray(labels))))

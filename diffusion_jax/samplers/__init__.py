@@ -14,9 +14,12 @@ its settings (defaults and rules), its checks, its part of a result's name and i
 the timesteps to visit and runs the entry; `tag` names a result's settings; `default_settings` is
 the config's `sample` section. Each family is a module with its entries: `ancestral` (with the
 progressive and interpolation chains), `ddim`, `dpm_solver`, `karras` (Heun, Euler and the
-stochastic sampler of Karras et al.); `continuous` is the continuous-time view of a discrete
+stochastic sampler of Karras et al.), `ddim_continuous` (DDIM on a grid uniform in continuous
+time, what progressively distilled models sample with); `continuous` is the continuous-time view of a discrete
 schedule that DPM-Solver and the Karras samplers share, `inversion` DDIM's reverse chain (an
-image to its x_T), and `common` holds the keys and noise they share. Adding a sampler is one module with its entry, one `register` call below (or, from
+image to its x_T, and interpolation through latents), `sdedit` and `repaint` the edits (SDEdit
+with any sampler that starts from given x, RePaint's inpainting), and `common` holds the keys,
+noise and progressive predictions they share. Adding a sampler is one module with its entry, one `register` call below (or, from
 another package, `register` or the entry-point group `diffusion_jax.samplers`), and its tests
 under tests/samplers/ (against a NumPy reference, and through `sample`).
 """
@@ -28,6 +31,7 @@ from diffusion_jax.samplers.ancestral import p_sample_loop_progressive
 from diffusion_jax.samplers.ancestral import p_sample_loop_trajectory
 from diffusion_jax.samplers.ancestral import sample_ancestral
 from diffusion_jax.samplers import ddim
+from diffusion_jax.samplers import ddim_continuous
 from diffusion_jax.samplers.ddim import ddim_sample_loop
 from diffusion_jax.samplers.ddim import ddim_timesteps
 from diffusion_jax.samplers.ddim import sample_ddim
@@ -55,6 +59,7 @@ for _entry in dpm_solver.ENTRIES:
 for _entry in karras.ENTRIES:
   register(_entry)
 del _entry
+register(ddim_continuous.ENTRY)
 
 __all__ = [
     "SamplerEntry", "Setting", "check", "registry", "ddim_sample_loop", "ddim_timesteps", "default_settings",

@@ -214,27 +214,62 @@ def sample_ancestral(sched: Schedule, model_fn: ModelFn, keys, shape, *, timeste
                      clip_denoised: bool, mean_type: str, var_type: str,
                      dynamic_threshold: float = 0.0) -> jax.Array:
   """Ancestral sampling as a registry entry runs it: over all T steps, or over the schedule
-  respaced to `timesteps`.
+  respaced to `timesteps` (`ancestral_run`)."""
+  return ancestral_run(sched, model_fn, keys, shape, timesteps=timesteps,
+                       clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type,
+                       dynamic_threshold=dynamic_threshold)
+
+
+def ancestral_run(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps,
+                  clip_denoised: bool, mean_type: str, var_type: str,
+                  dynamic_threshold: float = 0.0, x_init=None, start: int | None = None,
+                  record_every: int = 0):
+  """Ancestral sampling over all T steps or the schedule respaced to `timesteps`, from each
+  example's x_T or from given x at a timestep, optionally keeping x_0 predictions.
 
   Args:
     sched, model_fn, keys, shape, clip_denoised, mean_type, var_type, dynamic_threshold: as in
       `p_sample_loop`.
-    timesteps: the timesteps to visit, ascending; unless that is all T, the chain runs over
-      `schedules.respace(sched, timesteps)` (at least 2 of them; `sched` must be concrete).
+    timesteps: the timesteps to visit, ascending; unless that is every one of 0..top (top:
+      T - 1, or `start`), the chain runs over `schedules.respace(sched, timesteps)` (`sched`
+      must be concrete).
+    x_init: x at the last of `timesteps` [B, H, W, C]; default: each example's x_T.
+    start: the trained timestep x_init is at (the last of `timesteps`); None: x_init is x at
+      the last of `timesteps` over all T.
+    record_every: > 0: also keep the x_0 prediction of every record_every-th step counted back
+      from the last (`common.prediction_slots`).
 
   Returns:
-    Samples [B, H, W, C].
+    Samples [B, H, W, C]; with record_every, (samples, x0_preds [B, N, H, W, C], noisiest first).
   """
-  timesteps = schedules.check_timesteps(timesteps, sched.num_timesteps)
-  if timesteps.size != sched.num_timesteps:
+  top = sched.num_timesteps if start is None else int(start) + 1
+  timesteps = schedules.check_timesteps(timesteps, top)
+  if start is not None and timesteps[-1] != start:
+    raise ValueError(f"the visited timesteps end at {timesteps[-1]}, not at the start {top - 1}")
+  if timesteps.size != top:
     sched = schedules.respace(sched, timesteps)
-  return p_sample_loop(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
-                       clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+  shape = common.check_keys(keys, shape)
+  if x_init is None:
+    x_init = common.initial_noise(keys, shape, sched)
+  entries = np.arange(timesteps.size)[::-1]
+  kwargs = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+                dynamic_threshold=dynamic_threshold)
+  if not record_every:
+    (x0, _), _ = _ancestral_scan(sched, model_fn, keys, x_init, entries, kwargs)
+    return x0
+  # Entry t is call size - 1 - t.
+  slots = jnp.asarray(common.prediction_slots(timesteps.size, record_every)[::-1])
+  keep = lambda preds, t, pred_xstart: common.keep_prediction(preds, slots[t], pred_xstart)
+  preds = common.empty_predictions(x_init, timesteps.size // record_every)
+  (x0, preds), _ = _ancestral_scan(sched, model_fn, keys, x_init, entries, kwargs, extra=preds,
+                                   update_extra=keep)
+  return x0, preds
 
 
 # Its noise is set by the variance type, so it has no settings of its own. Over fewer than T
 # steps it runs on the respaced schedule, which needs two steps at least.
 ENTRY = registry.SamplerEntry(
     name="ancestral", run=sample_ancestral, min_steps=2,
+    **registry.capabilities(ancestral_run),
     summary="Ho et al.'s Algorithm 2: x_{t-1} ~ p(x_{t-1} | x_t), over all T steps or a "
             "respaced schedule")

@@ -22,7 +22,7 @@ ddim_timesteps = registry.evenly_spaced
 def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
                      num_steps: int | None = None, timesteps=None, eta: float = 0.0,
                      mean_type: str, var_type: str, clip_denoised: bool = True,
-                     dynamic_threshold: float = 0.0, x_init=None) -> jax.Array:
+                     dynamic_threshold: float = 0.0, x_init=None, record_every: int = 0):
   """DDIM sampling over a subset of the timesteps.
 
   Each step goes from timestep t to the previous visited timestep s (alpha_bar_s = 1 after the
@@ -43,9 +43,11 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     x_init: x at the last visited timestep [B, H, W, C] to start from, e.g. latents from
       `inversion.ddim_reverse_sample_loop`; default: each example's x_T drawn from its key.
       With x_init and eta = 0, keys may be None (nothing is drawn).
+    record_every: > 0: also keep the x_0 prediction of every record_every-th step counted back
+      from the last (`common.prediction_slots`).
 
   Returns:
-    Samples [B, H, W, C].
+    Samples [B, H, W, C]; with record_every, (samples, x0_preds [B, N, H, W, C], noisiest first).
   """
   diffusion.check_types(mean_type=mean_type, var_type=var_type)
   if keys is None and x_init is not None:
@@ -66,9 +68,13 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
   elif tuple(x_init.shape) != shape:
     raise ValueError(f"x_init has shape {tuple(x_init.shape)}; give it the samples' shape {shape}")
   batch = shape[0]
+  slots = (common.prediction_slots(len(visited), record_every) if record_every
+           else np.zeros(len(visited), np.int32))
+  preds = common.empty_predictions(x_init, len(visited) // record_every) if record_every else None
 
-  def body(x, ts):
-    t, t_prev = ts
+  def body(carry, ts):
+    x, preds = carry
+    t, t_prev, slot = ts
     pred_xstart, eps = predict_xstart_and_eps(
         sched, model_fn, x, jnp.full((batch,), t, dtype=jnp.int32), mean_type=mean_type,
         var_type=var_type, clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
@@ -83,11 +89,13 @@ def ddim_sample_loop(sched: Schedule, model_fn: ModelFn, keys, shape, *,
     x_prev = (jnp.sqrt(alpha_bar_prev) * pred_xstart
               + jnp.sqrt(jnp.maximum(one_minus_prev - sigma**2, 0.0)) * eps
               + sigma * noise)
-    return x_prev, None
+    if preds is not None:
+      preds = common.keep_prediction(preds, slot, pred_xstart)
+    return (x_prev, preds), None
 
-  x0, _ = jax.lax.scan(body, x_init, (jnp.asarray(visited, jnp.int32),
-                                      jnp.asarray(previous, jnp.int32)))
-  return x0
+  (x0, preds), _ = jax.lax.scan(body, (x_init, preds), (
+      jnp.asarray(visited, jnp.int32), jnp.asarray(previous, jnp.int32), jnp.asarray(slots)))
+  return (x0, preds) if record_every else x0
 
 
 def predict_xstart_and_eps(sched: Schedule, model_fn: ModelFn, x, t_b, *, mean_type: str,
@@ -116,26 +124,42 @@ def predict_xstart_and_eps(sched: Schedule, model_fn: ModelFn, x, t_b, *, mean_t
 def sample_ddim(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
                 clip_denoised: bool, mean_type: str, var_type: str,
                 dynamic_threshold: float = 0.0) -> jax.Array:
-  """`ddim_sample_loop` as a registry entry runs it.
+  """`ddim_sample_loop` as a registry entry runs it (`ddim_run`)."""
+  return ddim_run(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
+                  clip_denoised=clip_denoised, mean_type=mean_type, var_type=var_type,
+                  dynamic_threshold=dynamic_threshold)
+
+
+def ddim_run(sched: Schedule, model_fn: ModelFn, keys, shape, *, timesteps, eta: float,
+             clip_denoised: bool, mean_type: str, var_type: str, dynamic_threshold: float = 0.0,
+             x_init=None, start: int | None = None, record_every: int = 0):
+  """`ddim_sample_loop` from x_T or from given x at a timestep, optionally keeping x_0
+  predictions.
 
   Args:
-    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type, dynamic_threshold: as in
-      `ddim_sample_loop`.
-    timesteps: the timesteps to visit, ascending.
+    sched, model_fn, keys, shape, clip_denoised, mean_type, var_type, dynamic_threshold, x_init,
+      record_every: as in `ddim_sample_loop`.
+    timesteps: the timesteps to visit, ascending (with a start, the last one is it).
     eta: the noise scale, >= 0 (0 = deterministic).
+    start: the trained timestep x_init is at; None: from x_T.
 
   Returns:
-    Samples [B, H, W, C].
+    Samples [B, H, W, C] (with record_every, and the x_0 predictions).
   """
+  if start is not None and np.asarray(timesteps)[-1] != start:
+    raise ValueError(f"the visited timesteps end at {np.asarray(timesteps)[-1]}, not at the "
+                     f"start {start}")
   return ddim_sample_loop(sched, model_fn, keys, shape, timesteps=timesteps, eta=eta,
                           mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
-                          dynamic_threshold=dynamic_threshold)
+                          dynamic_threshold=dynamic_threshold, x_init=x_init,
+                          record_every=record_every)
 
 
 # 1 gives DDPM's posterior variance on the visited steps.
 ETA = registry.Setting("eta", 0.0, "float", low=0, note="DDIM's noise scale, 0 = deterministic")
 
 ENTRY = registry.SamplerEntry(
-    name="ddim", run=sample_ddim, settings=(ETA,),
+    name="ddim", run=sample_ddim, settings=(ETA,), **registry.capabilities(ddim_run),
+    deterministic=lambda eta: eta == 0,
     tag=lambda eta: [f"eta{eta:g}"] if eta else [],
     summary="Song et al.'s DDIM over any subset of the timesteps; eta = 0 is deterministic")

@@ -30,6 +30,7 @@ import numpy as np
 from diffusion_jax.core import diffusion
 from diffusion_jax.core import prng
 from diffusion_jax.core.schedules import Schedule
+from diffusion_jax.samplers import common
 from diffusion_jax.samplers import continuous
 from diffusion_jax.samplers import registry
 
@@ -47,9 +48,11 @@ def discrete_vp(sched: Schedule) -> continuous.DiscreteVP:
   return continuous.discrete_vp(sched, min_lambda=CLIPPED_LAMBDA)
 
 
-def time_grid(vp: continuous.DiscreteVP, num_steps: int, grid: str) -> np.ndarray:
-  """The num_steps + 1 times from t = 1 down to t = 1/N, uniform in t or in lambda."""
-  t_end, t_start = 1.0 / vp.num_steps, 1.0
+def time_grid(vp: continuous.DiscreteVP, num_steps: int, grid: str,
+              t_start: float = 1.0) -> np.ndarray:
+  """The num_steps + 1 times from t_start (default 1) down to t = 1/N, uniform in t or in
+  lambda."""
+  t_end = 1.0 / vp.num_steps
   if grid == "time_uniform":
     return np.linspace(t_start, t_end, num_steps + 1)
   if grid == "logSNR":
@@ -153,7 +156,7 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
           algorithm: str = "dpmsolver++", grid: str = "time_uniform", mean_type: str = "eps",
           var_type: str = "fixedlarge", clip_denoised: bool = False,
           dynamic_threshold: float = 0.0, lower_order_final: bool = True,
-          dtype=jnp.float32) -> jax.Array:
+          dtype=jnp.float32, x_init=None, start: int | None = None, record_every: int = 0):
   """Samples by multistep DPM-Solver(++) from x_T (drawn per example as every sampler does).
 
   Args:
@@ -172,25 +175,40 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
     lower_order_final: lower the order of the last steps when num_steps < 10.
     dtype: the solver's arithmetic (float64 for reference runs under jax.enable_x64); x_T is
       the float32 draw of every sampler, cast.
+    x_init: x [B, ...] at the trained timestep `start` to solve from; default: each example's
+      x_T, at t = 1.
+    start: the trained timestep n of x_init, solved from its time t_n = (n + 1) / N (t = 1 for
+      a step the solver dropped); None: t = 1.
+    record_every: > 0: also keep the x_0 prediction of every record_every-th step counted back
+      from the last (`common.prediction_slots`; for 'dpmsolver' the x_0 its noise prediction
+      implies, unclipped).
 
   Returns:
-    the samples at t = 1/N (the noise level of timestep 0), [B, ...].
+    the samples at t = 1/N (the noise level of timestep 0), [B, ...]; with record_every,
+    (samples, x0_preds [B, N, ...], noisiest first).
   """
   check_solver(algorithm, order, grid, num_steps, sched.num_timesteps, mean_type)
   vp = discrete_vp(sched)
-  times = time_grid(vp, num_steps, grid)
+  t_start = 1.0 if start is None else float(vp.t[min(int(start), vp.num_steps - 1)])
+  if not t_start > vp.t[0]:
+    raise ValueError(f"DPM-Solver cannot start at timestep {start}, the end of its time range; "
+                     f"start above 0")
+  times = time_grid(vp, num_steps, grid, t_start)
   a, b = update_coefficients(vp, times, step_orders(num_steps, order, lower_order_final),
                              algorithm)
   labels = vp.labels(times[:-1])
   alpha, sigma = np.exp(vp.log_alpha_at(times[:-1])), vp.sigma_at(times[:-1])
-  x_init = prng.normal_each(prng.fold_in_each(keys, sched.base_num_timesteps),
-                            shape[1:]).astype(dtype)
+  if x_init is None:
+    x_init = prng.normal_each(prng.fold_in_each(keys, sched.base_num_timesteps), shape[1:])
+  x_init = x_init.astype(dtype)
   batch = shape[0]
   data_prediction = algorithm == "dpmsolver++"
+  slots = (common.prediction_slots(num_steps, record_every) if record_every
+           else np.zeros(num_steps, np.int32))
 
   def step(carry, xs):
-    x, m_prev1, m_prev2 = carry
-    label, alpha_i, sigma_i, a_i, b_i = xs
+    x, m_prev1, m_prev2, preds = carry
+    label, alpha_i, sigma_i, a_i, b_i, slot = xs
     t_model = sched.model_timesteps(jnp.full((batch,), label, dtype))
     out, _ = diffusion.split_model_output(model_fn(x, t_model), x.shape, var_type=var_type)
     out = out.astype(x.dtype)
@@ -200,14 +218,19 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int, o
                                 dynamic_threshold=dynamic_threshold)
     else:
       m = continuous.eps_from_output(out, x, alpha_i, sigma_i, mean_type=mean_type)
+    if preds is not None:
+      x0 = m if data_prediction else continuous.xstart_from_output(out, x, alpha_i, sigma_i,
+                                                                   mean_type=mean_type)
+      preds = common.keep_prediction(preds, slot, x0)
     x = a_i * x + b_i[0] * m + b_i[1] * m_prev1 + b_i[2] * m_prev2
-    return (x, m, m_prev1), None
+    return (x, m, m_prev1, preds), None
 
   dtype = x_init.dtype
-  xs = tuple(jnp.asarray(v, dtype) for v in (labels, alpha, sigma, a, b))
+  xs = tuple(jnp.asarray(v, dtype) for v in (labels, alpha, sigma, a, b)) + (jnp.asarray(slots),)
   zeros = jnp.zeros_like(x_init)
-  (x, _, _), _ = jax.lax.scan(step, (x_init, zeros, zeros), xs)
-  return x
+  preds = common.empty_predictions(x_init, num_steps // record_every) if record_every else None
+  (x, _, _, preds), _ = jax.lax.scan(step, (x_init, zeros, zeros, preds), xs)
+  return (x, preds) if record_every else x
 
 
 # --- As samplers by name -----------------------------------------------------------------------
@@ -221,11 +244,18 @@ def _entry(algorithm: str) -> registry.SamplerEntry:
   """DPM-Solver with one algorithm as a sampler: num_steps network calls of `solver_order` on
   `solver_grid`, on its own continuous-time grid (so no respacing)."""
 
-  def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
-          mean_type, var_type, solver_order, solver_grid):
+  def run_all(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
+              mean_type, var_type, solver_order, solver_grid, **start_and_record):
     return solve(sched, model_fn, keys, shape, num_steps=num_steps, order=solver_order,
                  algorithm=algorithm, grid=solver_grid, mean_type=mean_type, var_type=var_type,
-                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
+                 **start_and_record)
+
+  def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
+          mean_type, var_type, solver_order, solver_grid):
+    return run_all(sched, model_fn, keys, shape, num_steps=num_steps, clip_denoised=clip_denoised,
+                   dynamic_threshold=dynamic_threshold, mean_type=mean_type, var_type=var_type,
+                   solver_order=solver_order, solver_grid=solver_grid)
 
   def check(field, *, count, num_timesteps, mean_type, solver_order, solver_grid):
     try:
@@ -237,6 +267,8 @@ def _entry(algorithm: str) -> registry.SamplerEntry:
   what = "x_0" if algorithm == "dpmsolver++" else "noise"
   return registry.SamplerEntry(
       name=algorithm, run=run, settings=(ORDER, GRID), check=check,
+      **registry.capabilities(run_all),
+      deterministic=lambda solver_order, solver_grid: True,
       tag=lambda solver_order, solver_grid: [f"order{solver_order}_{solver_grid}"],
       visits_timesteps=False, clips=algorithm == "dpmsolver++",
       summary=f"Lu et al.'s {algorithm}, multistep on the {what} predictions")

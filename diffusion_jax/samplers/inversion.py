@@ -4,6 +4,7 @@ from x_0 to the top of the visited timesteps, as Improved DDPM's `ddim_reverse_s
 Decoding the latent with DDIM (eta 0) over the same timesteps (`ddim.ddim_sample_loop` with
 `x_init`) gives the image back, up to the error of taking each step with the model's output
 at the step's start instead of its end: that error falls as the steps grow.
+`interpolate_latents` mixes two images through their latents.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from diffusion_jax.core.diffusion import ModelFn
 from diffusion_jax.core import schedules
 from diffusion_jax.core.schedules import Schedule
 from diffusion_jax.samplers import ddim
+from diffusion_jax.samplers import registry
+from diffusion_jax.samplers import sdedit
 
 
 def ddim_reverse_step(sched: Schedule, model_fn: ModelFn, x, t, t_next, *, mean_type: str,
@@ -90,3 +93,35 @@ def ddim_reverse_sample_loop(sched: Schedule, model_fn: ModelFn, x_start, *,
   x_T, _ = jax.lax.scan(body, jnp.asarray(x_start), (jnp.asarray(visited, jnp.int32),
                                                      jnp.asarray(following, jnp.int32)))
   return x_T
+
+
+def interpolate_latents(sched: Schedule, model_fn: ModelFn, keys, x1, x2, lam, *, sampler: str,
+                        mean_type: str, var_type: str, **settings) -> jax.Array:
+  """Interpolation through DDIM latents: x1 and x2 encoded by `ddim_reverse_sample_loop` over the
+  timesteps of `settings` (num_steps or respacing, as DDIM visits them), their latents
+  interpolated spherically (`sdedit.slerp`), and the result decoded by the deterministic
+  `sampler` from it as its x_T (for 'ddim' with eta 0: the inversion's own inverse).
+
+  Args:
+    sched, model_fn, mean_type, var_type: as in `ddim_reverse_sample_loop`.
+    keys: one key per example [B] (a deterministic sampler draws nothing from them).
+    x1, x2: images [B, H, W, C] in [-1, 1].
+    lam: a scalar or [B] in [0, 1]; 0 decodes x1's latent, 1 x2's.
+    sampler: a registered sampler, deterministic with these settings and with `run_from`.
+    **settings: its settings (num_steps, respacing, clip_denoised, dynamic_threshold, its own).
+
+  Returns:
+    the decoded interpolations [B, H, W, C].
+  """
+  if not registry.is_deterministic(sampler, settings):
+    raise ValueError(f"sampler {sampler!r} with {settings} draws noise, so it cannot decode "
+                     f"latents: use a deterministic sampler (e.g. 'ddim' with eta 0)")
+  resolved = registry.REGISTRY.resolved(settings)
+  timesteps = registry.visited_timesteps(sched.num_timesteps, resolved["num_steps"],
+                                         resolved["respacing"])
+  encode = lambda x: ddim_reverse_sample_loop(
+      sched, model_fn, x, timesteps=timesteps, mean_type=mean_type, var_type=var_type,
+      clip_denoised=resolved["clip_denoised"], dynamic_threshold=resolved["dynamic_threshold"])
+  z = sdedit.slerp(encode(x1), encode(x2), lam)
+  return registry.sample_from(sampler, sched, model_fn, keys, z, start=None, mean_type=mean_type,
+                              var_type=var_type, **settings)

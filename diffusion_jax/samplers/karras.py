@@ -203,7 +203,7 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int,
           s_tmax: float = float("inf"), s_noise: float = 1.0, mean_type: str = "eps",
           var_type: str = "fixedlarge", clip_denoised: bool = True,
           dynamic_threshold: float = 0.0, noise_fn: Callable | None = None,
-          dtype=jnp.float32) -> jax.Array:
+          dtype=jnp.float32, x_init=None, start: int | None = None, record_every: int = 0):
   """Samples by Karras et al.'s Heun or Euler sampler, deterministic or (s_churn > 0) stochastic.
 
   Args:
@@ -221,10 +221,19 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int,
       another implementation's noise.
     dtype: the arithmetic (float64 for reference runs under jax.enable_x64); x_T is the float32
       draw of every sampler, cast.
+    x_init: x [B, ...] (the VP form, sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps) at the
+      trained timestep `start`; default: each example's x_T times sigma_max.
+    start: the trained timestep of x_init: the run's largest sigma is that step's level (in
+      place of sigma_max), and x starts as x_init sqrt(1 + sigma^2) there; None: from x_T.
+    record_every: > 0: also keep the x_0 prediction (the denoiser's output) of every
+      record_every-th call counted back from the last (`common.prediction_slots`).
 
   Returns:
-    the samples at sigma = 0, [B, ...].
+    the samples at sigma = 0, [B, ...]; with record_every, (samples, x0_preds [B, N, ...],
+    noisiest first).
   """
+  if start is not None:
+    sigma_max = float(schedule_sigmas(continuous.discrete_vp(sched))[int(start)])
   check_settings(method, num_steps, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
                  sigma_labels=sigma_labels, mean_type=mean_type, stochastic=bool(s_churn),
                  s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
@@ -233,14 +242,19 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int,
                    s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
   shape = common.check_keys(keys, shape)
   batch = shape[0]
-  x_init = common.initial_noise(keys, shape, sched).astype(dtype) * plan.sigmas[0]
+  if x_init is None:
+    x_init = common.initial_noise(keys, shape, sched).astype(dtype) * plan.sigmas[0]
+  else:
+    x_init = x_init.astype(dtype) * np.sqrt(1.0 + plan.sigmas[0]**2)
   stochastic = bool(np.any(plan.noise_scale > 0))
+  slots = (common.prediction_slots(plan.num_calls, record_every) if record_every
+           else np.zeros(plan.num_calls, np.int32))
   if noise_fn is None:
     noise_fn = lambda step: prng.normal_each(prng.fold_in_each(keys, step), shape[1:], dtype)
 
   def call(carry, xs):
-    x, x_hat, slope = carry
-    step, first, sigma, label, step_size, noise_scale = xs
+    x, x_hat, slope, preds = carry
+    step, first, sigma, label, step_size, noise_scale, slot = xs
     if stochastic:
       x = x + noise_scale * noise_fn(step).astype(dtype)
     alpha = jax.lax.rsqrt(1.0 + sigma * sigma)
@@ -251,17 +265,23 @@ def solve(sched: Schedule, model_fn: Callable, keys, shape, *, num_steps: int,
                                        mean_type=mean_type)
     x0 = diffusion.clip_xstart(x0, clip_denoised=clip_denoised,
                                dynamic_threshold=dynamic_threshold)
+    if preds is not None:
+      preds = common.keep_prediction(preds, slot, x0)
     new_slope = (x - x0) / sigma
     first = first > 0
     x_hat = jnp.where(first, x, x_hat)   # a prediction starts from x, a correction from x_hat
     step_slope = jnp.where(first, new_slope, 0.5 * (slope + new_slope))
-    return (x_hat + step_size * step_slope, x_hat, jnp.where(first, new_slope, slope)), None
+    return (x_hat + step_size * step_slope, x_hat, jnp.where(first, new_slope, slope),
+            preds), None
 
   xs = (jnp.asarray(plan.step),) + tuple(jnp.asarray(v, dtype) for v in (
-      plan.first, plan.sigma, plan.label, plan.step_size, plan.noise_scale))
+      plan.first, plan.sigma, plan.label, plan.step_size, plan.noise_scale)) + (
+          jnp.asarray(slots),)
   zeros = jnp.zeros_like(x_init)
-  (x, _, _), _ = jax.lax.scan(call, (x_init, zeros, zeros), xs)
-  return x
+  preds = (common.empty_predictions(x_init, plan.num_calls // record_every) if record_every
+           else None)
+  (x, _, _, preds), _ = jax.lax.scan(call, (x_init, zeros, zeros, preds), xs)
+  return (x, preds) if record_every else x
 
 
 # --- As samplers by name -----------------------------------------------------------------------
@@ -322,13 +342,23 @@ def _deterministic_entry(method: str, summary: str) -> registry.SamplerEntry:
   def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
           mean_type, var_type, karras_rho, karras_sigma_min, karras_sigma_max,
           karras_sigma_labels):
+    return run_all(sched, model_fn, keys, shape, num_steps=num_steps, clip_denoised=clip_denoised,
+                   dynamic_threshold=dynamic_threshold, mean_type=mean_type, var_type=var_type,
+                   karras_rho=karras_rho, karras_sigma_min=karras_sigma_min,
+                   karras_sigma_max=karras_sigma_max, karras_sigma_labels=karras_sigma_labels)
+
+  def run_all(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
+              mean_type, var_type, karras_rho, karras_sigma_min, karras_sigma_max,
+              karras_sigma_labels, **start_and_record):
     return solve(sched, model_fn, keys, shape, num_steps=num_steps, method=method,
                  rho=karras_rho, sigma_min=karras_sigma_min, sigma_max=karras_sigma_max,
                  sigma_labels=karras_sigma_labels, mean_type=mean_type, var_type=var_type,
-                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold)
+                 clip_denoised=clip_denoised, dynamic_threshold=dynamic_threshold,
+                 **start_and_record)
 
   return registry.SamplerEntry(
-      name=method, run=run, settings=SCHEDULE_SETTINGS,
+      name=method, run=run, settings=SCHEDULE_SETTINGS, **registry.capabilities(run_all),
+      deterministic=lambda **settings: True,
       check=_check(method, False, SCHEDULE_SETTINGS), tag=_tag, summary=summary,
       min_steps=3 if method == "heun" else 2, visits_timesteps=False)
 
@@ -340,15 +370,28 @@ def _stochastic_entry() -> registry.SamplerEntry:
   def run(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
           mean_type, var_type, karras_rho, karras_sigma_min, karras_sigma_max,
           karras_sigma_labels, karras_s_churn, karras_s_tmin, karras_s_tmax, karras_s_noise):
+    return run_all(sched, model_fn, keys, shape, num_steps=num_steps, clip_denoised=clip_denoised,
+                   dynamic_threshold=dynamic_threshold, mean_type=mean_type, var_type=var_type,
+                   karras_rho=karras_rho, karras_sigma_min=karras_sigma_min,
+                   karras_sigma_max=karras_sigma_max, karras_sigma_labels=karras_sigma_labels,
+                   karras_s_churn=karras_s_churn, karras_s_tmin=karras_s_tmin,
+                   karras_s_tmax=karras_s_tmax, karras_s_noise=karras_s_noise)
+
+  def run_all(sched, model_fn, keys, shape, *, num_steps, clip_denoised, dynamic_threshold,
+              mean_type, var_type, karras_rho, karras_sigma_min, karras_sigma_max,
+              karras_sigma_labels, karras_s_churn, karras_s_tmin, karras_s_tmax, karras_s_noise,
+              **start_and_record):
     return solve(sched, model_fn, keys, shape, num_steps=num_steps, method="heun",
                  rho=karras_rho, sigma_min=karras_sigma_min, sigma_max=karras_sigma_max,
                  sigma_labels=karras_sigma_labels, s_churn=karras_s_churn, s_tmin=karras_s_tmin,
                  s_tmax=karras_s_tmax, s_noise=karras_s_noise, mean_type=mean_type,
                  var_type=var_type, clip_denoised=clip_denoised,
-                 dynamic_threshold=dynamic_threshold)
+                 dynamic_threshold=dynamic_threshold, **start_and_record)
 
   return registry.SamplerEntry(
-      name="karras_stochastic", run=run, settings=settings, check=_check("heun", True, settings),
+      name="karras_stochastic", run=run, settings=settings,
+      **registry.capabilities(run_all),
+      check=_check("heun", True, settings),
       tag=_tag, min_steps=3, visits_timesteps=False,
       summary="Karras et al.'s stochastic sampler (Algorithm 2, Heun with added noise): "
       "num_steps = network calls, odd (2N - 1 for N sigmas)")

@@ -54,6 +54,22 @@ class SamplerEntry:
     visits_timesteps: it visits a subset of the trained timesteps (and so takes a respacing).
     clips: it steps with x_0 predictions, and so can clip them (`clip_denoised`,
       `dynamic_threshold`); False: it ignores both.
+    progressive: optional. progressive(sched, model_fn, keys, shape, *, every, **the run's
+      keywords) -> (samples [B, H, W, C], x0_preds [B, N, H, W, C]): the same run, also keeping
+      the x_0 prediction of every `every`-th network call counted back from the last one
+      (N = calls // every, noisiest first; `common.prediction_slots`). `--mode progressive`
+      and `progressive` refuse a sampler without it.
+    run_from: optional. run_from(sched, model_fn, keys, x_init, *, start, **the run's
+      keywords) -> samples: the run started from x_init [B, H, W, C] taken as x at the trained
+      timestep `start` (sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps there), down to x_0;
+      it spreads its steps over timesteps 0..start as its run spreads them over 0..T-1 (its
+      `timesteps` are `start_timesteps`, the last one `start`; or `num_steps` calls, T of them
+      meaning start + 1). With start None it is the run from given x_T in place of its own
+      draw (at the top of its own steps). SDEdit, decoding latents and the mix of
+      `--mode interpolate` refuse a sampler without it.
+    deterministic: optional. deterministic(**settings) -> whether, with these settings, the
+      run draws no noise after x_T (so it decodes DDIM latents: `--mode interpolate` through
+      latents, `Sampler.decode`); None: it always draws noise.
   """
   name: str
   run: Callable[..., Any]
@@ -64,6 +80,32 @@ class SamplerEntry:
   min_steps: int = 1
   visits_timesteps: bool = True
   clips: bool = True
+  progressive: Callable[..., Any] | None = None
+  run_from: Callable[..., Any] | None = None
+  deterministic: Callable[..., bool] | None = None
+
+
+def capabilities(run_all: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
+  """`progressive` and `run_from` of an entry from one function run_all(sched, model_fn, keys,
+  shape, *, x_init=None, start=None, record_every=0, **the run's keywords) that returns the
+  samples, or (samples, x0_preds) when record_every > 0 (the entry's `run` is run_all without
+  the three, with its own keywords alone)."""
+
+  def progressive(sched, model_fn, keys, shape, *, every, **kwargs):
+    return run_all(sched, model_fn, keys, shape, record_every=every, **kwargs)
+
+  def run_from(sched, model_fn, keys, x_init, *, start, **kwargs):
+    return run_all(sched, model_fn, keys, x_init.shape, x_init=x_init, start=start, **kwargs)
+
+  return dict(progressive=progressive, run_from=run_from)
+
+
+# What each optional capability of an entry is for, in messages.
+CAPABILITIES = {
+    "progressive": "x_0 predictions along its run (progressive grids)",
+    "run_from": "a start from given images at a timestep (SDEdit, interpolation, latents)",
+    "deterministic": "a deterministic run (decoding DDIM latents)",
+}
 
 
 # The settings of every sampler.
@@ -222,20 +264,150 @@ def sample(name: str, sched, model_fn, keys, shape, *, mean_type: str, var_type:
   Returns:
     Samples [B, H, W, C], nominally in [-1, 1].
   """
+  entry, kwargs = _run_kwargs(name, sched.num_timesteps, mean_type, values)
+  return entry.run(sched, model_fn, keys, shape, mean_type=mean_type, var_type=var_type,
+                   **kwargs)
+
+
+def progressive(name: str, sched, model_fn, keys, shape, *, every: int, mean_type: str,
+                var_type: str, **values) -> tuple[Any, Any]:
+  """`sample`, also keeping the x_0 prediction of every `every`-th network call counted back
+  from the last (`SamplerEntry.progressive`).
+
+  Returns:
+    (samples [B, H, W, C], x0_preds [B, calls // every, H, W, C], noisiest first).
+  """
+  entry, kwargs = _run_kwargs(name, sched.num_timesteps, mean_type, values,
+                              capability="progressive")
+  calls = num_calls(name, values, sched.num_timesteps)
+  if not 1 <= every <= calls:
+    raise ValueError(f"x_0 predictions every {every} network calls: sampler {name!r} makes "
+                     f"{calls} with these settings; keep it in 1..{calls}")
+  return entry.progressive(sched, model_fn, keys, shape, every=int(every), mean_type=mean_type,
+                           var_type=var_type, **kwargs)
+
+
+def sample_from(name: str, sched, model_fn, keys, x_init, *, start: int | None,
+                mean_type: str, var_type: str, **values) -> Any:
+  """Runs the sampler `name` from x_init [B, H, W, C], x at the trained timestep `start` (None:
+  x_T, at the top of the sampler's own steps), down to x_0 (`SamplerEntry.run_from`), after
+  `check` and `check_start`.
+
+  Returns:
+    Samples [B, H, W, C].
+  """
+  num_timesteps = sched.num_timesteps
+  entry, kwargs = _run_kwargs(name, num_timesteps, mean_type, values, capability="run_from",
+                              start=start)
+  return entry.run_from(sched, model_fn, keys, x_init,
+                        start=None if start is None else int(start), mean_type=mean_type,
+                        var_type=var_type, **kwargs)
+
+
+def _run_kwargs(name: str, num_timesteps: int, mean_type: str, values: Mapping[str, Any], *,
+                capability: str = "", start: int | None = None) -> tuple[SamplerEntry, dict]:
+  """The entry and the keywords of its run (its steps, clipping and own settings), after the
+  checks; `capability` names an optional function it must have."""
   known = {s.name for s in settings()}
   unknown = set(values) - known
   if unknown:
     raise TypeError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(known)}")
-  check(name, values, sched.num_timesteps, mean_type=mean_type)
+  check(name, values, num_timesteps, mean_type=mean_type)
+  if capability:
+    require(name, capability)
+  if start is not None:
+    check_start(name, values, num_timesteps, start, mean_type=mean_type)
   entry = get(name)
   values = REGISTRY.resolved(values)
   own = {s.name: values[s.name] for s in entry.settings}
-  timesteps = visited_timesteps(sched.num_timesteps, values["num_steps"], values["respacing"])
+  top = num_timesteps if start is None else int(start) + 1
+  timesteps = visited_timesteps(top, values["num_steps"], values["respacing"])
   steps = (dict(timesteps=timesteps) if entry.visits_timesteps else
            dict(num_steps=len(timesteps)))
-  return entry.run(sched, model_fn, keys, shape, clip_denoised=values["clip_denoised"],
-                   dynamic_threshold=values["dynamic_threshold"], mean_type=mean_type,
-                   var_type=var_type, **steps, **own)
+  return entry, dict(clip_denoised=values["clip_denoised"],
+                     dynamic_threshold=values["dynamic_threshold"], **steps, **own)
+
+
+def require(name: str, capability: str, *, flag_prefix: str = "", purpose: str = "") -> None:
+  """Raises ValueError, naming the samplers that have it, unless sampler `name` has the optional
+  `capability` ('progressive', 'run_from' or 'deterministic', `CAPABILITIES`)."""
+  if getattr(get(name, flag_prefix=flag_prefix), capability) is not None:
+    return
+  able = [n for n in names() if getattr(get(n), capability) is not None]
+  what = purpose or CAPABILITIES[capability]
+  raise ValueError(f"sampler {name!r} has no {what}: set {flag_prefix}sample.sampler to one of "
+                   f"{', '.join(repr(n) for n in able) or 'none registered'}")
+
+
+def is_deterministic(name: str, values: Mapping[str, Any]) -> bool:
+  """Whether sampler `name` with these settings draws no noise after x_T."""
+  entry = get(name)
+  if entry.deterministic is None:
+    return False
+  values = REGISTRY.resolved(values)
+  return bool(entry.deterministic(**{s.name: values[s.name] for s in entry.settings}))
+
+
+def num_calls(name: str, values: Mapping[str, Any], num_timesteps: int) -> int:
+  """The network calls of sampler `name` with these settings (from a checked config)."""
+  values = REGISTRY.resolved(values)
+  if values["respacing"]:
+    return len(schedules.space_timesteps(num_timesteps, values["respacing"]))
+  return values["num_steps"] or num_timesteps
+
+
+def start_timesteps(num_timesteps: int, start: int, num_steps: int = 0,
+                    respacing: str = "") -> np.ndarray:
+  """The timesteps a sampler started at `start` visits, ascending: `visited_timesteps` of the
+  start + 1 timesteps 0..start (the last one is `start`; ValueError when a respacing spec would
+  not keep it)."""
+  if not 0 <= start < num_timesteps:
+    raise ValueError(f"start {start} is outside the schedule's timesteps 0..{num_timesteps - 1}")
+  timesteps = visited_timesteps(start + 1, num_steps, respacing)
+  if timesteps[-1] != start:
+    raise ValueError(f"respacing {respacing!r} of the {start + 1} timesteps 0..{start} does not "
+                     f"keep {start}, where the run starts")
+  return timesteps
+
+
+def check_start(name: str, values: Mapping[str, Any], num_timesteps: int, start: int, *,
+                mean_type: str = "eps", flag_prefix: str = "", start_field: str = "") -> None:
+  """Raises ValueError, saying what to set, unless sampler `name` (with these settings, already
+  `check`ed) can start at the trained timestep `start`: it spreads its steps over 0..start.
+
+  Args:
+    name, values, num_timesteps, mean_type, flag_prefix: as `check`'s.
+    start: the timestep its run starts at.
+    start_field: the field that chose `start` (e.g. '--config.eval.edit_t'), for messages.
+  """
+  field = lambda n: f"{flag_prefix}sample.{n}"
+  where = start_field or "the start"
+  if not 0 <= start < num_timesteps:
+    raise ValueError(f"{where}={start} is outside the schedule's timesteps 0..{num_timesteps - 1}"
+                     f": set it in that range")
+  values = REGISTRY.resolved(values)
+  entry = get(name, flag_prefix=flag_prefix)
+  num_steps, respacing = values["num_steps"], values["respacing"]
+  if num_steps > start + 1:
+    raise ValueError(f"sample.num_steps={num_steps} steps cannot fit in the {start + 1} timesteps "
+                     f"0..{start} below {where}={start}: set {field('num_steps')} to at most "
+                     f"{start + 1} (0 = all of them), or raise {where}")
+  try:
+    count = len(start_timesteps(num_timesteps, start, num_steps, respacing))
+  except ValueError as e:
+    raise ValueError(f"{e}: set {field('num_steps')} (and {field('respacing')}='') or a "
+                     f"respacing such as '{max(start // 2, 1)}', or another {where}") from None
+  if count < entry.min_steps:
+    raise ValueError(f"sampler {name!r} needs at least {entry.min_steps} steps, and from "
+                     f"{where}={start} it would take {count}: raise {where} or "
+                     f"{field('num_steps')}")
+  if entry.check is not None:
+    own = {s.name for s in entry.settings}
+    try:
+      entry.check(field, count=count, num_timesteps=start + 1, mean_type=mean_type,
+                  **{k: values[k] for k in own})
+    except ValueError as e:
+      raise ValueError(f"starting at {where}={start}: {e}") from None
 
 
 def tag(values: Mapping[str, Any], num_timesteps: int) -> str:

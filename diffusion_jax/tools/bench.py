@@ -101,8 +101,9 @@ def _define_flags(values: flags.FlagValues, argv: list[str]) -> None:
                "steps at which to compile (not run) the samplers and the bound, e.g. 1000,4000.",
                flag_values=values)
   flags.DEFINE(_ListParser(_sampler_list), "samplers", "", "NAME[N],...: samplers to price "
-               "for an evaluation, each with its network calls: ancestral (all T), ancestralN "
-               "(respaced), ddimN, dpmsolver++N, dpmsolverN.",
+               "for an evaluation, each a registered sampler with its network calls: ancestral "
+               "(all T), ancestralN (respaced), ddimN, dpmsolver++N, heunN, ddim_continuousN "
+               "(a distilled student's), ... (`samplers.names()`).",
                flag_values=values)
   flags.DEFINE_integer("eval_samples", 50_000, "The sample count --samplers projects its time "
                        "to.", flag_values=values)

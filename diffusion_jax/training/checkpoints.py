@@ -296,12 +296,16 @@ class Checkpointer:
     keep: how many of the most recent checkpoints to keep.
     async_save: write in a background thread (the device-to-host copy happens before `save`
       returns, so the caller may donate or overwrite the state right after).
+    keep_period: also keep, beyond `keep`, every checkpoint whose step is a multiple of this
+      (None: none).
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               keep_period: int | None = None):
     self.directory = outputs.resolve(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        keep_period=keep_period)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_item_handlers())
     self._saving: int | None = None  # the step of a save not yet checked for errors

@@ -62,7 +62,7 @@ class _Pending:
     return out
 
 
-def _set_compile_cache(config) -> None:
+def set_compile_cache(config) -> None:
   cache_dir = config.train.compile_cache_dir
   if cache_dir and not jax.config.jax_compilation_cache_dir:
     cache_dir = os.path.expanduser(cache_dir)
@@ -98,17 +98,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   process ends the others with status `parallel.LOST_PROCESS_EXIT_CODE` after
   `train.lost_process_timeout_s`.
   """
+  return run_in_workdir(config, workdir, _train, devices=devices)
+
+
+def run_in_workdir(config: ml_collections.ConfigDict, workdir: str, body, *, devices=None,
+                   check=config_checks.check_training):
+  """What every run that trains in a workdir does around its work: `check(config, number of
+  devices)` and the workdir's checks, before anything compiles (and before the watchdog
+  starts), then `body(config, absolute workdir, mesh, stop request)` with the workdir locked
+  (`workdir_lock`) and SIGTERM / SIGINT turned into a stop request (`stopping.StopRequest`).
+  Returns what `body` returns."""
   # Absolute from here on: orbax refuses relative paths, and a change of directory must not
   # move the run's files.
   workdir = str(outputs.resolve(workdir))
   mesh = parallel.make_mesh(devices)
-  config_checks.check_training(config, mesh.devices.size)  # before the watchdog starts, too
+  check(config, mesh.devices.size)
   outputs.check_workdir(workdir)
   lock = workdir_lock.hold_for_run(workdir, is_main=jax.process_index() == 0,
                                    multi_process=jax.process_count() > 1)
   try:
     with stopping.StopRequest(config, epath.Path(workdir) / "checkpoints") as stop:
-      return _train(config, workdir, mesh, stop)
+      return body(config, workdir, mesh, stop)
   finally:
     if lock is not None:
       lock.release()
@@ -119,7 +129,7 @@ _TRAIN_LINE = ("step {n}/{total}  {values}  {rate_noinv:.2f} steps/s  {images_pe
                "images/s  ETA {remaining}  (elapsed {elapsed})")
 
 
-def _compiled(what: str, jitted, *args, is_main: bool):
+def compiled(what: str, jitted, *args, is_main: bool):
   """`jitted` compiled for `args` now rather than at its first call, so that a stop requested
   meanwhile (minutes for the large models) ends the run before any step, and the first call
   does not pause training; says so on process 0, as it may take a while."""
@@ -136,7 +146,7 @@ def _train(config, workdir, mesh,
            stop: stopping.StopRequest) -> train_step.TrainState | None:
   """`train_and_evaluate` with the workdir locked and its stop request installed."""
   num_devices = mesh.devices.size
-  _set_compile_cache(config)
+  set_compile_cache(config)
   is_main = jax.process_index() == 0
   workdir_path = epath.Path(workdir)
   global_batch = config.train.batch_size
@@ -193,7 +203,7 @@ def _train(config, workdir, mesh,
     if num_classes:
       batch_spec["label"] = jax.ShapeDtypeStruct((global_batch,), np.int32,
                                                  sharding=parallel.batch_sharding(mesh))
-    p_train_step = _compiled(
+    p_train_step = compiled(
         "the training step", train_step.make_train_step(config, model, sched, optimizer, mesh),
         state, batch_spec, rng, is_main=is_main)
 
@@ -201,28 +211,33 @@ def _train(config, workdir, mesh,
     if config.train.sample_every:
       if stopped_before("compile_sampler"):
         return state
-      sample_fn = _compiled(
+      sample_fn = compiled(
           f"the sampler of the training grids ({config.sample.num_samples} samples)",
           programs.make_sample_fn(config, model, sched, mesh, **build.sampler_kwargs(config)),
-          state.ema_params, *_grid_inputs(config, mesh), is_main=is_main)
+          state.ema_params, *grid_inputs(config, mesh), is_main=is_main)
 
     if stopped_before(None):
       return state
     cleanup.pop_all()  # from here on, the loop's own `finally` closes the checkpointer
-  return _loop(config, workdir_path, mesh, stop, state=state, start_step=start_step,
+  return steps(config, workdir_path, mesh, stop, state=state, start_step=start_step,
                restored=restored is not None, source=source, ckpt=ckpt,
                p_train_step=p_train_step, rng=rng, sample_fn=sample_fn)
 
 
-def _loop(config, workdir_path, mesh, stop, *, state, start_step, restored, source, ckpt,
-          p_train_step, rng, sample_fn) -> train_step.TrainState:
-  """Steps from `start_step` to `train.num_steps` (or a stop): logs, checkpoints, grids."""
+def steps(config, workdir_path, mesh, stop, *, state, start_step, restored, source, ckpt,
+          p_train_step, rng, sample_fn, end_step=None, saved_config=None, lr_fn=None,
+          t_start=None, label="train"):
+  """Steps from `start_step` to `end_step` (default `train.num_steps`) or a stop: logs,
+  checkpoints (each with `saved_config`, default `config`), grids; `lr_fn(step)` is the
+  learning rate logged (default the config's schedule), `t_start` when the run's time limit
+  started (default now). Closes `ckpt`."""
   is_main = jax.process_index() == 0
   global_batch = config.train.batch_size
-  num_steps = config.train.num_steps
+  num_steps = config.train.num_steps if end_step is None else end_step
   log = outputs.MetricsLog(str(workdir_path), enabled=is_main)
-  config_dict = json.loads(config.to_json_best_effort())
-  lr_fn = build.learning_rate_schedule(config)
+  config_dict = json.loads((config if saved_config is None else saved_config
+                            ).to_json_best_effort())
+  lr_fn = build.learning_rate_schedule(config) if lr_fn is None else lr_fn
 
   rows = parallel.host_rows(mesh, global_batch)
   batches = input_pipeline.BatchIterator(
@@ -231,11 +246,11 @@ def _loop(config, workdir_path, mesh, stop, *, state, start_step, restored, sour
       prefetch=config.data.prefetch, num_classes=build.num_classes(config))
   pending = _Pending()
   last_saved = start_step if restored else None
-  t_start = time.time()
+  t_start = time.time() if t_start is None else t_start
   t_window, steps_window = time.time(), 0
   # time.time (not the default monotonic clock): the time limit is measured with it too.
   progress = progress_lib.Progress(
-      "train", num_steps, unit="steps", initial=start_step, every_s=10.0,
+      label, num_steps, unit="steps", initial=start_step, every_s=10.0,
       time_limit_s=config.train.time_limit_s, line_format=_TRAIN_LINE, clock=time.time)
   profile = contextlib.ExitStack()  # holds the jax.profiler trace while one is recorded
   profile_end = config.train.profile_start + config.train.profile_steps
@@ -326,7 +341,7 @@ def _loop(config, workdir_path, mesh, stop, *, state, start_step, restored, sour
   return state
 
 
-def _grid_inputs(config, mesh) -> tuple:
+def grid_inputs(config, mesh) -> tuple:
   """The keys (and labels) of the `sample.num_samples` samples of each training grid, padded
   to a multiple of the devices; sample i's key depends only on i, so the grid is the same
   whatever the number of devices (the padding rows are dropped)."""
@@ -339,7 +354,7 @@ def write_samples(config, sample_fn, ema_params, mesh, step, workdir_path, log) 
   """Samples `sample.num_samples` images with the EMA weights; writes samples/grid_<step>.png."""
   n = config.sample.num_samples
   t0 = time.time()
-  images = parallel.fetch(sample_fn(ema_params, *_grid_inputs(config, mesh)))[:n]
+  images = parallel.fetch(sample_fn(ema_params, *grid_inputs(config, mesh)))[:n]
   grid = images_lib.image_grid(images_lib.to_uint8(images),
                                labels=build.default_labels(config, np.arange(n)))
   if jax.process_index() == 0:

@@ -116,32 +116,32 @@ def loss_fn(params, batch, keys_B, loss_history, *, model, sched, diffusion_kw,
   return loss, aux
 
 
-def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
-               diffusion_kw, ema_decay: float, grad_accum_steps: int = 1,
-               p_uncond: float = 0.0):
+def train_step(state, batch, rng, *, loss, optimizer, ema_decay: float, term_names,
+               grad_accum_steps: int = 1):
   """One update, run on each device for its rows of the global batch (inside shard_map).
 
   Args:
-    state: the replicated train state.
+    state: the replicated train state (a `TrainState`, or a state with the same fields and
+      more, which the step carries over unchanged).
     batch: this device's rows of the global batch: {'image': uint8 [B, H, W, C]} and, for a
       class-conditional model, 'label' int32 [B].
     rng: the run's training key (`prng.run_key(seed, RunStream.TRAIN)`), replicated.
-    model, sched, optimizer, diffusion_kw: fixed parts (bound with functools.partial).
+    loss: loss(params, batch, keys_B, state) -> (mean loss, aux), aux as `loss_fn`'s: 't' and
+      'losses' [B] and the batch means of the loss's terms ('terms', named `term_names`).
+    optimizer: the optax optimizer of `state.opt_state`.
     ema_decay: EMA decay after the first step.
+    term_names: the names of the loss's terms.
     grad_accum_steps: split the rows into this many micro-batches, summing gradients.
-    p_uncond: classifier-free guidance's label dropout (`loss_fn`).
 
   Returns:
     (new state, metrics dict of replicated scalars: loss, grad_norm, param_norm and the
-    loss's terms, mse and/or vb, as batch means).
+    loss's terms, e.g. mse and/or vb, as batch means).
   """
   local_batch = batch["image"].shape[0]
   first_row = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch
   positions = first_row + jnp.arange(local_batch)
   keys = prng.example_keys(jax.random.fold_in(rng, state.step), positions)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, sched=sched,
-                                                 diffusion_kw=diffusion_kw, p_uncond=p_uncond),
-                               has_aux=True)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
   # Differentiate with respect to a per-device ('varying') copy of the replicated parameters.
   # The gradient with respect to the replicated (unvarying) parameters themselves would come
   # back already summed over the mesh (the transpose of their implicit broadcast), N times the
@@ -149,7 +149,7 @@ def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
   local_params = jax.lax.pcast(state.params, (parallel.DATA_AXIS,), to="varying")
   history = state.loss_history
   if grad_accum_steps == 1:
-    (loss, aux), grads = grad_fn(local_params, batch, keys, history)
+    (loss_value, aux), grads = grad_fn(local_params, batch, keys, state)
     terms, t_B, losses_B = aux["terms"], aux["t"], aux["losses"]
   else:
     micro = local_batch // grad_accum_steps
@@ -158,26 +158,25 @@ def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
     keys = keys.reshape((grad_accum_steps, micro))
 
     def accumulate(carry, xs):
-      (loss_i, aux_i), grads_i = grad_fn(local_params, *xs, history)
+      (loss_i, aux_i), grads_i = grad_fn(local_params, *xs, state)
       carry = jax.tree_util.tree_map(jnp.add, carry, (loss_i, grads_i, aux_i["terms"]))
       return carry, (aux_i["t"], aux_i["losses"])
 
     # The sums differ per device until the pmean below, hence 'varying' along the mesh axis.
-    term_names = diffusion.LOSS_TERMS[diffusion_kw["loss_type"]]
     zeros = jax.lax.pcast((jnp.zeros((), jnp.float32),
                            jax.tree_util.tree_map(jnp.zeros_like, state.params),
                            {name: jnp.zeros((), jnp.float32) for name in term_names}),
                           (parallel.DATA_AXIS,), to="varying")
-    (loss, grads, terms), (t_B, losses_B) = jax.lax.scan(accumulate, zeros,
-                                                          (micro_batches, keys))
-    loss, grads, terms = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
-                                                (loss, grads, terms))
+    (loss_value, grads, terms), (t_B, losses_B) = jax.lax.scan(accumulate, zeros,
+                                                                (micro_batches, keys))
+    loss_value, grads, terms = jax.tree_util.tree_map(lambda x: x / grad_accum_steps,
+                                                      (loss_value, grads, terms))
     # Micro-batches are consecutive rows: back to this device's row order.
     t_B, losses_B = t_B.reshape(local_batch), losses_B.reshape(local_batch)
 
   # Every device holds the same number of rows, so the mean of the local means is the mean
   # over the global batch.
-  loss, grads, terms = jax.lax.pmean((loss, grads, terms), parallel.DATA_AXIS)
+  loss_value, grads, terms = jax.lax.pmean((loss_value, grads, terms), parallel.DATA_AXIS)
   if history is not None:
     # Every device takes the whole global batch's pairs, in row order: one history everywhere.
     # Each device writes its rows into zeros and the sum gathers them (exactly: one nonzero
@@ -194,9 +193,9 @@ def train_step(state: TrainState, batch, rng, *, model, sched, optimizer,
   decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
   ema_params = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state.ema_params, params)
-  new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params,
-                         opt_state=opt_state, loss_history=history)
-  metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.tree.norm(params), **terms)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                            opt_state=opt_state, loss_history=history)
+  metrics = dict(loss=loss_value, grad_norm=grad_norm, param_norm=optax.tree.norm(params), **terms)
   return new_state, metrics
 
 
@@ -208,11 +207,21 @@ def make_train_step(config, model, sched, optimizer, mesh):
     [global_batch, H, W, C]} (+ 'label' int32 [global_batch] for a class-conditional model)
     split over `data`.
   """
-  step = functools.partial(train_step, model=model, sched=sched, optimizer=optimizer,
-                           diffusion_kw=build.diffusion_kwargs(config),
-                           ema_decay=config.optim.ema_decay,
-                           grad_accum_steps=config.optim.grad_accum_steps,
+  diffusion_kw = build.diffusion_kwargs(config)
+  loss = functools.partial(loss_fn, model=model, sched=sched, diffusion_kw=diffusion_kw,
                            p_uncond=float(config.model.p_uncond))
+  step = functools.partial(
+      train_step, loss=lambda params, batch, keys, state: loss(params, batch, keys,
+                                                                state.loss_history),
+      optimizer=optimizer, ema_decay=config.optim.ema_decay,
+      term_names=diffusion.LOSS_TERMS[diffusion_kw["loss_type"]],
+      grad_accum_steps=config.optim.grad_accum_steps)
+  return over_mesh(step, mesh)
+
+
+def over_mesh(step, mesh):
+  """A per-device step f(state, batch, rng) -> (state, metrics) mapped over the `data` axis of
+  `mesh` (state, key and metrics replicated, the batch split) and jitted, the state donated."""
   mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS), P()),
                          out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=(0,))

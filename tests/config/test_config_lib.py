@@ -145,11 +145,38 @@ def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch, spec, m
 
 # --- Upgrading saved configs --------------------------------------------------------------------
 
-# The Karras samplers' settings, which a config saved before them gains with their defaults.
-KARRAS_ADDED = ("sample.karras_rho=7.0, sample.karras_s_churn=40.0, sample.karras_s_noise=1.003, "
-                "sample.karras_s_tmax=50.0, sample.karras_s_tmin=0.05, "
-                "sample.karras_sigma_labels='round', sample.karras_sigma_max=0.0, "
-                "sample.karras_sigma_min=0.0, ")
+# Fields a config saved by the first version lacks (a few of those added since), with the values
+# it gains; every field added since must take today's default (`_check_added`).
+ADDED_SINCE_V0 = {
+    "diffusion.min_snr_gamma": 0.0, "diffusion.rescale_learned_sigmas": True,
+    "diffusion.rescale_timesteps": False, "diffusion.timestep_sampler": "uniform",
+    "eval.bpd_clip_denoised": True, "model.architecture": "ddpm", "model.num_classes": 0,
+    "model.p_uncond": 0.0, "sample.guidance_scale": 0.0, "sample.respacing": "",
+    "sample.solver_order": 2, "sample.karras_rho": 7.0, "sample.dynamic_threshold": 0.0,
+}
+
+
+_flat = config_lib._flatten  # pylint: disable=protected-access
+
+
+def _check_added(message: str, saved_tree: dict, config) -> str:
+  """Asserts the message's 'added a=1, b=2' part names exactly the fields of today's layout the
+  saved tree lacks, each with today's default, including `ADDED_SINCE_V0`; returns the message
+  without that part."""
+  head, added = message.split("added ", 1)
+  added, _, tail = added.partition("; ")
+  default = _flat(config_lib.load_config(str(config_lib.shipped_dir() / "default.py")).to_dict())
+  saved_flat = _flat(saved_tree)
+  want = sorted(p for p in default if p not in saved_flat and not p.startswith(
+      ("sample.sampler", "sample.num_steps", "sample.eta")))
+  names = [part.split("=", 1)[0] for part in added.split(", ")
+           if "=" in part and part.split("=", 1)[0] in default]
+  assert names == want, (names, want)
+  for path, value in ADDED_SINCE_V0.items():
+    assert f"{path}={value!r}" in added
+    assert _flat(config.to_dict())[path] == value
+  return head + ("; " + tail if tail else "")
+
 
 def test_upgrade_of_a_saved_test_config():
   config, message = config_lib.upgrade(saved())
@@ -159,36 +186,36 @@ def test_upgrade_of_a_saved_test_config():
   assert config.sample.clip_denoised and config.eval.bpd_clip_denoised
   assert "ddim_steps" not in config.sample and "ddim_steps" not in config.eval
   assert "ddim_eta" not in config.eval
-  assert message == (
+  assert _check_added(message, saved(), config) == (
       "config saved by an older version, upgraded: eval.ddim_steps=0, eval.ddim_eta=0.0 -> "
       "sample.sampler='ancestral', sample.num_steps=0, sample.eta=0.0; dropped "
       "sample.ddim_steps=5 (the training grids' own sampler setting: the grids now use "
-      "sample.sampler too); added diffusion.min_snr_gamma=0.0, "
-      "diffusion.rescale_learned_sigmas=True, "
-      "diffusion.rescale_timesteps=False, diffusion.timestep_sampler='uniform', "
-      "eval.bpd_clip_denoised=True, eval.encode_max_examples=0, "
-      "model.architecture='ddpm', model.num_classes=0, model.num_head_channels=-1, "
-      "model.num_heads=1, model.num_heads_upsample=-1, model.p_uncond=0.0, "
-      "model.scale_shift_norm=False, sample.dynamic_threshold=0.0, "
-      "sample.guidance_scale=0.0, " + KARRAS_ADDED + "sample.respacing='', "
-      "sample.solver_grid='time_uniform', sample.solver_order=2")
+      "sample.sampler too); ")
   # The fields added since mean what the saved run did: uniform t, plain t, no respacing,
   # DDPM's U-Net, no labels.
   assert (config.diffusion.timestep_sampler, config.diffusion.rescale_timesteps,
           config.sample.respacing) == ("uniform", False, "")
   assert (config.model.architecture, config.model.num_classes) == ("ddpm", 0)
   # Every other value is the saved one, tuples as tuples.
-  today = config_lib.load_config("configs/test.py",
-                                 {"sample.sampler": "ancestral", "sample.num_steps": 0})
+  today = _today("configs/test.py", **{"sample.sampler": "ancestral", "sample.num_steps": 0})
   assert config.to_dict() == today.to_dict()
   assert isinstance(config.model.ch_mult, tuple) and isinstance(config.eval.fid_splits, tuple)
   for mode in ("sample", "eval"):
     config_checks.check(config, mode)
 
 
+# Fields added since the first version whose value configs/test.py and digits.py set for their
+# T: a config saved before has default.py's (a mode that uses one says what to set).
+SET_FOR_T = {"eval.edit_t": (300, 500, 700)}
+
+
+def _today(path: str, **overrides):
+  return config_lib.load_config(path, {**SET_FOR_T, **overrides})
+
+
 def test_upgrade_of_a_saved_digits_config_is_todays_digits_config():
   config, message = config_lib.upgrade(saved(SAVED_V0_DIGITS))
-  assert config.to_dict() == config_lib.load_config("configs/digits.py").to_dict()
+  assert config.to_dict() == _today("configs/digits.py").to_dict()
   assert "dropped sample.ddim_steps=0 (the same as eval.ddim_steps)" in message
   for mode in ("sample", "eval"):
     config_checks.check(config, mode)
@@ -234,20 +261,10 @@ def test_upgrade_drops_and_names_unknown_fields_and_fills_missing_ones():
   config, message = config_lib.upgrade(tree)
   assert "colour" not in config.eval and "extra" not in config
   assert config.optim.lr == 2e-4 and config.eval.watch is False  # from the base
-  assert message.endswith("added diffusion.min_snr_gamma=0.0, "
-                          "diffusion.rescale_learned_sigmas=True, "
-                          "diffusion.rescale_timesteps=False, diffusion.timestep_sampler="
-                          "'uniform', eval.bpd_clip_denoised=True, "
-                          "eval.encode_max_examples=0, eval.watch=False, "
-                          "model.architecture='ddpm', model.num_classes=0, "
-                          "model.num_head_channels=-1, model.num_heads=1, "
-                          "model.num_heads_upsample=-1, model.p_uncond=0.0, "
-                          "model.scale_shift_norm=False, optim.lr=0.0002, "
-                          "sample.dynamic_threshold=0.0, "
-                          "sample.guidance_scale=0.0, " + KARRAS_ADDED + "sample.respacing='', "
-                          "sample.solver_grid='time_uniform', sample.solver_order=2; "
-                          "dropped fields no longer in the layout: eval.colour='blue', "
-                          "extra.a.b=2, optim.lr.peak=0.001")
+  assert "eval.watch=False" in message and "optim.lr=0.0002" in message
+  assert _check_added(message, {k: v for k, v in tree.items() if k != "extra"}, config
+                      ).endswith("; dropped fields no longer in the layout: eval.colour='blue', "
+                                 "extra.a.b=2, optim.lr.peak=0.001")
 
 
 def test_upgrade_reads_the_installed_default_not_the_current_directory(tmp_path, monkeypatch):

@@ -58,7 +58,8 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
       [sys.executable, "-c", _BLOCKER, "--config", "configs/test.py", "--batch", "2",
        "--steps", "2", "--warmup", "1", "--sample_steps", "2",
        "--config.model.dropout=0.0", "--profile", str(tmp_path / "trace"),
-       "--scaling", "30,60,240", "--samplers", "ancestral,ddim3,dpmsolver++2,ancestral2",
+       "--scaling", "30,60,240", "--samplers",
+       "ancestral,ddim3,dpmsolver++2,ancestral2,ddim_continuous4",
        "--eval_samples", "1000"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,8 +90,10 @@ def test_bench_without_tensorflow_prints_one_json_record(tmp_path):
   # --samplers: each sampler's program timed over at most --sample_steps (2) calls and its cost
   # per call scaled to its own calls (ancestral alone: all T = 100 of configs/test.py).
   samplers = record["samplers"]
-  assert list(samplers) == ["ancestral", "ddim3", "dpmsolver++2", "ancestral2"], samplers
-  for tag, calls in (("ancestral", 100), ("ddim3", 3), ("dpmsolver++2", 2), ("ancestral2", 2)):
+  assert list(samplers) == ["ancestral", "ddim3", "dpmsolver++2", "ancestral2",
+                            "ddim_continuous4"], samplers
+  for tag, calls in (("ancestral", 100), ("ddim3", 3), ("dpmsolver++2", 2), ("ancestral2", 2),
+                     ("ddim_continuous4", 4)):
     got = samplers[tag]
     assert got["calls"] == calls and got["timed_calls"] == min(calls, 2), (tag, got)
     assert got["call_median_s"] > 0 and got["compile_s"] > 0, (tag, got)
