@@ -161,12 +161,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --mode encode: DDIM latents of eval.bpd_split's first this many images (0 = the whole split),
   # with the reconstruction error of decoding them (sample.sampler 'ddim', eta 0).
   config.eval.encode_max_examples = 0
-  # --mode progressive / interpolate: False = the original's chains (ancestral over all T; the
-  # interpolation mixes at eval.interp_t); True = the `sample` section's sampler (progressive: its
-  # x_0 prediction at every eval.progressive_freq-th network call; interpolate: a deterministic
-  # sampler through DDIM latents, interpolated spherically; a stochastic one mixes at interp_t and
-  # runs from there). docs/editing.md.
-  config.eval.grids_follow_sample = False
   # --mode edit / inpaint: PNG files, or folders of them, comma-separated ('' = the first
   # eval.edit_num images of eval.bpd_split), at the model's size and channels.
   config.eval.edit_images = ""

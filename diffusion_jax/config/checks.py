@@ -137,7 +137,6 @@ RULES = (
     Rule("eval.interp_pairs", "int", 1),
     Rule("eval.interp_steps", "int", 2),
     Rule("eval.encode_max_examples", "int", 0, note="0 = the whole split"),
-    Rule("eval.grids_follow_sample", "bool"),
     Rule("eval.edit_images", "str"),
     Rule("eval.edit_num", "int", 1),
     Rule("eval.edit_t", "ints", 1, _T, high_open=True, modes=("edit",)),

@@ -271,11 +271,6 @@ def bits_per_dim(config, params, mesh, split: str, *, seed: int, batch_size: int
 # ----------------------------------------------------------------------------------------------
 # --mode progressive / interpolate
 
-def _grid_suffix(config) -> str:
-  """What the grid modes' names add for the settings every grid shares."""
-  return _seed_suffix(config.eval.seed) + ("" if config.sample.clip_denoised else "_noclip")
-
-
 def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
   path = outputs.resolve(workdir) / "samples" / str(step) / name
   if _is_main():
@@ -288,12 +283,8 @@ def _write_rows_grid(rows_NxKxHxWxC, workdir, step, name, config) -> epath.Path:
 
 def _grid_settings(config, mode: str, capability: str) -> dict:
   """The sampler settings of --mode progressive / interpolate (`build.sampler_kwargs`' keys):
-  with eval.grids_follow_sample the `sample` section's, checked for `mode` (a sampler without
-  `capability` refused) before anything compiles; else the original's chain, ancestral over all
-  T with sample.clip_denoised and no guidance."""
-  if not config.eval.grids_follow_sample:
-    return {**samplers.default_settings(), "clip_denoised": config.sample.clip_denoised,
-            "guidance_scale": 0.0}
+  the `sample` section's, checked for `mode` (a sampler without `capability` refused) before
+  anything compiles. `sample.sampler=ancestral` over all T draws the original's chains."""
   values = build.sampler_kwargs(config)
   name = values["sampler"]
   try:
@@ -304,29 +295,26 @@ def _grid_settings(config, mode: str, capability: str) -> dict:
     build.check_guidance(config.model, values["guidance_scale"])
   except ValueError as e:
     raise config_checks.ConfigError(
-        f"{e} (--mode {mode} with --config.eval.grids_follow_sample=True; False draws the "
-        f"original's ancestral chain)") from None
+        f"{e} (--mode {mode}; --config.sample.sampler=ancestral --config.sample.num_steps=0 "
+        f"draws the original's chain)") from None
   return values
 
 
 def _grid_name(config, prefix: str, rest: str) -> str:
-  """<prefix>[<sampler tag>]<rest>[_seed<S>]: the original's chain keeps the names grids had
-  before they followed the sampler ([_noclip] after the seed), the `sample` section's sampler
-  adds its tag (`build.sampler_tag`, with its _noclip)."""
-  if config.eval.grids_follow_sample:
-    return f"{prefix}{build.sampler_tag(config)}{rest}{_seed_suffix(config.eval.seed)}.png"
-  return f"{prefix}{rest}{_grid_suffix(config)}.png"
+  """<prefix>[<sampler tag>]<rest>[_seed<S>]: the `sample` section's tag (`build.sampler_tag`,
+  with its _noclip); none for the original's chain, ancestral over all T with clipping, whose
+  grids keep the names they had before they followed the sampler."""
+  return f"{prefix}{build.sampler_tag(config)}{rest}{_seed_suffix(config.eval.seed)}.png"
 
 
 def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per sample, the x_0 predictions of every `progressive_freq`-th network call
-  counted back from the last (noisiest first), then the sample. The original's chain (ancestral
-  over all T: the predictions at t = T - freq .. 0, every freq), or with eval.grids_follow_sample
-  the `sample` section's sampler (`samplers.registry.progressive`).
+  counted back from the last (noisiest first), then the sample, with the `sample` section's
+  sampler (`samplers.registry.progressive`): ancestral over all T is the original's chain (the
+  predictions at t = T - freq .. 0, every freq).
 
   Returns:
-    its path, WORKDIR/samples/<step>/progressive[<tag>]_n<rows>_every<freq>[_seed<seed>]
-    [_noclip].png.
+    its path, WORKDIR/samples/<step>/progressive[<tag>]_n<rows>_every<freq>[_seed<seed>].png.
   """
   config_checks.check(config, mode="progressive")
   settings = config.eval
@@ -348,13 +336,13 @@ def run_progressive(config, workdir: str, *, step: int | None = None) -> epath.P
 def run_interpolate(config, workdir: str, *, step: int | None = None) -> epath.Path:
   """A grid: one row per pair of images of eval.bpd_split (2i and 2i + 1), framed by the two, at
   `interp_steps` values of lam from 0 to 1 (a class-conditional model: the label of the pair's
-  first image). The original's (and a stochastic sampler's, with eval.grids_follow_sample): both
-  diffused to eval.interp_t, mixed, denoised from there; a deterministic sampler's (with
-  eval.grids_follow_sample): through their DDIM latents, interpolated spherically.
+  first image), with the `sample` section's sampler. The original's (ancestral) and any
+  stochastic sampler's: both diffused to eval.interp_t, mixed, denoised from there; a
+  deterministic sampler's: through their DDIM latents, interpolated spherically.
 
   Returns:
     its path, WORKDIR/samples/<step>/interpolate[<tag>]_<bpd_split>_t<interp_t>_<pairs>x<steps>
-    [_seed<seed>][_noclip].png; through latents interpolate_latent<tag>_<bpd_split>_<pairs>x
+    [_seed<seed>].png; through latents interpolate_latent<tag>_<bpd_split>_<pairs>x
     <steps>[_seed<seed>].png.
   """
   config_checks.check(config, mode="interpolate")

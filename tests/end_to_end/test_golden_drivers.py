@@ -75,12 +75,13 @@ def produce(tmp: pathlib.Path) -> dict[str, np.ndarray]:
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ancestral"] = f["images"]
+  # The grids of the original's chains (ancestral over all T).
+  out["progressive_grid"] = _png(evaluate.run_progressive(config, os.fspath(eval_dir)))
+  out["interpolate_grid"] = _png(evaluate.run_interpolate(config, os.fspath(eval_dir)))
   config.sample.update(dict(sampler="ddim", num_steps=4, eta=0.5))
   samples = evaluate.run_sample(config, os.fspath(eval_dir))
   with np.load(samples / "samples_0.npz") as f:
     out["samples_ddim_eta"] = f["images"]
-  out["progressive_grid"] = _png(evaluate.run_progressive(config, os.fspath(eval_dir)))
-  out["interpolate_grid"] = _png(evaluate.run_interpolate(config, os.fspath(eval_dir)))
   mesh = parallel.make_mesh()
   bpd = evaluate.bits_per_dim(config, parallel.replicate(ema, mesh), mesh, "test", seed=3,
                               batch_size=8, max_examples=8)

@@ -74,10 +74,10 @@ def test_bad_inputs_are_refused_before_anything_compiles(tmp_path, monkeypatch):
       (evaluate.run_inpaint, {"sample.sampler": "ancestral", "sample.num_steps": 0,
                               "eval.inpaint_mask": os.fspath(small)},
        config_checks.ConfigError, r"mask .*small.png is 4x4; the images are 8x8"),
-      (evaluate.run_progressive, {"eval.grids_follow_sample": True}, config_checks.ConfigError,
+      (evaluate.run_progressive, {}, config_checks.ConfigError,
        r"eval.progressive_freq=5: sampler 'ddim' makes 4 network calls here; set "
        r"--config.eval.progressive_freq to at most 4"),
-      (evaluate.run_interpolate, {"eval.grids_follow_sample": True, "sample.sampler": "ancestral",
+      (evaluate.run_interpolate, {"sample.sampler": "ancestral",
                                   "sample.num_steps": 15}, config_checks.ConfigError,
        r"sample.num_steps=15 steps cannot fit in the 11 timesteps 0..10 below "
        r"--config.eval.interp_t=10")]:
@@ -156,16 +156,16 @@ def test_inpaint_does_not_depend_on_the_devices(workdir):
 
 @pytest.mark.slow
 def test_grids_follow_any_sampler(workdir):
-  config = digits_config(**{"eval.grids_follow_sample": True, "sample.sampler": "heun",
+  config = digits_config(**{"sample.sampler": "heun",
                             "sample.num_steps": 7, "eval.progressive_freq": 2})
   grid = evaluate.run_progressive(config, os.fspath(workdir))
   assert grid.name == "progressive_heun7_rho7_round_n3_every2_seed3.png"
   width, _ = Image.open(grid).size
   assert width == (4 * 10 + 2) * 8  # 3 predictions and the sample
-  config = digits_config(**{"eval.grids_follow_sample": True})  # ddim, eta 0: latents
+  config = digits_config()  # ddim, eta 0: latents
   grid = evaluate.run_interpolate(config, os.fspath(workdir))
   assert grid.name == "interpolate_latent_ddim4_test_2x3_seed3.png"
-  config = digits_config(**{"eval.grids_follow_sample": True, "sample.eta": 1.0})
+  config = digits_config(**{"sample.eta": 1.0})
   grid = evaluate.run_interpolate(config, os.fspath(workdir))
   assert grid.name == "interpolate_ddim4_eta1_test_t10_2x3_seed3.png"
 
