@@ -213,7 +213,12 @@ def test_interpolation_through_latents_decodes_each_end(sched):
 
 # --- What each entry gives them --------------------------------------------------------------
 
-PACKAGE = ("ancestral", "ddim", "dpmsolver++", "dpmsolver", "heun", "euler", "karras_stochastic")
+PACKAGE = ("ancestral", "ddim", "dpmsolver++", "dpmsolver", "heun", "euler", "karras_stochastic",
+           "ddim_continuous")
+
+
+def test_the_package_samplers_are_all_checked_here():
+  assert set(PACKAGE) == set(samplers.names())
 
 
 @pytest.mark.parametrize("name", PACKAGE)
@@ -227,7 +232,7 @@ def test_every_package_sampler_runs_progressive_and_from_given_x(sched, name):
   x, preds = run(registry.progressive, every=2)
   np.testing.assert_array_equal(np.asarray(x), np.asarray(plain))
   assert preds.shape == (3, 3) + SHAPE[1:]
-  if name in ("ancestral", "ddim", "heun", "euler"):  # the last call's x_0 is the sample
+  if name in ("ancestral", "ddim", "heun", "euler", "ddim_continuous"):  # the last call's x_0
     np.testing.assert_allclose(np.asarray(preds[:, -1]), np.asarray(x), atol=1e-5)
   # From x_T at the top of its own steps: the plain run.
   x_T = common.initial_noise(keys(), SHAPE, sched)

@@ -403,11 +403,15 @@ def test_resuming_with_another_timestep_sampler_is_refused_and_keeps_the_checkpo
   """A checkpoint with a loss history resumes only with importance sampling, and one without it
   only without: either way the error says what to set, and the checkpoint stays in place."""
   config = _importance_config()
-  config.train.checkpoint_every = 2
+  mesh = parallel.make_mesh()
   for trained, resumed in (("loss_second_moment", "uniform"), ("uniform", "loss_second_moment")):
+    # The checkpoint a run of `trained` writes at step 2 (its state's layout is what matters).
     config.diffusion.timestep_sampler = trained
-    config.train.num_steps = 2
-    run(config, tmp_path / trained)
+    state = train_step.create_state(config, build.make_model(config),
+                                    build.make_optimizer(config), mesh)
+    saver = checkpoints.Checkpointer(str(tmp_path / trained / "checkpoints"), async_save=False)
+    saver.save(2, state.replace(step=state.step + 2).to_dict(), config.to_dict())
+    saver.close()
     config.diffusion.timestep_sampler = resumed
     config.train.num_steps = 4
     with pytest.raises(checkpoints.ShapeMismatchError,
