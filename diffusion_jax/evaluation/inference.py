@@ -281,13 +281,7 @@ class Sampler:
     if unknown:
       raise TypeError(f"unknown settings {sorted(unknown)} for DDIM inversion; allowed: "
                       f"{', '.join(DDIM_SETTINGS)}")
-    values = {k: v for k, v in build.sampler_kwargs(self.config).items() if k in DDIM_SETTINGS}
-    values.update({k: v for k, v in settings.items() if v is not None})
-    # One of the two given replaces the config's choice of timesteps made with the other.
-    if settings.get("num_steps") is not None and settings.get("respacing") is None:
-      values["respacing"] = ""
-    if settings.get("respacing") and settings.get("num_steps") is None:
-      values["num_steps"] = 0
+    values = {k: v for k, v in self.run_settings(**settings).items() if k in DDIM_SETTINGS}
     samplers.check("ddim", {k: v for k, v in values.items() if k != "guidance_scale"},
                    self.sched.num_timesteps, mean_type=self.config.diffusion.mean_type)
     build.check_guidance(self.config.model, values["guidance_scale"])

@@ -675,6 +675,11 @@ def _png_files(spec: str, field: str) -> list[epath.Path]:
   return files
 
 
+def _files_name(files: list[epath.Path]) -> str:
+  """A name for inputs read from files in result names: 'files' and a hash of their paths."""
+  return "files" + hashlib.sha1("\n".join(os.fspath(f) for f in files).encode()).hexdigest()[:8]
+
+
 def _read_png(path: epath.Path) -> np.ndarray:
   """A PNG as uint8 [H, W, C] (C = 1 for grey, 3 for colour; alpha dropped)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -720,9 +725,8 @@ def edit_inputs(config, num_classes: int = 0):
           f"model takes {size}x{size} with {channels} (data.image_size, data.channels): resize "
           f"or convert it, or set --config.eval.edit_images to other files")
     images.append(image)
-  digest = hashlib.sha1("\n".join(os.fspath(f) for f in files).encode()).hexdigest()[:8]
   labels = build.default_labels(config, np.arange(len(images)))
-  return np.stack(images), labels, f"files{digest}"
+  return np.stack(images), labels, _files_name(files)
 
 
 def inpaint_masks(config, num: int) -> tuple[np.ndarray, str]:
@@ -758,8 +762,7 @@ def inpaint_masks(config, num: int) -> tuple[np.ndarray, str]:
           f"(data.image_size): give masks of their size (--config.eval.inpaint_mask)")
     masks.append((image.mean(axis=-1) >= 128).astype(np.float32)[:, :, None])
   masks = np.stack(masks)
-  digest = hashlib.sha1("\n".join(os.fspath(f) for f in files).encode()).hexdigest()[:8]
-  return np.broadcast_to(masks, (num,) + masks.shape[1:]).copy(), f"files{digest}"
+  return np.broadcast_to(masks, (num,) + masks.shape[1:]).copy(), _files_name(files)
 
 
 def check_edit(config) -> None:

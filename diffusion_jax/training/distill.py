@@ -39,6 +39,7 @@ from diffusion_jax.config import build
 from diffusion_jax.config import checks as config_checks
 from diffusion_jax.config import config_lib
 from diffusion_jax.config import programs
+from diffusion_jax.core import diffusion
 from diffusion_jax.core import prng
 from diffusion_jax.data import images
 from diffusion_jax.data import input_pipeline
@@ -188,7 +189,7 @@ def grid_tables(sched, num_steps: int) -> dict[str, np.ndarray]:
   return dict(alpha=alpha, sigma=sigma, label=labels)
 
 
-def target(teacher_fn, sched, z, i, tables, *, num_steps: int, mean_type: str, var_type: str):
+def target(teacher_fn, sched, z, i, tables, *, mean_type: str, var_type: str):
   """Algorithm 2's x_0 target of examples at grid times u = i / N.
 
   Args:
@@ -196,15 +197,13 @@ def target(teacher_fn, sched, z, i, tables, *, num_steps: int, mean_type: str, v
     sched: the schedule.
     z: z_u [B, ...] (float32 or float64).
     i: int [B] in 1 .. N.
-    tables: `grid_tables(sched, N)` (as arrays of z's dtype).
-    num_steps: N.
+    tables: `grid_tables(sched, N)` (as arrays of z's dtype; they hold the grid).
     mean_type, var_type: the teacher's output types.
 
   Returns:
     (x~ [B, ...], z_s [B, ...] the teacher's two-step result at u - 1/N).
   """
-  del num_steps  # the tables hold the grid
-  at = lambda j, name: _per_example(tables[name][j], z)
+  at = lambda j, name: diffusion.extract(tables[name], j, z.shape)
   z_mid = z
   for j in (2 * i, 2 * i - 1):
     x0, eps = ddim_continuous.predict(teacher_fn, sched, z_mid, tables["label"][j],
@@ -216,10 +215,6 @@ def target(teacher_fn, sched, z, i, tables, *, num_steps: int, mean_type: str, v
   ratio = at(s, "sigma") / at(t, "sigma")
   x_target = (z_s - ratio * z) / (at(s, "alpha") - ratio * at(t, "alpha"))
   return x_target, z_s
-
-
-def _per_example(values, like):
-  return values.reshape((like.shape[0],) + (1,) * (like.ndim - 1)).astype(like.dtype)
 
 
 def distill_loss(params, batch, keys_B, state, *, model, teacher_model, sched, tables,
@@ -248,8 +243,10 @@ def distill_loss(params, batch, keys_B, state, *, model, teacher_model, sched, t
   student_kw = dict(label_kw)
   if model.dropout > 0:
     student_kw["dropout_keys_B"] = prng.fold_in_each(keys_B, prng.ExampleStream.DROPOUT)
-  alpha, sigma = _per_example(tables["alpha"][2 * i], x), _per_example(tables["sigma"][2 * i], x)
-  z = alpha * x + sigma * noise
+  # The example's grid time u = i / N is entry 2i of the teacher's grid of 2N.
+  alpha_B, sigma_B, label_B = (tables[name][2 * i] for name in ("alpha", "sigma", "label"))
+  z = (diffusion.extract(tables["alpha"], 2 * i, x.shape) * x
+       + diffusion.extract(tables["sigma"], 2 * i, x.shape) * noise)
 
   def teacher_fn(x_, t_):
     return teacher_model.apply({"params": state.teacher}, x_, t_, train=False, **label_kw)
@@ -257,14 +254,12 @@ def distill_loss(params, batch, keys_B, state, *, model, teacher_model, sched, t
   def student_fn(x_, t_):
     return model.apply({"params": params}, x_, t_, train=True, **student_kw)
 
-  x_target, _ = target(teacher_fn, sched, z, i, tables, num_steps=num_steps,
-                       mean_type=mean_type, var_type=var_type)
+  x_target, _ = target(teacher_fn, sched, z, i, tables, mean_type=mean_type, var_type=var_type)
   x_target = jax.lax.stop_gradient(x_target)
-  x0, _ = ddim_continuous.predict(student_fn, sched, z, tables["label"][2 * i],
-                                  tables["alpha"][2 * i], tables["sigma"][2 * i],
+  x0, _ = ddim_continuous.predict(student_fn, sched, z, label_B, alpha_B, sigma_B,
                                   mean_type=mean_type, var_type=var_type)
   x_mse = jnp.mean(jnp.square(x0.astype(jnp.float32) - x_target), axis=tuple(range(1, x.ndim)))
-  snr = jnp.square(tables["alpha"][2 * i] / tables["sigma"][2 * i])
+  snr = jnp.square(alpha_B / sigma_B)
   losses = jnp.maximum(snr, 1.0) * x_mse
   aux = dict(t=i, losses=jax.lax.stop_gradient(losses),
              terms=dict(x_mse=jax.lax.stop_gradient(jnp.mean(x_mse))))
@@ -329,10 +324,13 @@ def _distill(config, workdir, mesh, stop) -> DistillState | None:
   model = build.make_model(config)
   teacher_model = build.make_model(_float32(config))
   sched = build.make_schedule(config)
-  optimizer = build.make_optimizer(config, round_schedule(config))
+  schedule = round_schedule(config)
+  optimizer = build.make_optimizer(config, schedule)
   source = input_pipeline.make_source(config.data)
-  ckpt = checkpoints.Checkpointer(f"{workdir}/checkpoints", keep=config.train.keep_checkpoints,
-                                  keep_period=per_round)
+  # Each round's last checkpoint is kept; `loop.steps` closes the one it is given.
+  checkpointer = lambda: checkpoints.Checkpointer(
+      f"{workdir}/checkpoints", keep=config.train.keep_checkpoints, keep_period=per_round)
+  ckpt = checkpointer()
   try:
     abstract = _abstract_state(config, model, optimizer, mesh)
     restored, step = ckpt.restore_latest(abstract.to_dict())
@@ -350,6 +348,7 @@ def _distill(config, workdir, mesh, stop) -> DistillState | None:
           f"(students of {', '.join(map(str, counts))} steps); step {step} of {total}",
           flush=True)
   rng = parallel.replicated_key(prng.run_key(config.seed, prng.RunStream.DISTILL), mesh)
+  batch_spec = loop.batch_spec(config, mesh)
   t_start = time.time()
   while step < total:
     r = round_of(step, per_round)
@@ -360,7 +359,6 @@ def _distill(config, workdir, mesh, stop) -> DistillState | None:
     if is_main:
       print(f"Round {r + 1} of {len(counts)}: {2 * num_steps} teacher steps -> {num_steps}",
             flush=True)
-    batch_spec = _batch_spec(config, mesh)
     p_step = loop.compiled(f"the distillation step ({num_steps} steps)",
                            make_step(config, model, teacher_model, sched, optimizer, mesh,
                                      num_steps), state, batch_spec, rng, is_main=is_main)
@@ -371,12 +369,9 @@ def _distill(config, workdir, mesh, stop) -> DistillState | None:
           programs.make_sample_fn(saved, model, sched, mesh, **build.sampler_kwargs(saved)),
           state.ema_params, *loop.grid_inputs(saved, mesh), is_main=is_main)
     end = (r + 1) * per_round
-    ckpt = checkpoints.Checkpointer(f"{workdir}/checkpoints",
-                                    keep=config.train.keep_checkpoints, keep_period=per_round)
-    schedule = round_schedule(config)
     state = loop.steps(
         config, outputs.resolve(workdir), mesh, stop, state=state, start_step=step,
-        restored=step > 0, source=source, ckpt=ckpt, p_train_step=p_step, rng=rng,
+        restored=step > 0, source=source, ckpt=checkpointer(), p_train_step=p_step, rng=rng,
         sample_fn=sample_fn, end_step=end, saved_config=saved,
         lr_fn=lambda s: float(schedule(s % per_round)), t_start=t_start,
         label=f"distill {num_steps}")
@@ -384,16 +379,6 @@ def _distill(config, workdir, mesh, stop) -> DistillState | None:
     if step < end:  # stopped
       break
   return state
-
-
-def _batch_spec(config, mesh) -> dict:
-  size, channels, batch = config.data.image_size, config.data.channels, config.train.batch_size
-  spec = {"image": jax.ShapeDtypeStruct((batch, size, size, channels), np.uint8,
-                                        sharding=parallel.batch_sharding(mesh))}
-  if build.num_classes(config):
-    spec["label"] = jax.ShapeDtypeStruct((batch,), np.int32,
-                                         sharding=parallel.batch_sharding(mesh))
-  return spec
 
 
 def _abstract_state(config, model, optimizer, mesh) -> DistillState:
@@ -409,10 +394,9 @@ def _from_teacher(config, optimizer, mesh) -> DistillState:
   if jax.process_index() == 0:
     print(f"Teacher: the EMA parameters of step {got} from {directory}", flush=True)
   params = parallel.replicate(params, mesh)
-  state = DistillState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                       opt_state=None, teacher=params)
-  state = new_round(state, optimizer, mesh)
-  return state.replace(step=parallel.replicate(np.zeros((), np.int32), mesh))
+  return new_round(DistillState(step=parallel.replicate(np.zeros((), np.int32), mesh),
+                                params=params, ema_params=params, opt_state=None,
+                                teacher=params), optimizer, mesh)
 
 
 def _float32(config) -> ml_collections.ConfigDict:

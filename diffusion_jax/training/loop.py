@@ -151,7 +151,6 @@ def _train(config, workdir, mesh,
   workdir_path = epath.Path(workdir)
   global_batch = config.train.batch_size
   num_steps = config.train.num_steps
-  num_classes = build.num_classes(config)
   cleanup = contextlib.ExitStack()  # what start-up has opened, closed however the run ends
   state, start_step = None, 0
 
@@ -197,15 +196,9 @@ def _train(config, workdir, mesh,
     if stopped_before("compile_step"):
       return state
     rng = train_step.train_key(config, mesh)
-    size, channels = config.data.image_size, config.data.channels
-    batch_spec = {"image": jax.ShapeDtypeStruct((global_batch, size, size, channels), np.uint8,
-                                                sharding=parallel.batch_sharding(mesh))}
-    if num_classes:
-      batch_spec["label"] = jax.ShapeDtypeStruct((global_batch,), np.int32,
-                                                 sharding=parallel.batch_sharding(mesh))
     p_train_step = compiled(
         "the training step", train_step.make_train_step(config, model, sched, optimizer, mesh),
-        state, batch_spec, rng, is_main=is_main)
+        state, batch_spec(config, mesh), rng, is_main=is_main)
 
     sample_fn = None
     if config.train.sample_every:
@@ -222,6 +215,18 @@ def _train(config, workdir, mesh,
   return steps(config, workdir_path, mesh, stop, state=state, start_step=start_step,
                restored=restored is not None, source=source, ckpt=ckpt,
                p_train_step=p_train_step, rng=rng, sample_fn=sample_fn)
+
+
+def batch_spec(config, mesh) -> dict:
+  """The shapes and shardings of a step's global batch: {'image': uint8 [train.batch_size, H,
+  W, C]} (+ 'label' int32 [train.batch_size] for a class-conditional model), split over `data`."""
+  size, channels, batch = config.data.image_size, config.data.channels, config.train.batch_size
+  spec = {"image": jax.ShapeDtypeStruct((batch, size, size, channels), np.uint8,
+                                        sharding=parallel.batch_sharding(mesh))}
+  if build.num_classes(config):
+    spec["label"] = jax.ShapeDtypeStruct((batch,), np.int32,
+                                         sharding=parallel.batch_sharding(mesh))
+  return spec
 
 
 def steps(config, workdir_path, mesh, stop, *, state, start_step, restored, source, ckpt,

@@ -77,7 +77,7 @@ def test_target_is_algorithm_2_in_float64(num_steps):
   with jax.enable_x64(True):
     tables = {k: jnp.asarray(v) for k, v in distill.grid_tables(sched, num_steps).items()}
     got, got_zs = distill.target(_jax_teacher, sched, jnp.asarray(z), jnp.asarray(i), tables,
-                                 num_steps=num_steps, mean_type="v", var_type="fixedlarge")
+                                 mean_type="v", var_type="fixedlarge")
   want, want_zs = _np_algorithm2(sched.log_alphas, z, i, num_steps)
   np.testing.assert_allclose(np.asarray(got_zs), want_zs, rtol=0, atol=1e-10)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10)
@@ -94,7 +94,7 @@ def test_one_student_step_with_the_target_lands_on_the_teachers_two(num_steps):
   with jax.enable_x64(True):
     tables = {k: jnp.asarray(v) for k, v in distill.grid_tables(sched, num_steps).items()}
     x_target, z_s = distill.target(_jax_teacher, sched, jnp.asarray(z), jnp.asarray(i), tables,
-                                   num_steps=num_steps, mean_type="v", var_type="fixedlarge")
+                                   mean_type="v", var_type="fixedlarge")
     student = lambda x, t: x_target  # an x_0-predicting student that outputs the target
     bc = lambda a: a.reshape(-1, 1, 1, 1)
     x0, eps = ddim_continuous.predict(student, sched, jnp.asarray(z), tables["label"][2 * i],

@@ -99,8 +99,7 @@ def test_target_and_loss_are_the_references(mean_type, num_steps):
     np.testing.assert_allclose(z, golden[name + "_z"], rtol=1e-13, atol=1e-13)
     z = jnp.asarray(z)
     x_target, _ = distill.target(our_network("teacher", vp), sched, z, jnp.asarray(i), tables,
-                                 num_steps=num_steps, mean_type=mean_type,
-                                 var_type="fixedlarge")
+                                 mean_type=mean_type, var_type="fixedlarge")
     x0, _ = ddim_continuous.predict(our_network("student", vp), sched, z,
                                     tables["label"][2 * i], tables["alpha"][2 * i],
                                     tables["sigma"][2 * i], mean_type=mean_type,
